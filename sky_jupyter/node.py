@@ -1,0 +1,341 @@
+"""The client's end of one node: a worker link that routes frames to the calls that sent them, and the node
+that keeps that link alive (reconnecting, or restarting a dead worker)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import protocol as P
+from .errors import (AuthenticationError, ConnectionLostError, RemoteError, RemoteTraceback, SerializationError,
+                     SkyError, VersionMismatchError, WorkerLostError)
+
+if TYPE_CHECKING:
+    from .providers.base import Host, WorkerHandle
+
+Sink = Callable[[str, Any], None]  # (frame kind, meta) for STREAM and DISPLAY frames
+_task_ids = itertools.count(1)
+
+
+class Call:
+    """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
+
+    __slots__ = ("task_id", "node", "sink", "_done", "_frames", "_error", "_lost")
+
+    def __init__(self, node: Node, sink: Sink | None) -> None:
+        self.task_id = next(_task_ids)
+        self.node = node
+        self.sink = sink
+        self._done = threading.Event()
+        self._frames: list | None = None
+        self._error: dict[str, Any] | None = None
+        self._lost: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _finish(self, frames: list | None = None, error: dict[str, Any] | None = None,
+                lost: BaseException | None = None) -> None:
+        self._frames, self._error, self._lost = frames, error, lost
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """The task's value. A KeyboardInterrupt while waiting interrupts the remote code, then propagates."""
+        try:
+            if not self._done.wait(timeout):
+                raise TimeoutError(f"{self.node.label}: no result after {timeout} s")
+        except KeyboardInterrupt:
+            self.interrupt()
+            self._done.wait(15)
+            raise
+        if self._lost is not None:
+            raise self._lost
+        if self._error is not None:
+            raise remote_exception(self._error, self._frames or [], self.node.label)
+        try:
+            return P.loads(self._frames or [])
+        except Exception as exc:
+            raise SerializationError(f"the result from {self.node.label} could not be unpickled here: "
+                                     f"{type(exc).__name__}: {exc}. Install the package that defines it locally, "
+                                     f"or return plain Python types.") from None
+
+    def interrupt(self) -> None:
+        self.node.interrupt(self.task_id)
+
+
+def remote_exception(meta: dict[str, Any], frames: list, label: str) -> BaseException:
+    """The remote exception as its own type when it can be rebuilt here, else a RemoteError."""
+    exc: BaseException | None = None
+    if frames:
+        try:
+            exc = P.loads(frames)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteError(meta.get("type", "Exception"), meta.get("message", ""), meta.get("traceback", ""), label)
+    if meta.get("traceback"):
+        exc.__cause__ = RemoteTraceback(meta["traceback"])
+    exc.add_note(f"(raised on {label})")
+    return exc
+
+
+class WorkerLink:
+    """One authenticated connection to a worker. A reader thread routes each frame to its call."""
+
+    def __init__(self, io: P.FrameIO, label: str, on_drop: Callable[[WorkerLink], None]) -> None:
+        self.io = io
+        self.label = label
+        self.calls: dict[int, Call] = {}
+        self.alive = True
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self.pongs = threading.Condition()
+        self.last_pong: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._read_loop, daemon=True, name=f"sky-read-{label}")
+
+    @staticmethod
+    def handshake(io: P.FrameIO, secret: str, label: str) -> dict[str, Any]:
+        hello = io.recv_json()
+        if hello.get("sky") != P.PROTOCOL_VERSION:
+            raise AuthenticationError(f"{label} answered with something that is not a sky_jupyter worker "
+                                      f"(protocol {hello.get('sky')!r}); check the host and port.")
+        mine = P.versions()
+        if hello.get("python") != mine["python"] or hello.get("cloudpickle") != mine["cloudpickle"]:
+            raise VersionMismatchError(
+                f"{label} runs Python {hello.get('python')} with cloudpickle {hello.get('cloudpickle')}, but this "
+                f"client runs Python {mine['python']} with cloudpickle {mine['cloudpickle']}; give the node the "
+                f"same versions (Image(python=...), or pip install cloudpickle=={mine['cloudpickle']} there)."
+            )
+        io.send_json({"mac": P.mac(secret, hello["nonce"]), **mine})
+        answer = io.recv_json()
+        if not answer.get("ok"):
+            raise AuthenticationError(f"{label} refused the connection: {answer.get('error')}; "
+                                      f"the pool secret does not match: restart the pool.")
+        return hello
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, call: Call, kind: str, meta: Any, payload: list | tuple) -> None:
+        with self._lock:
+            if not self.alive:
+                raise ConnectionLostError(f"{self.label}: connection lost")
+            self.calls[call.task_id] = call
+        try:
+            self.io.send(kind, call.task_id, meta, payload)
+        except OSError as exc:
+            self._drop(exc)
+
+    def adopt(self, calls: dict[int, Call]) -> None:
+        """Take over calls from a dropped link to the same worker (its outbox resends their results)."""
+        with self._lock:
+            self.calls.update(calls)
+
+    def send(self, kind: str, task_id: int = 0, meta: Any = None) -> None:
+        try:
+            self.io.send(kind, task_id, meta)
+        except OSError as exc:
+            self._drop(exc)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                kind, task_id, meta, frames = self.io.recv()
+                if kind in (P.RESULT, P.ERROR):
+                    with self._lock:
+                        call = self.calls.pop(task_id, None)
+                    if call is not None:
+                        call._finish(frames=frames, error=meta if kind == P.ERROR else None)
+                elif kind in (P.STREAM, P.DISPLAY):
+                    call = self.calls.get(task_id)
+                    sink = call.sink if call is not None else None
+                    if sink is not None:
+                        sink(kind, meta)
+                    elif kind == P.STREAM:
+                        print(f"[{self.label}] {meta['text']}", end="", file=sys.__stderr__)
+                elif kind == P.PONG:
+                    with self.pongs:
+                        self.last_pong = {"seq": task_id, **(meta or {})}
+                        self.pongs.notify_all()
+                elif kind == P.NOTICE:
+                    print(f"[{self.label}] {meta.get('text')}", file=sys.__stderr__)
+        except (EOFError, OSError, ValueError) as exc:
+            self._drop(exc)
+
+    def _drop(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+        self.io.close()
+        self._on_drop(self)
+
+    def take_calls(self) -> dict[int, Call]:
+        with self._lock:
+            calls, self.calls = self.calls, {}
+        return calls
+
+    def close(self) -> None:
+        with self._lock:
+            self.alive = False
+        self.io.close()
+
+
+class Node:
+    """One node of a pool as the client sees it: its host, its worker, and a live link to that worker.
+
+    When the link drops, the node reconnects if the worker still runs (the worker resends results it could not
+    deliver) or, if the worker died, fails the calls in flight with WorkerLostError and starts a fresh worker for
+    the next task.
+    """
+
+    def __init__(self, rank: int, host: Host, secret: str, start_worker: Callable[[Host], WorkerHandle],
+                 setup: Callable[[Node], None]) -> None:
+        self.rank = rank
+        self.host = host
+        self.secret = secret
+        self._start_worker = start_worker
+        self._setup = setup
+        self.handle: WorkerHandle | None = None
+        self.link: WorkerLink | None = None
+        self.state = "new"
+        self.notices: list[str] = []
+        self.hostname = ""
+        self._lock = threading.RLock()
+        self.closing = False
+
+    @property
+    def label(self) -> str:
+        return f"node {self.rank} ({self.host.display})"
+
+    def in_flight(self) -> int:
+        link = self.link
+        return len(link.calls) if link is not None else 0
+
+    # -- connecting ----------------------------------------------------------------------------------------
+    def start_worker(self) -> None:
+        """Start the worker and connect to it (the pool runs setup on all nodes together afterwards)."""
+        with self._lock:
+            self.handle = self._start_worker(self.host)
+            self._connect()
+            self.state = "connected"
+
+    def start(self) -> None:
+        """Start the worker, connect, and run the pool's setup on it."""
+        with self._lock:
+            self.start_worker()
+            self._setup(self)
+            self.state = "ready"
+
+    def _connect(self) -> dict[str, Any]:
+        assert self.handle is not None
+        io = self.handle.open()
+        try:
+            hello = WorkerLink.handshake(io, self.secret, self.label)
+        except BaseException:
+            io.close()
+            raise
+        link = WorkerLink(io, self.label, self._dropped)
+        old = self.link
+        if old is not None:
+            link.adopt(old.take_calls())
+        self.link = link
+        link.start()
+        return hello
+
+    def _dropped(self, link: WorkerLink) -> None:
+        if self.closing or link is not self.link:
+            return
+        threading.Thread(target=self._recover, args=(link,), daemon=True, name=f"sky-recover-{self.rank}").start()
+
+    def _recover(self, link: WorkerLink) -> None:
+        with self._lock:
+            if self.closing or link is not self.link:
+                return
+            self.state = "reconnecting"
+            try:
+                alive = self.handle is not None and self.handle.alive()
+            except Exception:  # noqa: BLE001 - treat an unanswerable node as lost
+                alive = False
+            if alive:
+                try:
+                    hello = self._connect()
+                except (OSError, EOFError, SkyError):
+                    hello = None
+                if hello is not None:
+                    if hello.get("generation", 0) and not hello.get("setup"):
+                        self._restarted()
+                    self.state = "ready"
+                    return
+            why = self.handle.describe_exit() if self.handle is not None else "gone"
+            lost = WorkerLostError(f"{self.label}: its worker {why} while running this task; the node's "
+                                   f"remote namespace is lost. The next task starts a fresh worker.")
+            for call in link.take_calls().values():
+                call._finish(lost=lost)
+            self.link = None
+            self.state = "lost"
+
+    def _restarted(self) -> None:
+        """The worker replaced itself after ignoring an interrupt: calls in flight are lost, setup runs again."""
+        assert self.link is not None
+        text = f"{self.label}: the worker was restarted; its remote namespace was lost."
+        self.notices.append(text)
+        for call in self.link.take_calls().values():
+            call._finish(lost=WorkerLostError(text))
+        self._setup(self)
+
+    def ensure_link(self) -> WorkerLink:
+        with self._lock:
+            link = self.link
+            if link is not None and link.alive:
+                return link
+            if self.closing:
+                raise ConnectionLostError(f"{self.label}: the pool is shut down; start it again.")
+            alive = self.handle is not None and self.handle.alive()
+            if alive:
+                hello = self._connect()
+                if hello.get("generation", 0) and not hello.get("setup"):
+                    self._restarted()
+            else:
+                if self.handle is not None:
+                    self.handle.stop()
+                    self.notices.append(f"{self.label}: the worker {self.handle.describe_exit()}; "
+                                        f"started a fresh one (remote namespace lost).")
+                self.start()
+            self.state = "ready"
+            assert self.link is not None
+            return self.link
+
+    # -- work ----------------------------------------------------------------------------------------------
+    def submit(self, kind: str, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None) -> Call:
+        link = self.ensure_link()
+        call = Call(self, sink)
+        link.submit(call, kind, meta, payload)
+        return call
+
+    def interrupt(self, task_id: int = 0) -> None:
+        link = self.link
+        if link is not None and link.alive:
+            link.send(P.INTERRUPT, task_id)
+
+    def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        link = self.ensure_link()
+        seq = next(_task_ids)
+        with link.pongs:
+            link.send(P.PING, seq)
+            if not link.pongs.wait_for(lambda: link.last_pong.get("seq") == seq or not link.alive, timeout):
+                raise ConnectionLostError(f"{self.label}: no heartbeat answer within {timeout} s")
+        return link.last_pong
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.closing = True
+        link, self.link = self.link, None
+        if link is not None and link.alive:
+            link.send(P.SHUTDOWN)
+            link.close()
+        if self.handle is not None:
+            self.handle.stop(timeout)
+        self.state = "stopped"

@@ -1,0 +1,372 @@
+"""``sky.ComputePool``: provisions nodes through a provider, bootstraps them once, keeps a worker link to each,
+and dispatches work: ``>>`` to the least busy node, ``@`` to every node in parallel."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any, TextIO
+
+from . import protocol as P
+from . import state
+from .compute import PendingCompute
+from .errors import ConfigError, SerializationError, SkyError
+from .image import Image
+from .node import Call, Node, Sink
+from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
+from .providers.base import Host, PoolSpec, Provider
+from .providers.local import Local
+from .redaction import register
+from .shipping import register_user_modules
+
+DEFAULT_IDLE_TIMEOUT = 30 * 60.0
+DEFAULT_GRACE = 10 * 60.0
+
+
+def check_nodes(nodes: object) -> int:
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"nodes must be a whole number of at least 1, got {nodes!r}; e.g. nodes=2.")
+    return nodes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class StreamPrinter:
+    """Where a Python-API call's remote output goes: the stdout/stderr current when it was submitted,
+    with a ``[node K]`` prefix on each line when the pool has several nodes."""
+
+    def __init__(self, prefix: str = "", out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.prefix = prefix
+        self.streams = {"stdout": out or sys.stdout, "stderr": err or sys.stderr}
+        self.at_line_start = {"stdout": True, "stderr": True}
+
+    def __call__(self, kind: str, meta: Any) -> None:
+        if kind == P.STREAM:
+            name, text = meta["name"], meta["text"]
+        else:  # a display bundle: its plain-text form
+            name, text = "stdout", str(meta.get("data", {}).get("text/plain", "")) + "\n"
+        stream = self.streams.get(name, self.streams["stdout"])
+        if self.prefix:
+            pieces = []
+            for line in text.splitlines(keepends=True):
+                pieces.append(self.prefix + line if self.at_line_start[name] else line)
+                self.at_line_start[name] = line.endswith(("\n", "\r"))
+            text = "".join(pieces)
+        stream.write(text)
+        stream.flush()
+
+
+class ComputePool:
+    """A pool of nodes, used as a context manager that always tears down what it started.
+
+    ``provider`` defaults to ``sky.Local()``. ``plugins`` shape the image, the bootstrap and every worker.
+    """
+
+    def __init__(self, provider: Provider | None = None, nodes: int = 1, accelerator: str | None = None,
+                 image: Image | None = None, plugins: Sequence[Plugin] = (),
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, name: str | None = None, *,
+                 grace: float = DEFAULT_GRACE, interrupt_grace: float = 10.0,
+                 progress: Callable[[int, str, str], None] | None = None) -> None:
+        if provider is None:
+            provider = Local()
+        if not isinstance(provider, Provider):
+            raise ConfigError(f"provider must be sky.Local(), sky.SSH(...) or sky.AWS(...), not "
+                              f"{type(provider).__name__}; did you forget the parentheses?")
+        if image is None:
+            image = Image()
+        if not isinstance(image, Image):
+            raise ConfigError(f"image must be a sky.Image, not {type(image).__name__}")
+        if name is not None and (not name or not all(c.isalnum() or c in "-_" for c in name)):
+            raise ConfigError(f"pool name {name!r} may hold only letters, digits, '-' and '_'")
+        self.provider = provider
+        self.size = check_nodes(nodes)
+        self.accelerator = accelerator or None
+        self.base_image = image
+        self.plugins = check_plugins(plugins)
+        self.idle_timeout = idle_timeout
+        self.name = name or f"pool-{secrets.token_hex(3)}"
+        self.grace = grace
+        self.interrupt_grace = interrupt_grace
+        self.progress = progress or self._print_progress
+        self.secret = secrets.token_urlsafe(32)
+        register(self.secret)
+        self.nodes: list[Node] = []
+        self.hosts: list[Host] = []
+        self.image = image
+        self.head_port = 0
+        self.started_at: float | None = None
+        self.last_used = time.monotonic()
+        self._stack: ExitStack | None = None
+        self._keeper: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        state_ = "running" if self.started_at and not self._closed else ("closed" if self._closed else "new")
+        return f"<ComputePool {self.name!r} {self.provider!r} nodes={self.size} {state_}>"
+
+    @property
+    def cluster(self) -> Cluster:
+        return Cluster(nodes=self.size, accelerator=self.accelerator, provider=self.provider.name,
+                       pool_name=self.name, gpu=bool(self.accelerator and self.accelerator.lower() != "cpu"))
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and not self._closed
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def __enter__(self) -> ComputePool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> ComputePool:
+        """Provision, bootstrap and connect every node. Anything started is torn down if this fails or is
+        interrupted."""
+        if self.running:
+            return self
+        if self._closed:
+            raise SkyError(f"pool {self.name!r} was shut down; create a new ComputePool to start again.")
+        spec = PoolSpec(self.name, self.size, self.accelerator)
+        self.provider.check(spec)
+        self._stack = ExitStack()
+        try:
+            self.image = transform_image(self.base_image, self.plugins, self.cluster)
+            for plugin in self.plugins:
+                for key in plugin.secrets:
+                    register(self.image.environ.get(key))
+            plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
+            for plugin in self.plugins:
+                if plugin.around_client is not None:
+                    self._stack.enter_context(plugin.around_client(self))
+            self._save_state()
+            self.hosts = self.provider.provision(spec)
+            self._save_state()
+            self._parallel([lambda h=h: self.provider.bootstrap(h, plan, self.progress) for h in self.hosts])
+            self.nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in self.hosts]
+            self._parallel([node.start_worker for node in self.nodes])
+            self.head_port = self.nodes[0].submit(P.TASK, None, P.dumps((_free_port, (), {}))).wait(30)
+            self._setup_all()
+            self.started_at = time.time()
+            self._save_state()
+            self._keeper = threading.Thread(target=self._keep, daemon=True, name=f"sky-keeper-{self.name}")
+            self._keeper.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Shut down workers, give machines back, and forget the pool. Safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        errors: list[BaseException] = []
+        try:
+            self._parallel([node.close for node in self.nodes], raise_first=False)
+        finally:
+            try:
+                self.provider.release(self.hosts)
+            except BaseException as exc:  # noqa: BLE001 - still run the rest of teardown, then raise
+                errors.append(exc)
+            if self._stack is not None:
+                self._stack.close()
+            if not errors:
+                state.remove(self.name)
+        if errors:
+            raise errors[0]
+
+    def _save_state(self) -> None:
+        state.save(self.name, {
+            "provider": self.provider.name, "provider_repr": repr(self.provider), "nodes": self.size,
+            "accelerator": self.accelerator, "secret": self.secret,
+            "hosts": [{**dataclasses.asdict(h), "extra": {k: v for k, v in h.extra.items() if isinstance(v, str)}}
+                      for h in self.hosts],
+            "workers": [{"rank": n.rank, "port": getattr(n.handle, "port", None), "pid": getattr(n.handle, "pid", None)}
+                        for n in self.nodes],
+        })
+
+    def _parallel(self, fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:
+        if len(fns) == 1:
+            try:
+                return [fns[0]()]
+            except Exception:
+                if raise_first:
+                    raise
+                return [None]
+        with ThreadPoolExecutor(max_workers=min(32, len(fns))) as ex:
+            futures = [ex.submit(fn) for fn in fns]
+            results = []
+            for fut in futures:
+                try:
+                    results.append(fut.result())
+                except Exception:
+                    if raise_first:
+                        raise
+                    results.append(None)
+            return results
+
+    def _print_progress(self, rank: int, phase: str, line: str) -> None:
+        if not line:
+            print(f"[{self.name} node {rank}] bootstrap: {phase}", file=sys.stderr)
+
+    def _worker_config(self, host: Host) -> dict[str, Any]:
+        return {"secret": self.secret, "rank": host.rank, "world_size": self.size, "pool": self.name,
+                "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ}
+
+    def _start_worker(self, host: Host):  # -> WorkerHandle
+        return self.provider.start_worker(host, self._worker_config(host))
+
+    def _setup_meta(self, node: Node) -> dict[str, Any]:
+        addrs = tuple(h.private_addr for h in self.hosts)
+        info = {"rank": node.rank, "world_size": self.size, "head_addr": addrs[0], "node_addrs": addrs,
+                "accelerator": self.accelerator, "pool_name": self.name, "head_port": self.head_port}
+        return {"info": info}
+
+    def _setup_payload(self) -> list:
+        worker_side = [dataclasses.replace(p, transform=None, bootstrap=None, around_client=None)
+                       for p in self.plugins if p.around_app is not None or p.decorate is not None]
+        return P.dumps(worker_side)
+
+    def _setup_all(self) -> None:
+        payload = self._setup_payload()
+        calls = [n.submit(P.SETUP, self._setup_meta(n), payload) for n in self.nodes]
+        self._wait_all(calls, timeout=600)
+        for node, call in zip(self.nodes, calls):
+            node.hostname = call.wait()["hostname"]
+
+    def _setup_one(self, node: Node) -> None:
+        node.hostname = node.submit(P.SETUP, self._setup_meta(node), self._setup_payload()).wait(600)["hostname"]
+
+    def _keep(self) -> None:
+        """Heartbeats keep the workers' dead-man switch quiet and find broken links early."""
+        interval = max(1.0, min(30.0, self.grace / 4))
+        while not self._stop.wait(interval):
+            for node in self.nodes:
+                if self._stop.is_set():
+                    return
+                try:
+                    node.ping(timeout=10)
+                except (SkyError, OSError, EOFError):
+                    pass  # the node records its state; the next task reports or repairs it
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+    def _require_running(self) -> None:
+        if not self.running:
+            raise SkyError(f"pool {self.name!r} is not running; use `with sky.ComputePool(...) as pool:` "
+                           f"or call pool.start() first.")
+
+    def _sink(self, node: Node) -> Sink:
+        return StreamPrinter(f"[node {node.rank}] " if self.size > 1 else "")
+
+    def _payload(self, pending: PendingCompute[Any]) -> list:
+        register_user_modules()
+        try:
+            return P.dumps((pending.fn, pending.args, pending.kwargs))
+        except Exception as exc:
+            raise SerializationError(_explain_pickle_failure(pending, exc)) from None
+
+    def pick_node(self, exclude: Sequence[int] = ()) -> Node:
+        """The least busy node (fewest tasks in flight), lowest rank first."""
+        candidates = [n for n in self.nodes if n.rank not in exclude] or self.nodes
+        return min(candidates, key=lambda n: (n.in_flight(), n.state != "ready", n.rank))
+
+    def submit(self, pending: PendingCompute[Any], node: Node | None = None, sink: Sink | None = None) -> Call:
+        self._require_running()
+        self.last_used = time.monotonic()
+        node = node or self.pick_node()
+        return node.submit(P.TASK, None, self._payload(pending), sink or self._sink(node))
+
+    def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
+        """``pending >> pool``: run on one node (the least busy, or ``rank``) and return its value."""
+        node = self.nodes[rank] if rank is not None else None
+        return self.submit(pending, node).wait()
+
+    def broadcast(self, pending: PendingCompute[Any]) -> list[Any]:
+        """``pending @ pool``: run on every node at once; the values in rank order."""
+        self._require_running()
+        self.last_used = time.monotonic()
+        payload = self._payload(pending)
+        calls = [n.submit(P.TASK, None, payload, self._sink(n)) for n in self.nodes]
+        return self._wait_all(calls)
+
+    def gather(self, items: Sequence[PendingCompute[Any]]) -> tuple[Any, ...]:
+        """Several computations at once, spread over the nodes; values in order."""
+        self._require_running()
+        load = {n.rank: n.in_flight() for n in self.nodes}
+        calls = []
+        for item in items:
+            rank = min(load, key=lambda r: (load[r], r))
+            load[rank] += 1
+            calls.append(self.submit(item, self.nodes[rank]))
+        return tuple(self._wait_all(calls))
+
+    @staticmethod
+    def _wait_all(calls: list[Call], timeout: float | None = None) -> list[Any]:
+        """Wait for every call; raise the first failure (by position) naming every node that failed."""
+        results: list[Any] = []
+        failures: list[tuple[Call, BaseException]] = []
+        try:
+            for call in calls:
+                try:
+                    results.append(call.wait(timeout))
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+                    failures.append((call, exc))
+                    results.append(None)
+        except KeyboardInterrupt:
+            for call in calls:
+                if not call.done():
+                    call.interrupt()
+            for call in calls:
+                call._done.wait(15)
+            raise
+        if failures:
+            first = failures[0][1]
+            if len(calls) > 1:
+                ranks = ", ".join(str(c.node.rank) for c, _ in failures)
+                first.add_note(f"failed on {len(failures)} of {len(calls)} nodes (ranks {ranks})")
+            raise first
+        return results
+
+    def interrupt(self) -> None:
+        for node in self.nodes:
+            node.interrupt(0)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"rank": n.rank, "addr": n.host.display, "hostname": n.hostname, "state": n.state,
+                 "in_flight": n.in_flight()} for n in self.nodes]
+
+
+def _explain_pickle_failure(pending: PendingCompute[Any], exc: Exception) -> str:
+    """Name the argument that cannot be pickled, with its type."""
+    from .protocol import dumps
+
+    named: list[tuple[str, Any]] = [("the function " + pending.name, pending.fn)]
+    named += [(f"argument {i}", a) for i, a in enumerate(pending.args)]
+    named += [(f"argument {k!r}", v) for k, v in pending.kwargs.items()]
+    for label, value in named:
+        try:
+            dumps(value)
+        except Exception as inner:  # noqa: BLE001 - we only need the message
+            return (f"{label} ({type(value).__name__}) cannot be sent to a node: {inner}. "
+                    f"Pass something picklable instead (a path, plain data), or create it on the node.")
+    return f"the call to {pending.name} cannot be pickled: {exc}"

@@ -1,0 +1,143 @@
+"""The wire format between client and worker.
+
+A frame is ``!II`` (length of the head, number of buffers), one ``!Q`` length per buffer, the head, then the
+buffers. The head is a small standard pickle ``(kind, task_id, meta)``; the buffers, when present, hold one
+cloudpickle payload: its main pickle first, then its protocol-5 out-of-band buffers, so large arrays travel
+without being copied into one bytes object. Payloads are decoded by whoever needs the value (the task thread,
+the caller), never by the reader thread, so a payload that fails to unpickle fails only its own task.
+
+Before any pickle is read, both sides exchange JSON handshake frames: the worker announces its versions and a
+nonce, the client answers with an HMAC of the nonce under the pool secret. Nothing is unpickled from a peer
+that has not proven it knows the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import pickle
+import platform
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import cloudpickle
+
+PROTOCOL_VERSION = 1
+_HEAD = struct.Struct("!II")
+_LEN = struct.Struct("!Q")
+_SMALL = 64 * 1024
+
+# Message kinds. Client -> worker:
+TASK = "task"            # run a pickled (fn, args, kwargs)
+CELL = "cell"            # run notebook cell code in the persistent namespace
+SETUP = "setup"          # install plugins (around_app, decorate) and instance info, once per worker
+PULL = "pull"            # send back named values from the namespace
+INTERRUPT = "interrupt"  # raise KeyboardInterrupt in the running task
+PING = "ping"            # heartbeat; answered with PONG
+SHUTDOWN = "shutdown"    # exit (and clean up)
+# Worker -> client:
+RESULT = "result"
+ERROR = "error"
+STREAM = "stream"        # meta: {"name": "stdout"|"stderr", "text": ...}
+DISPLAY = "display"      # meta: a Jupyter MIME bundle message
+PONG = "pong"
+NOTICE = "notice"        # meta: {"text": ...} for the user, not tied to a task
+
+
+class Reader(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def versions() -> dict[str, str]:
+    """What must match between client and worker for pickles to travel both ways."""
+    return {"python": ".".join(platform.python_version_tuple()[:2]), "cloudpickle": cloudpickle.__version__}
+
+
+def dumps(obj: Any) -> list[bytes | memoryview]:
+    """Cloudpickle ``obj`` with protocol-5 out-of-band buffers: ``[main, *buffers]``."""
+    buffers: list[pickle.PickleBuffer] = []
+    main = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [main, *(b.raw() for b in buffers)]
+
+
+def loads(frames: Sequence[bytes | bytearray | memoryview]) -> Any:
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+def read_exact(reader: Reader, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = reader.readinto(view[got:])
+        if not k:
+            raise EOFError("connection closed")
+        got += k
+    return buf
+
+
+class FrameIO:
+    """Sends and receives frames over any byte stream (a socket, an SSH channel). Sending is thread-safe."""
+
+    def __init__(self, reader: Reader, sendall: Callable[[bytes | memoryview], Any],
+                 close: Callable[[], Any] = lambda: None) -> None:
+        self._reader = reader
+        self._sendall = sendall
+        self._close = close
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def send(self, kind: str, task_id: int = 0, meta: Any = None,
+             payload: Sequence[bytes | memoryview] = ()) -> None:
+        head = pickle.dumps((kind, task_id, meta), protocol=5)
+        self._send_parts(head, payload)
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self._send_parts(json.dumps(obj).encode(), ())
+
+    def _send_parts(self, head: bytes, payload: Sequence[bytes | memoryview]) -> None:
+        sizes = [memoryview(p).nbytes for p in payload]
+        prefix = _HEAD.pack(len(head), len(payload)) + b"".join(_LEN.pack(s) for s in sizes)
+        with self._lock:
+            if sum(sizes) + len(head) <= _SMALL:
+                self._sendall(b"".join([prefix, head, *payload]))
+            else:
+                self._sendall(prefix + head)
+                for part in payload:
+                    self._sendall(part)
+
+    def _recv_parts(self) -> tuple[bytes, list[bytearray]]:
+        head_len, nbufs = _HEAD.unpack(read_exact(self._reader, _HEAD.size))
+        sizes = [_LEN.unpack(read_exact(self._reader, _LEN.size))[0] for _ in range(nbufs)]
+        head = bytes(read_exact(self._reader, head_len))
+        return head, [read_exact(self._reader, s) for s in sizes]
+
+    def recv(self) -> tuple[str, int, Any, list[bytearray]]:
+        head, frames = self._recv_parts()
+        kind, task_id, meta = pickle.loads(head)
+        return kind, task_id, meta, frames
+
+    def recv_json(self, limit: int = 64 * 1024) -> dict[str, Any]:
+        head_len, nbufs = _HEAD.unpack(read_exact(self._reader, _HEAD.size))
+        if nbufs or head_len > limit:
+            raise ValueError("unexpected handshake frame")
+        return json.loads(bytes(read_exact(self._reader, head_len)))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self._close()
+            except OSError:
+                pass
+
+
+def mac(secret: str, nonce: str) -> str:
+    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def check_mac(secret: str, nonce: str, answer: str) -> bool:
+    return hmac.compare_digest(mac(secret, nonce), str(answer))

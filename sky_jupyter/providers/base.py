@@ -1,0 +1,86 @@
+"""What every provider gives the pool: hosts, a bootstrap step, and workers reachable as byte streams."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import protocol as P
+from ..bootstrap import BootstrapPlan, Phase
+from ..image import Image
+
+Progress = Callable[[int, str, str], None]  # (rank, phase, line)
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A machine a node runs on, as the client reaches it and as its peers reach it."""
+
+    rank: int
+    addr: str
+    private_addr: str
+    port: int = 22
+    user: str | None = None
+    hostname: str = ""
+    instance_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def display(self) -> str:
+        return f"{self.user}@{self.addr}" if self.user else self.addr
+
+
+class WorkerHandle(abc.ABC):
+    """A started worker: how to open a connection to it, whether it still runs, how to stop it."""
+
+    port: int
+    pid: int
+
+    @abc.abstractmethod
+    def open(self) -> P.FrameIO: ...
+
+    @abc.abstractmethod
+    def alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    def describe_exit(self) -> str:
+        return "is gone"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """What the pool asks a provider for."""
+
+    name: str
+    nodes: int
+    accelerator: str | None
+
+
+class Provider(abc.ABC):
+    name: str = "provider"
+
+    @abc.abstractmethod
+    def provision(self, spec: PoolSpec) -> list[Host]:
+        """Make ``spec.nodes`` hosts exist (start machines, or take the given ones), in rank order."""
+
+    @abc.abstractmethod
+    def bootstrap(self, host: Host, plan: BootstrapPlan, progress: Progress) -> None:
+        """Make the host match the plan, once (skipped when its marker shows it already does)."""
+
+    @abc.abstractmethod
+    def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
+        """Start a worker on the host with ``config`` (which holds the pool secret: never on a command line)."""
+
+    def plan(self, image: Image, plugin_phases: list[tuple[str, str]]) -> BootstrapPlan:
+        """The bootstrap for this provider's nodes: by default only the plugins' phases."""
+        return BootstrapPlan(image, tuple(Phase(name, script) for name, script in plugin_phases))
+
+    def release(self, hosts: list[Host]) -> None:  # noqa: B027 - providers without machines have nothing to do
+        """Give back what provision started (terminate machines). Must be safe to call more than once."""
+
+    def check(self, spec: PoolSpec) -> None:  # noqa: B027
+        """Validate the request before anything is started; raise ConfigError naming the culprit."""

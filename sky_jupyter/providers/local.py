@@ -1,0 +1,194 @@
+"""``sky.Local()``: N worker processes on this machine, each with its own working folder and rank.
+
+The embedded default: no cloud, no SSH. Workers use this Python environment, so an image's pip packages must
+already be installed here (a missing one is a clear error); its environment variables go to the workers;
+plugin bootstrap phases run once per node folder, with the same script and marker as on remote nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import protocol as P
+from ..bootstrap import BootstrapPlan, follow
+from ..errors import ConfigError, ProvisionError
+from ..worker import READY
+from .base import Host, PoolSpec, Progress, Provider, WorkerHandle
+
+
+def sky_home() -> Path:
+    return Path(os.environ.get("SKY_JUPYTER_HOME", Path.home() / ".sky_jupyter"))
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def missing_requirements(requirements: tuple[str, ...]) -> list[str]:
+    """Requirements this interpreter does not satisfy (name and, when ``packaging`` is present, version)."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - packaging ships with nearly every environment
+        Requirement = None  # type: ignore[assignment]  # noqa: N806
+    missing = []
+    for spec in requirements:
+        if Requirement is not None:
+            req = Requirement(spec)
+            name, specifier = req.name, req.specifier
+        else:
+            name, specifier = spec.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip(), None
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(spec)
+            continue
+        if specifier is not None and version not in specifier:
+            missing.append(spec)
+    return missing
+
+
+class LocalWorker(WorkerHandle):
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, label: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.pid = proc.pid
+        self.label = label
+
+    def open(self) -> P.FrameIO:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, sock.close)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def describe_exit(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return f"(local pid {self.pid}) is running"
+        if code < 0:
+            return f"(local pid {self.pid}) was killed by {signal.Signals(-code).name}"
+        return f"(local pid {self.pid}) exited with code {code}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()  # the worker exits when its stdin closes
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Local(Provider):
+    """Worker processes on this machine: ``sky.ComputePool(provider=sky.Local(), nodes=2)``."""
+
+    name = "local"
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else None
+
+    def __repr__(self) -> str:
+        return "Local()"
+
+    def _pool_dir(self, pool: str) -> Path:
+        return (self.root or sky_home() / "local") / pool
+
+    def check(self, spec: PoolSpec) -> None:
+        if spec.accelerator not in (None, "", "cpu", "CPU"):
+            import warnings
+
+            warnings.warn(f"the Local provider runs on this machine; accelerator {spec.accelerator!r} is only "
+                          f"recorded, not provided", stacklevel=4)
+
+    def provision(self, spec: PoolSpec) -> list[Host]:
+        hosts = []
+        for rank in range(spec.nodes):
+            workdir = self._pool_dir(spec.name) / f"node-{rank}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            workdir.chmod(0o700)
+            hosts.append(Host(rank=rank, addr="127.0.0.1", private_addr="127.0.0.1", port=0,
+                              hostname=socket.gethostname(), extra={"workdir": str(workdir)}))
+        return hosts
+
+    def bootstrap(self, host: Host, plan: BootstrapPlan, progress: Progress) -> None:
+        missing = missing_requirements(plan.image.pip)
+        if missing:
+            raise ConfigError(
+                f"the Local provider runs workers in this Python environment, which lacks "
+                f"{', '.join(missing)}; install them here first: {sys.executable} -m pip install "
+                + " ".join(repr(m) if any(c in m for c in "<>=[ ") else m for m in missing)
+            )
+        if not plan.phases:
+            return
+        workdir = Path(host.extra["workdir"])
+        script = workdir / "bootstrap.sh"
+        script.write_text(plan.script())
+        env = {**os.environ, **plan.image.environ}
+        proc = subprocess.Popen(["bash", str(script)], cwd=workdir, env={**env, "HOME": str(workdir)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proc.stdout is not None
+            follow(iter(proc.stdout), f"node {host.rank} (local)", lambda ph, ln: progress(host.rank, ph, ln))
+        finally:
+            proc.kill() if proc.poll() is None else None
+            proc.wait()
+
+    def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
+        workdir = host.extra["workdir"]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH", "")) if p)
+        env.update(config.get("env", {}))
+        log = open(Path(workdir) / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sky_jupyter.worker"], cwd=workdir, env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            )
+        finally:
+            log.close()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({**config, "workdir": workdir, "exit_with_stdin": True}).encode() + b"\n")
+        proc.stdin.flush()
+        port = _read_ready(proc, Path(workdir) / "worker.log", f"node {host.rank} (local)")
+        return LocalWorker(proc, port, f"node {host.rank}")
+
+
+def _read_ready(proc: subprocess.Popen[bytes], log: Path, label: str, timeout: float = 30.0) -> int:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.decode(errors="replace").splitlines():
+                if line.startswith(READY):
+                    return int(json.loads(line[len(READY):])["port"])
+        elif proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise ProvisionError(f"{label}: the worker did not start within {timeout:.0f} s; its log says:\n{tail}")

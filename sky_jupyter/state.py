@@ -1,0 +1,53 @@
+"""Pool state on disk: ``~/.sky_jupyter/pools/NAME.json`` (0600), written before anything is provisioned and
+updated as it changes, so teardown and ``gc`` always know what exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .providers.local import sky_home
+
+
+def pools_dir() -> Path:
+    path = sky_home() / "pools"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def save(name: str, state: dict[str, Any]) -> Path:
+    path = pools_dir() / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({**state, "name": name, "updated": time.time(), "client_pid": os.getpid()}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = pools_dir() / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove(name: str) -> None:
+    try:
+        (pools_dir() / f"{name}.json").unlink()
+    except FileNotFoundError:
+        pass
+
+
+def all_pools() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(pools_dir().glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out

@@ -1,0 +1,430 @@
+"""The worker: one long-lived Python process per node, needing only the standard library and cloudpickle.
+
+Started as ``python -m sky_jupyter.worker``; it reads its configuration (pool secret included, so the secret is
+never on a command line) as one JSON line on stdin, listens on a localhost port, prints
+``SKY-READY {"port": ..., "pid": ...}`` and, when asked to detach, moves its output to a log file so it survives
+the SSH session that started it.
+
+Tasks and cells run one at a time in the main thread, so an interrupt frame can raise KeyboardInterrupt in them
+with a signal. Connection threads only read frames, answer heartbeats and queue work. Frames for the client go
+through an outbox that holds them while no client is connected, so a result produced during a reconnect is
+delivered afterwards instead of lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import collections
+import io
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from contextlib import ExitStack
+from typing import Any
+
+from . import protocol as P
+from .info import InstanceInfo, _set_current
+
+READY = "SKY-READY"
+_MAX_PENDING = 20000
+
+
+def log(msg: str) -> None:
+    stream = sys.__stderr__
+    if stream is not None:
+        stream.write(f"[sky worker {os.getpid()} {time.strftime('%H:%M:%S')}] {msg}\n")
+        stream.flush()
+
+
+class Outbox:
+    """Frames for the client. Held while no client is connected; delivered to the newest connection."""
+
+    def __init__(self) -> None:
+        self._conn: P.FrameIO | None = None
+        self._pending: collections.deque[tuple[str, int, Any, list]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def attach(self, conn: P.FrameIO) -> None:
+        with self._lock:
+            self._conn = conn
+            while self._pending and self._conn is not None:
+                frame = self._pending[0]
+                if not self._try_send(*frame):
+                    break
+                self._pending.popleft()
+
+    def detach(self, conn: P.FrameIO) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+
+    def send(self, kind: str, task_id: int, meta: Any = None, payload: list | tuple = ()) -> None:
+        with self._lock:
+            if self._conn is None or not self._try_send(kind, task_id, meta, payload):
+                if len(self._pending) >= _MAX_PENDING:  # a client gone for long: keep results, drop old output
+                    for i, frame in enumerate(self._pending):
+                        if frame[0] == P.STREAM:
+                            del self._pending[i]
+                            break
+                self._pending.append((kind, task_id, meta, list(payload)))
+
+    def _try_send(self, kind: str, task_id: int, meta: Any, payload: Any) -> bool:
+        assert self._conn is not None
+        try:
+            self._conn.send(kind, task_id, meta, payload)
+            return True
+        except OSError:
+            self._conn = None
+            return False
+
+
+class TaskStream(io.TextIOBase):
+    """Replaces sys.stdout/sys.stderr: text goes to the client tagged with the running task's id.
+
+    Complete lines (and carriage-return updates, as progress bars write) are sent at once; a partial line waits
+    for ``flush()``, the end of the task, or the worker's 0.1 s tick.
+    """
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        super().__init__()
+        self._worker = worker
+        self._name = name
+        self._parts: list[str] = []
+        self._size = 0
+        self._lock = threading.RLock()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self._lock:
+            self._parts.append(text)
+            self._size += len(text)
+            if "\n" in text or "\r" in text or self._size > 8192:
+                self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._parts:
+                return
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            self._worker.outbox.send(P.STREAM, self._worker.current_task, {"name": self._name, "text": text})
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The exception's traceback without the worker's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def error_frames(exc: BaseException) -> tuple[dict[str, Any], list]:
+    """Meta (type name, message, traceback) and, when it round-trips, the pickled exception itself."""
+    meta = {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+        "message": str(exc),
+        "traceback": _user_traceback(exc),
+    }
+    try:
+        payload = P.dumps(exc)
+        P.loads(payload)  # an exception that pickles but cannot be rebuilt travels as RemoteError instead
+    except Exception:
+        payload = []
+    return meta, payload
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any], listener: socket.socket, generation: int = 0) -> None:
+        self.config = config
+        self.secret: str = config["secret"]
+        self.listener = listener
+        self.generation = generation
+        self.outbox = Outbox()
+        self.jobs: queue.Queue[tuple[str, int, Any, list]] = queue.Queue()
+        self.current_task = 0
+        self.last_seen = time.monotonic()
+        self.grace = float(config.get("grace", 600.0))
+        self.interrupt_grace = float(config.get("interrupt_grace", 10.0))
+        self._interrupt: tuple[int, float] | None = None
+        self.main_ident = threading.get_ident()
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self.decorators: list[Any] = []
+        self.app_stack = ExitStack()
+        self.setup_done = False
+        self.stdout = TaskStream(self, "stdout")
+        self.stderr = TaskStream(self, "stderr")
+        self._cells: Any = None
+
+    # -- connections -------------------------------------------------------------------------------------
+    def accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError as exc:
+                log(f"accept failed: {exc}")
+                time.sleep(0.1)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self.serve_connection, args=(sock,), daemon=True).start()
+
+    def handshake(self, conn: P.FrameIO, sock: socket.socket) -> bool:
+        nonce = secrets.token_hex(16)
+        conn.send_json({"sky": P.PROTOCOL_VERSION, "nonce": nonce, **P.versions(), "pid": os.getpid(),
+                        "generation": self.generation, "setup": self.setup_done,
+                        "rank": self.config.get("rank", 0)})
+        sock.settimeout(15)
+        answer = conn.recv_json()
+        if not P.check_mac(self.secret, nonce, answer.get("mac", "")):
+            conn.send_json({"ok": False, "error": "authentication failed: wrong pool secret"})
+            return False
+        mine = P.versions()
+        theirs = {k: answer.get(k) for k in mine}
+        if theirs != mine:
+            conn.send_json({"ok": False, "error": f"version mismatch: worker has {mine}, client has {theirs}"})
+            return False
+        conn.send_json({"ok": True})
+        sock.settimeout(None)
+        return True
+
+    def serve_connection(self, sock: socket.socket) -> None:
+        conn = P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, sock.close)
+        try:
+            if not self.handshake(conn, sock):
+                return
+        except (OSError, EOFError, ValueError) as exc:
+            log(f"handshake failed: {exc}")
+            conn.close()
+            return
+        self.last_seen = time.monotonic()
+        self.outbox.attach(conn)
+        try:
+            while True:
+                kind, task_id, meta, frames = conn.recv()
+                self.last_seen = time.monotonic()
+                match kind:
+                    case P.PING:
+                        conn.send(P.PONG, task_id, {"busy": self.current_task, "pid": os.getpid()})
+                    case P.INTERRUPT:
+                        self.interrupt(task_id)
+                    case P.SHUTDOWN:
+                        self.shutdown("the client asked")
+                    case P.TASK | P.CELL | P.SETUP | P.PULL:
+                        self.jobs.put((kind, task_id, meta, frames))
+                    case _:
+                        log(f"unknown frame kind {kind!r} ignored")
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.outbox.detach(conn)
+            conn.close()
+
+    # -- interrupts, heartbeats, dead-man switch ------------------------------------------------------------
+    def interrupt(self, task_id: int) -> None:
+        running = self.current_task
+        if running and task_id in (0, running):
+            self._interrupt = (running, time.monotonic() + self.interrupt_grace)
+            signal.pthread_kill(self.main_ident, signal.SIGINT)
+
+    def tick_loop(self) -> None:
+        """Flush partial output, enforce the interrupt deadline and the dead-man switch."""
+        while True:
+            time.sleep(0.1)
+            self.stdout.flush()
+            self.stderr.flush()
+            pending = self._interrupt
+            if pending and pending[0] == self.current_task and time.monotonic() > pending[1]:
+                self.restart(pending[0])
+            if time.monotonic() - self.last_seen > self.grace:
+                self.shutdown(f"no word from the client for {self.grace:.0f} s (dead-man switch)")
+
+    def restart(self, task_id: int) -> None:
+        """The running code ignored KeyboardInterrupt: replace this process, keeping the port."""
+        text = (f"the code did not stop within {self.interrupt_grace:.0f} s of the interrupt; the worker "
+                f"was restarted and its namespace is lost")
+        self.outbox.send(P.ERROR, task_id, {"type": "KeyboardInterrupt", "message": text, "traceback": "",
+                                            "restarted": True}, [])
+        log(text)
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, json.dumps(self.config).encode() + b"\n")
+        os.close(write_fd)
+        fd = self.listener.fileno()
+        os.set_inheritable(fd, True)
+        os.set_inheritable(read_fd, True)
+        argv = [sys.executable, "-m", "sky_jupyter.worker", "--listen-fd", str(fd), "--config-fd", str(read_fd),
+                "--generation", str(self.generation + 1)]
+        os.execv(sys.executable, argv)
+
+    def shutdown(self, reason: str) -> None:
+        log(f"shutting down: {reason}")
+        try:
+            self.app_stack.close()
+        except BaseException as exc:  # noqa: BLE001 - leaving anyway; say why
+            log(f"plugin exit failed: {exc!r}")
+        for path in self.config.get("cleanup", []):
+            _remove(path)
+        if self.config.get("on_orphan") == "poweroff" and "dead-man" in reason:
+            os.system("sudo -n shutdown -h now || shutdown -h now")
+        os._exit(0)
+
+    # -- running work ------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        threading.Thread(target=self.accept_loop, daemon=True, name="sky-accept").start()
+        threading.Thread(target=self.tick_loop, daemon=True, name="sky-tick").start()
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        while True:
+            try:
+                job = self.jobs.get()
+                self.run_job(*job)
+            except KeyboardInterrupt:  # an interrupt that arrived just after its task ended
+                continue
+
+    def run_job(self, kind: str, task_id: int, meta: Any, frames: list) -> None:
+        self.current_task = task_id
+        try:
+            match kind:
+                case P.TASK:
+                    value = self.run_task(frames)
+                case P.CELL:
+                    value = self.cells.run(meta, frames)
+                case P.SETUP:
+                    value = self.setup(meta, frames)
+                case P.PULL:
+                    value = {name: self.namespace[name] for name in meta["names"]}
+                case _:
+                    raise ValueError(f"unknown job {kind!r}")
+            self.stdout.flush()
+            self.stderr.flush()
+            try:
+                payload = P.dumps(value)
+            except Exception as exc:
+                raise TypeError(f"the result ({type(value).__name__}) cannot be pickled: {exc}") from exc
+            self.outbox.send(P.RESULT, task_id, None, payload)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            self.stdout.flush()
+            self.stderr.flush()
+            meta_err, payload = error_frames(exc)
+            self.outbox.send(P.ERROR, task_id, meta_err, payload)
+        finally:
+            self.current_task = 0
+            self._interrupt = None
+
+    def run_task(self, frames: list) -> Any:
+        fn, args, kwargs = P.loads(frames)
+        for decorate in reversed(self.decorators):
+            fn = decorate(fn)
+        return fn(*args, **kwargs)
+
+    @property
+    def cells(self) -> Any:
+        if self._cells is None:
+            from .cells import CellRunner
+
+            self._cells = CellRunner(self.namespace)
+        return self._cells
+
+    def setup(self, meta: dict[str, Any], frames: list) -> dict[str, Any]:
+        plugins = P.loads(frames) if frames else []
+        os.environ.update(meta.get("env", {}))
+        info = InstanceInfo(**meta["info"])
+        _set_current(info)
+        self.app_stack.close()
+        self.app_stack = ExitStack()
+        for plugin in plugins:
+            if plugin.around_app is not None:
+                self.app_stack.enter_context(plugin.around_app(info))
+        self.decorators = [p.decorate for p in plugins if p.decorate is not None]
+        self.setup_done = True
+        return {"hostname": socket.gethostname(), "pid": os.getpid(), "python": sys.executable}
+
+
+_OWN_FILES = {__file__, P.__file__}
+
+
+def _remove(path: str) -> None:
+    import shutil
+
+    path = os.path.expanduser(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _watch_stdin() -> None:
+    """Local workers: the client holds our stdin; when it closes, the client is gone."""
+    try:
+        while sys.__stdin__ is not None and sys.__stdin__.buffer.read(1024):
+            pass
+    finally:
+        os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sky_jupyter.worker")
+    parser.add_argument("--listen-fd", type=int)
+    parser.add_argument("--config-fd", type=int)
+    parser.add_argument("--generation", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.config_fd is not None:
+        with os.fdopen(args.config_fd, "rb") as f:
+            line = f.readline()
+    else:
+        line = sys.stdin.buffer.readline()
+    config = json.loads(line)
+    if args.listen_fd is not None:
+        listener = socket.socket(fileno=args.listen_fd)
+    else:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", int(config.get("port", 0))))
+        listener.listen(16)
+    os.set_inheritable(listener.fileno(), False)
+    if config.get("workdir"):
+        os.makedirs(os.path.expanduser(config["workdir"]), exist_ok=True)
+        os.chdir(os.path.expanduser(config["workdir"]))
+    os.environ.update(config.get("env", {}))
+    if args.generation == 0:
+        port = listener.getsockname()[1]
+        sys.stdout.write(f"{READY} {json.dumps({'port': port, 'pid': os.getpid()})}\n")
+        sys.stdout.flush()
+        if config.get("detach"):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            logfd = os.open(os.path.expanduser(config.get("log", "worker.log")),
+                            os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+    if config.get("exit_with_stdin"):
+        threading.Thread(target=_watch_stdin, daemon=True).start()
+    log(f"worker generation {args.generation} serving rank {config.get('rank', 0)} "
+        f"on 127.0.0.1:{listener.getsockname()[1]}")
+    Worker(config, listener, args.generation).serve()
+
+
+if __name__ == "__main__":
+    main()
