@@ -6,12 +6,22 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as P
-from .errors import (AuthenticationError, ConnectionLostError, RemoteError, RemoteTraceback, SerializationError,
-                     SkyError, VersionMismatchError, WorkerLostError)
+from .errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    SkyError,
+    VersionMismatchError,
+    WorkerLostError,
+)
+from .tracebacks import localize
 
 if TYPE_CHECKING:
     from .providers.base import Host, WorkerHandle
@@ -23,12 +33,13 @@ _task_ids = itertools.count(1)
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("task_id", "node", "sink", "_done", "_frames", "_error", "_lost")
+    __slots__ = ("task_id", "node", "sink", "code", "_done", "_frames", "_error", "_lost")
 
-    def __init__(self, node: Node, sink: Sink | None) -> None:
+    def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = ()) -> None:
         self.task_id = next(_task_ids)
         self.node = node
         self.sink = sink
+        self.code = code  # what was shipped, to map remote tracebacks back to the user's lines
         self._done = threading.Event()
         self._frames: list | None = None
         self._error: dict[str, Any] | None = None
@@ -54,7 +65,7 @@ class Call:
         if self._lost is not None:
             raise self._lost
         if self._error is not None:
-            raise remote_exception(self._error, self._frames or [], self.node.label)
+            raise remote_exception(self._error, self._frames or [], self.node.label, self.code)
         try:
             return P.loads(self._frames or [])
         except Exception as exc:
@@ -66,8 +77,11 @@ class Call:
         self.node.interrupt(self.task_id)
 
 
-def remote_exception(meta: dict[str, Any], frames: list, label: str) -> BaseException:
+def remote_exception(meta: dict[str, Any], frames: list, label: str, code: tuple[Any, ...] = ()) -> BaseException:
     """The remote exception as its own type when it can be rebuilt here, else a RemoteError."""
+    if meta.get("restarted"):
+        return WorkerLostError(f"{label}: {meta.get('message')}")
+    meta = {**meta, "traceback": localize(meta.get("traceback", ""), code)}
     exc: BaseException | None = None
     if frames:
         try:
@@ -149,6 +163,8 @@ class WorkerLink:
                         call = self.calls.pop(task_id, None)
                     if call is not None:
                         call._finish(frames=frames, error=meta if kind == P.ERROR else None)
+                    if kind == P.ERROR and meta.get("restarted"):
+                        raise EOFError("the worker is restarting")
                 elif kind in (P.STREAM, P.DISPLAY):
                     call = self.calls.get(task_id)
                     sink = call.sink if call is not None else None
@@ -256,27 +272,39 @@ class Node:
             if self.closing or link is not self.link:
                 return
             self.state = "reconnecting"
-            try:
-                alive = self.handle is not None and self.handle.alive()
-            except Exception:  # noqa: BLE001 - treat an unanswerable node as lost
-                alive = False
-            if alive:
-                try:
-                    hello = self._connect()
-                except (OSError, EOFError, SkyError):
-                    hello = None
-                if hello is not None:
-                    if hello.get("generation", 0) and not hello.get("setup"):
-                        self._restarted()
-                    self.state = "ready"
-                    return
-            why = self.handle.describe_exit() if self.handle is not None else "gone"
+            if self._reconnect():
+                return
+            why = self.handle.describe_exit() if self.handle is not None else "is gone"
             lost = WorkerLostError(f"{self.label}: its worker {why} while running this task; the node's "
                                    f"remote namespace is lost. The next task starts a fresh worker.")
             for call in link.take_calls().values():
                 call._finish(lost=lost)
             self.link = None
             self.state = "lost"
+
+    def _reconnect(self, deadline: float = 10.0) -> bool:
+        """Reconnect to a worker that still runs, with backoff; False when it is gone."""
+        delay, end = 0.05, time.monotonic() + deadline
+        while not self.closing:
+            try:
+                alive = self.handle is not None and self.handle.alive()
+            except Exception:  # noqa: BLE001 - a node we cannot ask counts as gone
+                alive = False
+            if not alive:
+                return False
+            try:
+                hello = self._connect()
+            except (OSError, EOFError, ValueError, SkyError):
+                if time.monotonic() > end:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if hello.get("generation", 0) and not hello.get("setup"):
+                self._restarted()
+            self.state = "ready"
+            return True
+        return False
 
     def _restarted(self) -> None:
         """The worker replaced itself after ignoring an interrupt: calls in flight are lost, setup runs again."""
@@ -294,12 +322,7 @@ class Node:
                 return link
             if self.closing:
                 raise ConnectionLostError(f"{self.label}: the pool is shut down; start it again.")
-            alive = self.handle is not None and self.handle.alive()
-            if alive:
-                hello = self._connect()
-                if hello.get("generation", 0) and not hello.get("setup"):
-                    self._restarted()
-            else:
+            if not self._reconnect():
                 if self.handle is not None:
                     self.handle.stop()
                     self.notices.append(f"{self.label}: the worker {self.handle.describe_exit()}; "
@@ -310,9 +333,10 @@ class Node:
             return self.link
 
     # -- work ----------------------------------------------------------------------------------------------
-    def submit(self, kind: str, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None) -> Call:
+    def submit(self, kind: str, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
+               code: tuple[Any, ...] = ()) -> Call:
         link = self.ensure_link()
-        call = Call(self, sink)
+        call = Call(self, sink, code)
         link.submit(call, kind, meta, payload)
         return call
 

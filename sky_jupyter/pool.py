@@ -204,6 +204,8 @@ class ComputePool:
         })
 
     def _parallel(self, fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:
+        if not fns:
+            return []
         if len(fns) == 1:
             try:
                 return [fns[0]()]
@@ -292,7 +294,7 @@ class ComputePool:
         self._require_running()
         self.last_used = time.monotonic()
         node = node or self.pick_node()
-        return node.submit(P.TASK, None, self._payload(pending), sink or self._sink(node))
+        return node.submit(P.TASK, None, self._payload(pending), sink or self._sink(node), (pending.fn,))
 
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
         """``pending >> pool``: run on one node (the least busy, or ``rank``) and return its value."""
@@ -304,7 +306,7 @@ class ComputePool:
         self._require_running()
         self.last_used = time.monotonic()
         payload = self._payload(pending)
-        calls = [n.submit(P.TASK, None, payload, self._sink(n)) for n in self.nodes]
+        calls = [n.submit(P.TASK, None, payload, self._sink(n), (pending.fn,)) for n in self.nodes]
         return self._wait_all(calls)
 
     def gather(self, items: Sequence[PendingCompute[Any]]) -> tuple[Any, ...]:

@@ -175,6 +175,7 @@ class Worker:
         self.stdout = TaskStream(self, "stdout")
         self.stderr = TaskStream(self, "stderr")
         self._cells: Any = None
+        self._shutdown_lock = threading.Lock()
 
     # -- connections -------------------------------------------------------------------------------------
     def accept_loop(self) -> None:
@@ -276,6 +277,7 @@ class Worker:
         os.execv(sys.executable, argv)
 
     def shutdown(self, reason: str) -> None:
+        self._shutdown_lock.acquire()  # a second trigger waits here for the first to finish and exit
         log(f"shutting down: {reason}")
         try:
             self.app_stack.close()
@@ -374,13 +376,13 @@ def _remove(path: str) -> None:
             pass
 
 
-def _watch_stdin() -> None:
+def _watch_stdin(worker: Worker) -> None:
     """Local workers: the client holds our stdin; when it closes, the client is gone."""
     try:
         while sys.__stdin__ is not None and sys.__stdin__.buffer.read(1024):
             pass
     finally:
-        os._exit(0)
+        worker.shutdown("the client closed the worker's stdin")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -419,11 +421,12 @@ def main(argv: list[str] | None = None) -> None:
             os.dup2(devnull, 0)
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
-    if config.get("exit_with_stdin"):
-        threading.Thread(target=_watch_stdin, daemon=True).start()
     log(f"worker generation {args.generation} serving rank {config.get('rank', 0)} "
         f"on 127.0.0.1:{listener.getsockname()[1]}")
-    Worker(config, listener, args.generation).serve()
+    worker = Worker(config, listener, args.generation)
+    if config.get("exit_with_stdin"):
+        threading.Thread(target=_watch_stdin, args=(worker,), daemon=True).start()
+    worker.serve()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""Shared fixtures. Real parts only: worker processes, sshd nodes, a local Hub server, moto's EC2 server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `tests.fixtures...` importable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test session gets its own ~/.sky_jupyter, so nothing touches the real one."""
+    home = tmp_path_factory.mktemp("sky_home")
+    os.environ["SKY_JUPYTER_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def local_pool():
+    import sky_jupyter as sky
+
+    with sky.ComputePool(provider=sky.Local(), nodes=2, name="test-local") as pool:
+        yield pool

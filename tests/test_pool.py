@@ -1,0 +1,268 @@
+"""The Python API on real worker processes (Local provider): results, errors, streaming, interrupts, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import sky_jupyter as sky
+from sky_jupyter import protocol as P
+
+
+class CustomError(Exception):
+    pass
+
+
+class Unrebuildable(Exception):
+    def __init__(self, a, b):  # pickles, but cannot be rebuilt from args
+        super().__init__(f"{a}-{b}")
+
+
+@sky.compute
+def double(x: int) -> int:
+    return 2 * x
+
+
+@sky.compute
+def whoami() -> tuple[int, int, int]:
+    info = sky.instance_info()
+    return info.rank, info.world_size, os.getpid()
+
+
+@sky.compute
+def fail(kind: str) -> None:
+    if kind == "value":
+        raise ValueError("bad value from the node")
+    if kind == "custom":
+        raise CustomError("custom failure")
+    raise Unrebuildable(1, 2)
+
+
+@sky.compute
+def chatty(delay: float) -> float:
+    print("first line", flush=True)
+    time.sleep(delay)
+    print("last line")
+    return time.time()
+
+
+@sky.compute
+def sleeper(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke"
+
+
+@sky.compute
+def stubborn(seconds: float) -> str:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(seconds)
+    return "done"
+
+
+def test_rshift_runs_on_one_node(local_pool):
+    assert double(21) >> local_pool == 42
+
+
+def test_matmul_runs_on_every_node_in_rank_order(local_pool):
+    results = whoami() @ local_pool
+    assert [r[0] for r in results] == [0, 1]
+    assert {r[1] for r in results} == {2}
+    assert len({r[2] for r in results}) == 2  # two distinct processes
+
+
+def test_gather_and_chain_keep_order(local_pool):
+    assert sky.gather(double(1), double(2), double(3)) >> local_pool == (2, 4, 6)
+    assert (double(5) & double(6)) >> local_pool == (10, 12)
+    assert (double(1) & double(2)) @ local_pool == [(2, 4), (2, 4)]
+
+
+def test_local_runs_here():
+    assert double.local(4) == 8
+    assert double(4).local() == 8
+    assert sky.instance_info().local
+
+
+def test_remote_exception_keeps_type_and_traceback(local_pool):
+    with pytest.raises(ValueError, match="bad value from the node") as info:
+        fail("value") >> local_pool
+    cause = info.value.__cause__
+    assert isinstance(cause, sky.errors.RemoteTraceback)
+    assert "in fail" in cause.tb and 'raise ValueError("bad value from the node")' in cause.tb
+    assert any("node" in note for note in info.value.__notes__)
+
+
+def test_exception_class_from_user_module_is_the_same_class(local_pool):
+    with pytest.raises(CustomError):
+        fail("custom") >> local_pool
+
+
+def test_unrebuildable_exception_becomes_remote_error(local_pool):
+    with pytest.raises(sky.RemoteError) as info:
+        fail("other") >> local_pool
+    assert info.value.type_name.endswith("Unrebuildable")
+    assert "1-2" in info.value.message
+    assert "Unrebuildable(1, 2)" in info.value.traceback
+
+
+def test_errors_from_every_node_are_summarised(local_pool):
+    with pytest.raises(ValueError) as info:
+        fail("value") @ local_pool
+    assert any("failed on 2 of 2 nodes" in note for note in info.value.__notes__)
+
+
+def test_stdout_streams_while_the_task_runs(local_pool):
+    seen: list[tuple[float, str]] = []
+    call = local_pool.submit(chatty(1.5), sink=lambda kind, meta: seen.append((time.time(), meta["text"])))
+    finished = call.wait()
+    first = next(t for t, text in seen if "first line" in text)
+    assert finished - first > 1.0, "the first line only arrived at the end"
+    assert any("last line" in text for _, text in seen)
+
+
+def test_interrupt_stops_remote_code_and_pool_keeps_working(local_pool):
+    call = local_pool.submit(sleeper(60), node=local_pool.nodes[0])
+    time.sleep(0.3)
+    start = time.monotonic()
+    call.interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        call.wait(10)
+    assert time.monotonic() - start < 2
+    assert double(2) >> local_pool == 4
+
+
+def test_keyboard_interrupt_while_waiting_reaches_the_node(local_pool):
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        sleeper(30) >> local_pool
+    assert time.monotonic() - start < 5
+    assert all(n.in_flight() == 0 for n in local_pool.nodes)
+    assert double(3) >> local_pool == 6
+
+
+def test_code_ignoring_interrupt_gets_its_worker_restarted():
+    with sky.ComputePool(nodes=1, interrupt_grace=1.0, name="test-restart") as pool:
+        pool.nodes[0].submit(P.CELL, {"code": "kept = 1"}).wait(10)
+        call = pool.submit(stubborn(60))
+        time.sleep(0.3)
+        call.interrupt()
+        with pytest.raises((KeyboardInterrupt, sky.WorkerLostError)) as info:
+            call.wait(15)
+        assert "restarted" in str(info.value)
+        assert double(5) >> pool == 10
+        with pytest.raises(NameError):
+            pool.nodes[0].submit(P.CELL, {"code": "kept"}).wait(10)
+        assert any("namespace" in n for n in pool.nodes[0].notices)
+
+
+def test_sigkill_names_the_node_and_next_task_works():
+    with sky.ComputePool(nodes=1, name="test-kill") as pool:
+        _, _, pid = whoami() >> pool
+        call = pool.submit(sleeper(30))
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(sky.WorkerLostError, match=r"node 0 .*SIGKILL"):
+            call.wait(10)
+        _, _, new_pid = whoami() >> pool
+        assert new_pid != pid
+        assert double(4) >> pool == 8
+
+
+def test_concurrent_calls_from_threads_get_their_own_results(local_pool):
+    errors: list[BaseException] = []
+    results: dict[int, int] = {}
+
+    def worker(base: int) -> None:
+        try:
+            for i in range(25):
+                results[base + i] = double(base + i) >> local_pool
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(results) == 200 and all(v == 2 * k for k, v in results.items())
+
+
+def test_unpicklable_argument_is_named_before_anything_runs(local_pool):
+    lock = threading.Lock()
+    with pytest.raises(sky.SerializationError, match=r"argument 0 \(lock\)"):
+        double(lock) >> local_pool
+
+
+def test_large_results_travel_out_of_band(local_pool):
+    np = pytest.importorskip("numpy")
+
+    @sky.compute
+    def make(n: int):
+        import numpy
+
+        return numpy.arange(n, dtype=numpy.float64)
+
+    arr = make(2_000_000) >> local_pool
+    assert arr.shape == (2_000_000,) and arr[-1] == 1_999_999
+    assert (sky.compute(lambda a: float(a.sum()))(np.ones(1_000_000)) >> local_pool) == 1_000_000.0
+
+
+def test_pool_not_started_is_a_clear_error():
+    pool = sky.ComputePool(nodes=1)
+    with pytest.raises(sky.SkyError, match="not running"):
+        double(1) >> pool
+
+
+def test_right_side_must_be_a_pool():
+    with pytest.raises(TypeError, match="ComputePool"):
+        double(1) >> 3
+
+
+def test_exception_in_with_block_tears_down(sky_home):
+    pids = []
+    with pytest.raises(RuntimeError):
+        with sky.ComputePool(nodes=2, name="test-teardown") as pool:
+            pids = [n.handle.pid for n in pool.nodes]
+            raise RuntimeError("user code failed")
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+    assert not (sky_home / "pools" / "test-teardown.json").exists()
+
+
+def test_keyboard_interrupt_during_provisioning_leaves_nothing(sky_home):
+    """A plugin's bootstrap op interrupts the client while the pool is being built."""
+    plugin = sky.Plugin.create("interrupter").with_bootstrap(
+        lambda cluster: [f"kill -INT {os.getpid()}", "sleep 5"])
+    before = _workers()
+    with pytest.raises(KeyboardInterrupt):
+        with sky.ComputePool(nodes=1, plugins=[plugin], name="test-kbi"):
+            pytest.fail("the pool should not have started")
+    assert _workers() == before
+    assert not (sky_home / "pools" / "test-kbi.json").exists()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def _workers() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"sky_jupyter.worker" in f.read() and not _zombie(int(entry)):
+                        pids.add(int(entry))
+            except OSError:
+                continue
+    return pids

@@ -1,0 +1,89 @@
+"""The worker's guard rails, probed from outside with raw sockets: secret, no unpickling before auth,
+localhost only, version check."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import struct
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import sky_jupyter as sky
+from sky_jupyter import protocol as P
+
+
+def _raw(port: int) -> tuple[socket.socket, P.FrameIO]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return sock, P.FrameIO(sock.makefile("rb"), sock.sendall, sock.close)
+
+
+def test_wrong_secret_is_refused_and_worker_keeps_serving(local_pool):
+    node = local_pool.nodes[0]
+    sock, io = _raw(node.handle.port)
+    hello = io.recv_json()
+    assert set(hello) >= {"nonce", "python", "cloudpickle"}
+    io.send_json({"mac": P.mac("not-the-secret", hello["nonce"]), **P.versions()})
+    answer = io.recv_json()
+    assert answer == {"ok": False, "error": "authentication failed: wrong pool secret"}
+    sock.close()
+    with pytest.raises(sky.AuthenticationError, match="refused"):
+        sock, io = _raw(node.handle.port)
+        sky.node.WorkerLink.handshake(io, "wrong", "node 0")
+    assert sky.compute(lambda: 7)() >> local_pool == 7
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_nothing_is_unpickled_before_authentication(local_pool, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.path = marker
+    blob = pickle.dumps(("task", 1, None), protocol=5) + cloudpickle.dumps(evil)
+    sock, io = _raw(local_pool.nodes[0].handle.port)
+    io.recv_json()
+    # A pickle frame where the handshake answer belongs: the worker must reject it, not load it.
+    sock.sendall(struct.pack("!II", len(blob), 0) + blob)
+    try:
+        sock.recv(100)
+    except OSError:
+        pass
+    sock.close()
+    assert not marker.exists()
+    assert sky.compute(lambda: 8)() >> local_pool == 8
+
+
+def test_worker_listens_on_localhost_only(local_pool):
+    port = local_pool.nodes[0].handle.port
+    pid = local_pool.nodes[0].handle.pid
+    rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    listening = [r.split()[1] for r in rows if r.split()[3] == "0A" and int(r.split()[1].split(":")[1], 16) == port]
+    assert listening == [f"0100007F:{port:04X}"]
+
+
+def test_cloudpickle_version_mismatch_is_refused(tmp_path):
+    """A worker whose cloudpickle differs (a real copy of the package with another version) is refused."""
+    other = tmp_path / "site"
+    shutil.copytree(Path(cloudpickle.__file__).parent, other / "cloudpickle")
+    init = other / "cloudpickle" / "__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{cloudpickle.__version__}"', '__version__ = "0.0.1"'))
+    root = str(Path(sky.__file__).resolve().parents[1])
+    image = sky.Image(env={"PYTHONPATH": f"{other}:{root}"})
+    with pytest.raises(sky.VersionMismatchError, match=r"cloudpickle 0\.0\.1.*cloudpickle " + cloudpickle.__version__):
+        with sky.ComputePool(nodes=1, image=image, name="test-mismatch"):
+            pass
+
+
+def test_worker_config_never_on_command_line(local_pool):
+    pid = local_pool.nodes[0].handle.pid
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    assert local_pool.secret not in cmdline
+    assert local_pool.secret not in json.dumps(dict(os.environ))
