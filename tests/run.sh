@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh machine (system packages when root, a .venv with the
+# package and its test extras) and runs the suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=()
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v ssh >/dev/null || need+=(openssh-client)
+  command -v ip >/dev/null || need+=(iproute2)
+  command -v unshare >/dev/null || need+=(util-linux)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "installing system packages: ${need[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q -e '.[test]'
+exec .venv/bin/python -m pytest -q "$@"
