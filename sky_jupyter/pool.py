@@ -171,6 +171,31 @@ class ComputePool:
             raise
         return self
 
+    def grow(self, nodes: int) -> None:
+        """Add nodes to a running pool; every node then learns the new world size (setup runs again)."""
+        check_nodes(nodes)
+        self._require_running()
+        if nodes <= self.size:
+            return
+        old_size, old_hosts, old_nodes = self.size, list(self.hosts), list(self.nodes)
+        self.size = nodes
+        new_nodes: list[Node] = []
+        try:
+            hosts = self.provider.provision(PoolSpec(self.name, nodes, self.accelerator))
+            new_hosts = hosts[old_size:]
+            plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
+            self._parallel([lambda h=h: self.provider.bootstrap(h, plan, self.progress) for h in new_hosts])
+            self.hosts = old_hosts + new_hosts
+            new_nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in new_hosts]
+            self._parallel([node.start_worker for node in new_nodes])
+            self.nodes = old_nodes + new_nodes
+            self._setup_all()
+            self._save_state()
+        except BaseException:
+            self._parallel([node.close for node in new_nodes], raise_first=False)
+            self.size, self.hosts, self.nodes = old_size, old_hosts, old_nodes
+            raise
+
     def close(self) -> None:
         """Shut down workers, give machines back, and forget the pool. Safe to call more than once."""
         with self._lock:
@@ -253,6 +278,7 @@ class ComputePool:
         self._wait_all(calls, timeout=600)
         for node, call in zip(self.nodes, calls):
             node.hostname = call.wait()["hostname"]
+            node.state = "ready"
 
     def _setup_one(self, node: Node) -> None:
         node.hostname = node.submit(P.SETUP, self._setup_meta(node), self._setup_payload()).wait(600)["hostname"]

@@ -134,7 +134,7 @@ class TaskStream(io.TextIOBase):
 def _user_traceback(exc: BaseException) -> str:
     """The exception's traceback without the worker's own frames."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
@@ -360,7 +360,7 @@ class Worker:
         return {"hostname": socket.gethostname(), "pid": os.getpid(), "python": sys.executable}
 
 
-_OWN_FILES = {__file__, P.__file__}
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(P.__file__)) + os.sep
 
 
 def _remove(path: str) -> None:

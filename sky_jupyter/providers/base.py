@@ -79,6 +79,10 @@ class Provider(abc.ABC):
         """The bootstrap for this provider's nodes: by default only the plugins' phases."""
         return BootstrapPlan(image, tuple(Phase(name, script) for name, script in plugin_phases))
 
+    def read_log(self, host: Host) -> str:
+        """The node's worker and bootstrap logs, for ``%sky logs``."""
+        return f"{self.name} nodes keep no logs this client can read"
+
     def release(self, hosts: list[Host]) -> None:  # noqa: B027 - providers without machines have nothing to do
         """Give back what provision started (terminate machines). Must be safe to call more than once."""
 

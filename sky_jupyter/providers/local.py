@@ -151,6 +151,14 @@ class Local(Provider):
             proc.kill() if proc.poll() is None else None
             proc.wait()
 
+    def read_log(self, host: Host) -> str:
+        workdir = Path(host.extra["workdir"])
+        parts = []
+        for path in (workdir / ".sky_jupyter" / "bootstrap.log", workdir / "worker.log"):
+            if path.exists():
+                parts.append(f"==> {path} <==\n{path.read_text(errors='replace')[-20000:]}")
+        return "\n".join(parts) or f"no logs yet in {workdir}"
+
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
         workdir = host.extra["workdir"]
         env = dict(os.environ)

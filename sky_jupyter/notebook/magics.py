@@ -1,0 +1,228 @@
+"""``%%sky`` and ``%sky``: IPython magics, options declared with IPython's magic argument tools."""
+
+from __future__ import annotations
+
+import html
+import shlex
+import sys
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ..errors import ConfigError, SkyError
+from .manager import PROVIDERS, PoolRequest, manager
+from .output import plain_mode
+from .session import CellOptions, run_cell
+
+
+def _render_remote_traceback(exc: BaseException) -> list[str]:
+    """What IPython prints for a remote error: the node's traceback (pointing at the cell's lines), then the
+    error itself, with none of this extension's frames."""
+    cause = exc.__cause__
+    tb = getattr(cause, "tb", None) or getattr(exc, "traceback", "") or ""
+    lines = [line for line in tb.rstrip("\n").splitlines()]
+    if not lines:
+        lines = [f"{type(exc).__name__}: {exc}"]
+    lines += [f"  ({note})" for note in getattr(exc, "__notes__", ())]
+    return lines
+
+
+@magics_class
+class SkyMagics(Magics):
+    @magic_arguments()
+    @argument("--provider", choices=PROVIDERS, help="where nodes come from (default: the configured one, local)")
+    @argument("--nodes", type=int, help="run on ranks 0..N-1 (the pool grows to N nodes if needed)")
+    @argument("--accelerator", help="GPU kind, e.g. A100 (AWS)")
+    @argument("--hf", action="store_true", default=None, help="HuggingFace libraries and login on the nodes")
+    @argument("--torch", dest="torch", action="store_true", default=None,
+              help="torch.distributed across the nodes (default: on when nodes > 1)")
+    @argument("--no-torch", dest="torch", action="store_false", help="no torch.distributed")
+    @argument("--rank", type=int, help="run on this one node of the pool only")
+    @argument("--pull", metavar="NAMES", help="comma-separated extra names to bring back from rank 0")
+    @argument("--no-pull", action="store_true", help="bring nothing back; values stay on the nodes")
+    @argument("--timeout", type=float, help="interrupt the cell on every node after this many seconds")
+    @argument("--pool", help="which pool (default: the configured one, 'default')")
+    @argument("words", nargs="*", help="for %%sky as a line magic: status | down [NAME|--all] | config "
+                                       "KEY=VALUE... | pull NAME [--all] | logs [NODE] | panel | gc")
+    @line_cell_magic
+    def sky(self, line: str, cell: str | None = None) -> Any:
+        """Run this cell on remote nodes; or manage pools with ``%sky COMMAND``.
+
+        ``%%sky --nodes 4 --hf`` runs the cell body on nodes 0..3 of the notebook's pool, starting (and
+        bootstrapping) the pool first if needed. Notebook variables the cell reads are sent (only those that
+        changed since the node last saw them); names the cell binds come back, up to a size budget, and larger
+        values become ``sky.Remote`` handles that later cells use in place. Output streams into the cell;
+        errors come back with their type and the cell's lines; the Stop button interrupts every node.
+
+        Line commands::
+
+            %sky status                 pools and nodes
+            %sky down [NAME | --all]    shut a pool down (default pool if no name)
+            %sky config [KEY=VALUE ...] show or change what bare %%sky cells use
+                                        (provider, nodes, accelerator, hf, torch, idle_timeout, pool, hosts,
+                                        user, key_file, region, spot, pull_budget)
+            %sky pull NAME [--all]      fetch a value left on the nodes (--all: a list, one per rank)
+            %sky logs [NODE]            the worker and bootstrap log of a node
+            %sky panel                  the widget panel
+            %sky gc                     find and terminate orphaned cloud machines (AWS)
+        """
+        for notice in manager().take_notices():
+            print(f"sky: {notice}", file=sys.stderr)
+        if cell is None:
+            return self._line(line)
+        args = parse_argstring(self.sky, line)
+        if args.words:
+            raise UsageError(f"%%sky takes only options, not {' '.join(args.words)!r}; see %%sky?")
+        return self._cell(args, cell)
+
+    # -- cells ---------------------------------------------------------------------------------------------
+    def _cell(self, args: Any, cell: str) -> Any:
+        mgr = manager()
+        settings = mgr.settings
+        nodes = args.nodes if args.nodes is not None else settings.nodes
+        if nodes < 1:
+            raise UsageError(f"--nodes must be at least 1, got {nodes}")
+        if args.rank is not None and args.rank < 0:
+            raise UsageError(f"--rank must be 0 or more, got {args.rank}")
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
+        name = args.pool or settings.pool
+        existing = mgr.pools.get(name)
+        size = max(nodes, (args.rank + 1) if args.rank is not None else 0,
+                   existing.pool.size if existing is not None and existing.pool.running else 0)
+        torch = args.torch if args.torch is not None else (settings.torch if settings.torch is not None else None)
+        if torch is None:
+            torch = size > 1 if existing is None else mgr.requests[name].torch
+        request = PoolRequest(name=name, provider=args.provider or settings.provider, nodes=size,
+                              accelerator=args.accelerator or settings.accelerator,
+                              hf=bool(args.hf) or settings.hf, torch=bool(torch))
+        if existing is not None and existing.pool.running and args.provider is None:
+            request = PoolRequest(name, mgr.requests[name].provider, size, request.accelerator, request.hf,
+                                  request.torch)
+        try:
+            npool = mgr.ensure(request, progress=_progress())
+        except SkyError as exc:
+            raise UsageError(str(exc)) from None
+        ranks = [args.rank] if args.rank is not None else list(range(nodes))
+        pull_names = tuple(n.strip() for n in (args.pull or "").split(",") if n.strip())
+        options = CellOptions(ranks=ranks, pull=not args.no_pull, pull_names=pull_names, timeout=args.timeout,
+                              budget=settings.pull_budget)
+        try:
+            return run_cell(npool, cell, self.shell.user_ns, self.shell.user_ns_hidden, options,
+                            plain_mode(self.shell))
+        except (ConfigError, SyntaxError) as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            if exc.__cause__ is not None or hasattr(exc, "traceback"):
+                exc._render_traceback_ = lambda e=exc: _render_remote_traceback(e)  # type: ignore[attr-defined]
+            raise exc.with_traceback(None) from exc.__cause__
+
+    # -- line commands -------------------------------------------------------------------------------------
+    def _line(self, line: str) -> Any:
+        words = shlex.split(line)
+        if not words:
+            raise UsageError("%sky needs a command: status, down, config, pull, logs, panel or gc; see %sky?")
+        command, rest = words[0], words[1:]
+        mgr = manager()
+        try:
+            match command:
+                case "status":
+                    return StatusTable(mgr.status_rows())
+                case "down":
+                    everything = "--all" in rest
+                    names = [w for w in rest if w != "--all"]
+                    stopped = mgr.down(names[0] if names else None, everything=everything)
+                    print(f"shut down: {', '.join(stopped) if stopped else 'nothing was running'}")
+                    return None
+                case "config":
+                    if rest:
+                        mgr.configure_text(rest)
+                    return ConfigTable(mgr.settings.public())
+                case "pull":
+                    return self._pull(rest)
+                case "logs":
+                    return self._logs(rest)
+                case "panel":
+                    from .panel import panel
+
+                    return panel()
+                case "gc":
+                    from ..providers.aws import gc
+
+                    return gc(interactive=True)
+                case _:
+                    raise UsageError(f"unknown %sky command {command!r}; use status, down, config, pull, logs, "
+                                     f"panel or gc")
+        except SkyError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _pull(self, rest: list[str]) -> None:
+        from .. import protocol as P
+
+        everything = "--all" in rest
+        names = [w for w in rest if not w.startswith("--")]
+        pool_name = next((w.split("=", 1)[1] for w in rest if w.startswith("--pool=")), None)
+        if len(names) != 1:
+            raise UsageError("usage: %sky pull NAME [--all] [--pool=NAME]")
+        name = names[0]
+        mgr = manager()
+        npool = mgr.get(pool_name or mgr.settings.pool)
+        handle = self.shell.user_ns.get(name)
+        remote_name = getattr(handle, "name", name)
+        nodes = npool.pool.nodes if everything else [npool.pool.nodes[getattr(handle, "rank", 0)]]
+        calls = [n.submit(P.PULL, {"names": [remote_name]}) for n in nodes]
+        values = [c.wait()[remote_name] for c in calls]
+        self.shell.user_ns[name] = values if everything else values[0]
+        print(f"pulled {name} from {'every node' if everything else nodes[0].label}")
+
+    def _logs(self, rest: list[str]) -> None:
+        mgr = manager()
+        npool = mgr.get(mgr.settings.pool)
+        rank = int(rest[0]) if rest else 0
+        if not 0 <= rank < len(npool.pool.nodes):
+            raise UsageError(f"node {rank} does not exist; the pool has {len(npool.pool.nodes)} nodes")
+        print(npool.pool.provider.read_log(npool.pool.hosts[rank]))
+
+
+def _progress():
+    """A bootstrap progress callback: phase lines on stderr (the panel and rich bars hook in here)."""
+    def show(rank: int, phase: str, line: str) -> None:
+        if not line:
+            print(f"[node {rank}] bootstrap: {phase}", file=sys.stderr)
+    return show
+
+
+class StatusTable:
+    """``%sky status``: an HTML table in notebooks, text elsewhere."""
+
+    columns = ("pool", "provider", "rank", "addr", "hostname", "state", "in_flight", "idle_s")
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "no pools running"
+        table = [self.columns] + [tuple(str(r.get(c, "")) for c in self.columns) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(self.columns))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+    def _repr_html_(self) -> str:
+        if not self.rows:
+            return "<p>no pools running</p>"
+        head = "".join(f"<th>{c}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in self.columns) + "</tr>"
+                       for r in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class ConfigTable:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{k} = {v!r}" for k, v in self.settings.items())

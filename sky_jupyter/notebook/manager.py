@@ -1,0 +1,293 @@
+"""The pool manager: one per kernel, module-level (ipykernel may drop context variables between cells).
+
+It owns the notebook's pools across cells, the settings bare ``%%sky`` cells use (written by ``%sky config`` and
+the panel), and a background thread that shuts idle pools down. Pools are torn down at kernel exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import ConfigError
+from ..pool import ComputePool, check_nodes
+from ..providers.base import Provider
+from ..redaction import register
+from .session import DEFAULT_BUDGET, NotebookPool
+
+PROVIDERS = ("local", "ssh", "aws")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a bare ``%%sky`` cell uses. The panel and ``%sky config KEY=VALUE`` change it."""
+
+    provider: str = "local"
+    nodes: int = 1
+    accelerator: str | None = None
+    hf: bool = False
+    torch: bool | None = None  # None: on when nodes > 1
+    idle_timeout: float = 30 * 60.0
+    pool: str = "default"
+    hosts: tuple[str, ...] = ()
+    user: str | None = None
+    key_file: str | None = None
+    region: str | None = None
+    spot: bool = False
+    pull_budget: int = DEFAULT_BUDGET
+    hf_token: str | None = field(default=None, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as shown to the user: the token only as set / not set."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hf_token"}
+        out["hf_token"] = "set" if self.hf_token else "not set"
+        return out
+
+
+def _coerce(key: str, text: str) -> Any:
+    kinds = {f.name: f.type for f in fields(Settings)}
+    if key not in kinds:
+        raise ConfigError(f"unknown setting {key!r}; known: {', '.join(k for k in kinds)}")
+    kind = str(kinds[key])
+    text = text.strip()
+    if key == "provider":
+        if text not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {', '.join(PROVIDERS)}, got {text!r}")
+        return text
+    if key == "hosts":
+        return tuple(h.strip() for h in text.split(",") if h.strip())
+    if key == "nodes":
+        try:
+            return check_nodes(int(text))
+        except ValueError:
+            raise ConfigError(f"nodes must be a whole number of at least 1, got {text!r}") from None
+    if kind.startswith("bool"):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        if lowered in ("none", "auto") and key == "torch":
+            return None
+        raise ConfigError(f"{key} must be true or false, got {text!r}")
+    if key in ("idle_timeout", "pull_budget"):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {text!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {text!r}")
+        return int(value) if key == "pull_budget" else value
+    return text or None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRequest:
+    """What one cell asks of its pool."""
+
+    name: str
+    provider: str
+    nodes: int
+    accelerator: str | None
+    hf: bool
+    torch: bool
+
+
+def make_provider(settings: Settings, name: str) -> Provider:
+    from .. import providers
+
+    if name == "local":
+        return providers.Local()
+    if name == "ssh":
+        if not settings.hosts:
+            raise ConfigError("the ssh provider needs hosts: `%sky config hosts=user@host1,user@host2` "
+                              "(or set them in the panel)")
+        return providers.SSH(hosts=list(settings.hosts), user=settings.user, key_file=settings.key_file)
+    if name == "aws":
+        return providers.AWS(region=settings.region, spot=settings.spot)
+    raise ConfigError(f"unknown provider {name!r}; use one of {', '.join(PROVIDERS)}")
+
+
+def make_plugins(request: PoolRequest, settings: Settings) -> list[Any]:
+    from .. import plugins
+
+    chosen = []
+    if request.torch:
+        chosen.append(plugins.torch())
+    if request.hf:
+        chosen.append(plugins.huggingface(token=settings.hf_token))
+    return chosen
+
+
+class PoolManager:
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.pools: dict[str, NotebookPool] = {}
+        self.requests: dict[str, PoolRequest] = {}
+        self.notices: list[str] = []
+        self.listeners: list[Any] = []  # callables(event: str, pool_name: str), e.g. the panel
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        atexit.register(self.shutdown_all)
+
+    # -- settings ------------------------------------------------------------------------------------------
+    def configure(self, **changes: Any) -> Settings:
+        if "hf_token" in changes:
+            register(changes["hf_token"])
+        if "nodes" in changes:
+            check_nodes(changes["nodes"])
+        if "provider" in changes and changes["provider"] not in PROVIDERS:
+            raise ConfigError(f"provider must be one of {', '.join(PROVIDERS)}, got {changes['provider']!r}")
+        self.settings = replace(self.settings, **changes)
+        self._emit("settings", "")
+        return self.settings
+
+    def configure_text(self, assignments: list[str]) -> Settings:
+        changes = {}
+        for item in assignments:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError(f"expected KEY=VALUE, got {item!r}; e.g. `%sky config nodes=2`")
+            changes[key.strip()] = _coerce(key.strip(), value)
+        return self.configure(**changes)
+
+    # -- pools ---------------------------------------------------------------------------------------------
+    def ensure(self, request: PoolRequest, progress: Any = None) -> NotebookPool:
+        """The live pool for ``request``: reused, grown, or started; a conflicting change is an error."""
+        with self._lock:
+            current = self.pools.get(request.name)
+            if current is not None and not current.pool.running:
+                self._forget(request.name)
+                current = None
+            if current is not None:
+                have = self.requests[request.name]
+                conflicts = [f"{key} {getattr(have, key)!r} (asked {getattr(request, key)!r})"
+                             for key in ("provider", "accelerator", "hf", "torch")
+                             if getattr(have, key) != getattr(request, key)]
+                if conflicts:
+                    raise ConfigError(
+                        f"pool {request.name!r} is running with {', '.join(conflicts)}; run `%sky down "
+                        f"{request.name}` to restart it (its remote namespace is lost), or use --pool NEWNAME.")
+                if request.nodes > current.pool.size:
+                    current.pool.grow(request.nodes)
+                    self.requests[request.name] = replace(have, nodes=request.nodes)
+                    self._emit("grown", request.name)
+                return current
+            provider = make_provider(self.settings, request.provider)
+            pool = ComputePool(provider=provider, nodes=request.nodes, accelerator=request.accelerator,
+                               plugins=make_plugins(request, self.settings), idle_timeout=self.settings.idle_timeout,
+                               name=request.name, progress=progress)
+            self._emit("starting", request.name)
+            pool.start()
+            npool = NotebookPool(pool, self.settings.public())
+            self.pools[request.name] = npool
+            self.requests[request.name] = request
+            self._ensure_watcher()
+            self._emit("started", request.name)
+            return npool
+
+    def get(self, name: str) -> NotebookPool:
+        npool = self.pools.get(name)
+        if npool is None or not npool.pool.running:
+            known = ", ".join(self.pools) or "none"
+            raise ConfigError(f"no running pool named {name!r} (running: {known}); run a %%sky cell first")
+        return npool
+
+    def down(self, name: str | None = None, everything: bool = False) -> list[str]:
+        with self._lock:
+            names = list(self.pools) if everything else [name or self.settings.pool]
+            stopped = []
+            for n in names:
+                npool = self.pools.get(n)
+                if npool is None:
+                    if not everything:
+                        raise ConfigError(f"no pool named {n!r}; running: {', '.join(self.pools) or 'none'}")
+                    continue
+                try:
+                    npool.pool.close()
+                finally:
+                    self._forget(n)
+                    stopped.append(n)
+                    self._emit("stopped", n)
+            return stopped
+
+    def _forget(self, name: str) -> None:
+        self.pools.pop(name, None)
+        self.requests.pop(name, None)
+
+    def shutdown_all(self) -> None:
+        self._stop.set()
+        try:
+            self.down(everything=True)
+        except Exception:  # noqa: BLE001 - at exit, tear down as much as possible
+            pass
+
+    def status_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, npool in self.pools.items():
+            pool = npool.pool
+            idle = time.monotonic() - pool.last_used
+            for node in pool.status():
+                rows.append({"pool": name, "provider": pool.provider.name, **node,
+                             "idle_s": round(idle), "busy": bool(npool.busy)})
+        return rows
+
+    def take_notices(self) -> list[str]:
+        with self._lock:
+            notices, self.notices = self.notices, []
+        for npool in self.pools.values():
+            for node in npool.pool.nodes:
+                notices.extend(node.notices)
+                node.notices.clear()
+        return notices
+
+    # -- idle shutdown -------------------------------------------------------------------------------------
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = threading.Thread(target=self._watch, daemon=True, name="sky-pool-manager")
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval()):
+            for name, npool in list(self.pools.items()):
+                pool = npool.pool
+                timeout = pool.idle_timeout
+                if timeout and not npool.busy and time.monotonic() - pool.last_used > timeout:
+                    with self._lock:
+                        if self.pools.get(name) is not npool or npool.busy:
+                            continue
+                        try:
+                            pool.close()
+                        finally:
+                            self._forget(name)
+                    self.notices.append(f"pool {name!r} was shut down after {timeout:g} s idle "
+                                        f"(idle_timeout); the next %%sky cell starts it again.")
+                    self._emit("idle-stopped", name)
+
+    def _interval(self) -> float:
+        timeouts = [p.pool.idle_timeout for p in self.pools.values() if p.pool.idle_timeout]
+        return max(0.2, min([10.0, *[t / 4 for t in timeouts]]))
+
+    def _emit(self, event: str, name: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, name)
+            except Exception:  # noqa: BLE001 - a broken listener (panel) must not break pools
+                pass
+
+
+_manager: PoolManager | None = None
+_manager_lock = threading.Lock()
+
+
+def manager() -> PoolManager:
+    """The kernel's pool manager, created on first use."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = PoolManager()
+        return _manager

@@ -1,0 +1,280 @@
+"""What a ``%%sky`` cell does, client side: find its inputs, ship only what changed, run it on its nodes,
+write its output into the cell, and bring back the names it bound.
+
+Each node keeps its own namespace for the pool's life. The client remembers, per node, the content hash of each
+value it shipped there, or that the node computed the value itself; a notebook value is shipped to a node only
+when that node lacks it or the notebook's copy changed since it was last synced. So re-reading a 1 GB dataset
+in every cell hashes it (fast) instead of sending it, and a value each rank computed for itself (``rank = ...``)
+is not overwritten by rank 0's copy that came back to the notebook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import protocol as P
+from ..errors import ConfigError, SerializationError
+from ..node import Call
+from ..pool import ComputePool
+from ..remote import Remote
+from ..shipping import register_user_modules
+from .capture import CellNames, analyze, transform_cell
+from .output import CellOutput
+
+OWN = "<computed on the node>"
+DEFAULT_BUDGET = 64 << 20
+_cell_numbers = itertools.count(1)
+_SKIP = {"In", "Out", "get_ipython", "exit", "quit", "open", "_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih",
+         "_dh", "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__", "__loader__", "__package__"}
+
+
+def content_hash(frames: list) -> str:
+    digest = hashlib.sha256()
+    for frame in frames:
+        view = memoryview(frame)
+        digest.update(view.nbytes.to_bytes(8, "little"))
+        digest.update(view)
+    return digest.hexdigest()
+
+
+@dataclass
+class CellOptions:
+    ranks: list[int]
+    pull: bool = True
+    pull_names: tuple[str, ...] = ()
+    timeout: float | None = None
+    budget: int = DEFAULT_BUDGET
+
+
+@dataclass
+class NotebookPool:
+    """A running pool as the notebook sees it, with what each node's namespace holds."""
+
+    pool: ComputePool
+    settings: dict[str, Any]
+    synced: dict[int, dict[str, str]] = field(default_factory=dict)  # rank -> name -> hash or OWN
+    client_hash: dict[str, str] = field(default_factory=dict)  # name -> hash of the notebook copy at last sync
+    busy: int = 0
+    last_sent: dict[int, list[str]] = field(default_factory=dict)  # rank -> input names the last cell shipped
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+    def forget_rank(self, rank: int) -> None:
+        self.synced.pop(rank, None)
+
+
+def notebook_globals(values: dict[str, Any], user_ns: dict[str, Any]) -> set[str]:
+    """Names in the notebook namespace that notebook functions and classes among ``values`` read as globals,
+    transitively, so the node has them when those functions run there."""
+    found: set[str] = set()
+    todo = list(values.values())
+    seen: set[int] = set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        codes: list[types.CodeType] = []
+        if isinstance(obj, types.FunctionType) and obj.__module__ == "__main__":
+            codes.append(obj.__code__)
+        elif isinstance(obj, type) and obj.__module__ == "__main__":
+            for member in vars(obj).values():
+                fn = getattr(member, "__func__", member)
+                if isinstance(fn, types.FunctionType):
+                    codes.append(fn.__code__)
+        while codes:
+            code = codes.pop()
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+            for name in code.co_names:
+                if name in user_ns and name not in found and name not in _SKIP and not name.startswith("_"):
+                    found.add(name)
+                    todo.append(user_ns[name])
+    return found
+
+
+def select_inputs(names: CellNames, user_ns: dict[str, Any], hidden: set[str] | dict[str, Any]) -> dict[str, Any]:
+    chosen = {n for n in names.reads if n in user_ns and n not in hidden and n not in _SKIP}
+    values = {n: user_ns[n] for n in chosen}
+    extra = notebook_globals(values, user_ns) - chosen - set(hidden)
+    values.update({n: user_ns[n] for n in extra})
+    return values
+
+
+def pickle_inputs(values: dict[str, Any], pool_name: str) -> tuple[dict[str, list], dict[str, str], dict[str, str]]:
+    """(frames by name, hash by name, remote refs by name). Every unpicklable input is reported at once."""
+    register_user_modules()
+    frames: dict[str, list] = {}
+    hashes: dict[str, str] = {}
+    refs: dict[str, str] = {}
+    problems = []
+    for name in sorted(values):
+        value = values[name]
+        if isinstance(value, Remote):
+            if value.pool != pool_name:
+                raise ConfigError(f"{name!r} is a handle to a value on pool {value.pool!r}, not {pool_name!r}; "
+                                  f"run the cell with --pool {value.pool}, or `%sky pull {name}` first.")
+            refs[name] = value.name
+            continue
+        try:
+            frames[name] = P.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - reported below with the variable's name
+            problems.append(f"{name!r} ({type(value).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r})")
+            continue
+        hashes[name] = content_hash(frames[name])
+    if problems:
+        raise SerializationError(
+            f"cannot send notebook variable{'s' if len(problems) > 1 else ''} {', '.join(problems)} to the "
+            f"node; nothing ran. Create {'them' if len(problems) > 1 else 'it'} inside the %%sky cell instead.")
+    return frames, hashes, refs
+
+
+class DisplayedValue:
+    """The last expression's value, shown with the rich representation the node computed."""
+
+    def __init__(self, bundle: dict[str, Any]) -> None:
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
+        return self.bundle.get("data", {}), self.bundle.get("metadata") or {}
+
+    def __repr__(self) -> str:
+        return str(self.bundle.get("data", {}).get("text/plain", ""))
+
+
+def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: Any, options: CellOptions,
+             plain: bool) -> Any:
+    """Run ``source`` on ``options.ranks`` of the pool; returns what the cell should display (or None)."""
+    names = analyze(source)
+    python = transform_cell(source)
+    pool = npool.pool
+    values = select_inputs(names, user_ns, hidden)
+    frames, hashes, refs = pickle_inputs(values, pool.name)
+    filename = f"<sky-cell-{next(_cell_numbers)}>"
+    binds = sorted(names.binds | names.deletes | set(options.pull_names))
+    output = CellOutput(options.ranks, plain)
+    calls: list[tuple[int, Call, list[str]]] = []
+    with npool.lock:
+        npool.busy += 1
+    try:
+        first = options.ranks[0]
+        for rank in options.ranks:
+            have = npool.synced.setdefault(rank, {})
+            send = [n for n in sorted(frames)
+                    if not (have.get(n) == hashes[n] or (have.get(n) == OWN and npool.client_hash.get(n) == hashes[n]))]
+            payload = [f for n in send for f in frames[n]]
+            meta = {"code": source, "python": python, "filename": filename,
+                    "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
+                    "budget": options.budget, "pull": options.pull and rank == first, "display": rank == first}
+            node = pool.nodes[rank]
+            calls.append((rank, node.submit(P.CELL, meta, payload, output.sink(rank)), send))
+        pool.last_used = time.monotonic()
+        results, failures = _wait(calls, output, options.timeout)
+    finally:
+        output.finish()
+        with npool.lock:
+            npool.busy -= 1
+        pool.last_used = time.monotonic()
+
+    npool.last_sent = {rank: sent for rank, _, sent in calls}
+    for rank, _, sent in calls:
+        have = npool.synced.setdefault(rank, {})
+        if rank in results:
+            for n in sent:
+                have[n] = hashes[n]
+            for n in results[rank].get("bound", ()):
+                have[n] = OWN
+            for n in results[rank].get("missing", ()):
+                have.pop(n, None)
+        else:  # unknown what the node holds now: send again next time
+            for n in sent:
+                have.pop(n, None)
+    for n in sent_all(calls):
+        npool.client_hash[n] = hashes[n]
+    if failures:
+        raise failures[0][1]
+    return _bring_back(npool, results[first], names, user_ns, first, options)
+
+
+def sent_all(calls: list[tuple[int, Call, list[str]]]) -> set[str]:
+    return {n for _, _, sent in calls for n in sent}
+
+
+def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout: float | None
+          ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, BaseException]]]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not all(call.done() for _, call, _ in calls):
+            output.pump(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                for _, call, _ in calls:
+                    call.interrupt()
+                _drain(calls, output)
+                raise TimeoutError(f"the cell ran longer than --timeout {timeout:g} s and was interrupted on "
+                                   f"every node")
+    except KeyboardInterrupt:
+        for _, call, _ in calls:
+            if not call.done():
+                call.interrupt()
+        _drain(calls, output)
+        raise
+    results: dict[int, dict[str, Any]] = {}
+    failures: list[tuple[int, BaseException]] = []
+    for rank, call, _ in calls:
+        try:
+            results[rank] = call.wait(0)
+        except Exception as exc:  # noqa: BLE001 - gathered, the first re-raised with a summary
+            failures.append((rank, exc))
+    if failures and len(calls) > 1:
+        ranks = ", ".join(str(r) for r, _ in failures)
+        failures[0][1].add_note(f"failed on {len(failures)} of {len(calls)} nodes (ranks {ranks}); "
+                                f"the traceback shown is node {failures[0][0]}'s")
+    return results, failures
+
+
+def _drain(calls: list[tuple[int, Call, list[str]]], output: CellOutput, limit: float = 15.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end and not all(call.done() for _, call, _ in calls):
+        output.pump(0.05)
+
+
+def _bring_back(npool: NotebookPool, result: dict[str, Any], names: CellNames, user_ns: dict[str, Any],
+                rank: int, options: CellOptions) -> Any:
+    import importlib
+
+    pool = npool.pool
+    for name, frames in result.get("values", {}).items():
+        try:
+            value = P.loads(frames)
+        except Exception as exc:  # noqa: BLE001 - the value stays on the node; say why
+            user_ns[name] = Remote(name, "?", sum(memoryview(f).nbytes for f in frames), rank, pool.name,
+                                   f"cannot be unpickled here ({type(exc).__name__}: {exc})")
+            continue
+        user_ns[name] = value
+        try:
+            npool.client_hash[name] = content_hash(P.dumps(value))
+        except Exception:  # noqa: BLE001 - an unhashable copy is simply resent when read
+            npool.client_hash.pop(name, None)
+    for name, info in result.get("remote", {}).items():
+        user_ns[name] = Remote(name, info["type"], info["size"], rank, pool.name, info.get("reason", ""))
+        npool.client_hash.pop(name, None)
+    for name, module in result.get("modules", {}).items():
+        try:
+            user_ns[name] = importlib.import_module(module)
+        except ImportError:
+            user_ns[name] = Remote(name, "module", None, rank, pool.name, f"module {module} is not installed here")
+    for name in result.get("missing", ()):
+        if name in names.deletes and name in user_ns:
+            del user_ns[name]
+            npool.client_hash.pop(name, None)
+    if "display" in result:
+        return DisplayedValue(result["display"])
+    return None

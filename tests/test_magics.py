@@ -1,0 +1,325 @@
+"""%%sky and %sky through a real IPython shell, on real Local worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("IPython")
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.utils.capture import capture_output  # noqa: E402
+
+import sky_jupyter as sky  # noqa: E402
+from sky_jupyter.notebook.manager import manager  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shell():
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext sky_jupyter", store_history=False)
+    manager().configure(provider="local", nodes=1, pool="default", torch=False)
+    yield ip
+    ip.run_cell("%sky down --all")
+
+
+def run(ip: InteractiveShell, source: str):
+    """Run a cell; return (result, stdout, stderr)."""
+    with capture_output(display=True) as cap:
+        result = ip.run_cell(textwrap.dedent(source).strip("\n") + "\n", store_history=True)
+    return result, cap.stdout, cap.stderr
+
+
+def ok(ip: InteractiveShell, source: str):
+    result, out, err = run(ip, source)
+    if not result.success:
+        raise AssertionError(f"cell failed: {result.error_in_exec or result.error_before_exec!r}\n{out}\n{err}")
+    return result, out, err
+
+
+def sent(rank: int = 0, pool: str = "default") -> list[str]:
+    return manager().pools[pool].last_sent.get(rank, [])
+
+
+def test_globals_in_and_out(shell):
+    ok(shell, "a = 20\nb = 'unused'")
+    result, out, _ = ok(shell, """
+        %%sky
+        c = a + 1
+        print('on the node', c)
+        c * 2
+    """)
+    assert "on the node 21" in out
+    assert repr(result.result) == "42"
+    assert shell.user_ns["c"] == 21
+    assert sent() == ["a"]  # b is not read by the cell
+
+
+@pytest.mark.parametrize("cell,expected", [
+    ("x = x + 1", 2),
+    ("x += 1", 2),
+    ("if flag:\n    x = 100\ny2 = x", 1),  # flag False: x is read from the notebook
+    ("for i in range(3):\n    x = x + i\ny2 = x", 4),
+    ("total = 0\nfor i in range(3):\n    total = total + x\ny2 = total", 3),
+    ("y2 = [x * k for k in range(3)]", [0, 1, 2]),
+    ("def g():\n    return x * 10\ny2 = g()", 10),
+])
+def test_input_analysis_hard_cases(shell, cell, expected):
+    ok(shell, "x = 1\nflag = False")
+    ok(shell, "%%sky\n" + cell)
+    value = shell.user_ns["y2"] if "y2" in cell else shell.user_ns["x"]
+    assert value == expected
+
+
+def test_del_removes_the_name_on_both_sides(shell):
+    ok(shell, "gone = 5")
+    ok(shell, "%%sky\ndel gone")
+    assert "gone" not in shell.user_ns
+    result, _, _ = run(shell, "%%sky\ngone")
+    assert isinstance(result.error_in_exec, NameError)
+
+
+def test_notebook_function_is_rebound_and_global_writes_land_remotely(shell):
+    ok(shell, """
+        counter = 0
+        scale = 3
+        def bump(k):
+            global counter
+            counter = counter + k * scale
+            return counter
+    """)
+    ok(shell, "%%sky\nbump(1)\nbump(2)\nafter = counter")
+    assert shell.user_ns["after"] == 9
+    assert shell.user_ns["counter"] == 0  # the notebook's own counter is untouched: the cell did not bind it
+
+
+def test_notebook_class_travels_by_value(shell):
+    ok(shell, """
+        class Box:
+            def __init__(self, v):
+                self.v = v
+            def doubled(self):
+                return Box(self.v * 2)
+        box = Box(4)
+    """)
+    ok(shell, "%%sky\nbig = box.doubled()")
+    assert shell.user_ns["big"].v == 8
+    assert type(shell.user_ns["big"]).__name__ == "Box"
+
+
+def test_modules_are_reimported_by_name(shell):
+    ok(shell, "import json as j")
+    ok(shell, "%%sky\nimport os\nencoded = j.dumps({'pid': os.getpid()})")
+    assert shell.user_ns["os"] is os
+    assert int(__import__("json").loads(shell.user_ns["encoded"])["pid"]) != os.getpid()
+
+
+def test_helper_module_beside_the_notebook_travels_by_value(shell, tmp_path, monkeypatch):
+    (tmp_path / "nb_helpers.py").write_text("def triple(v):\n    return 3 * v\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ok(shell, "from nb_helpers import triple")
+    ok(shell, "%%sky\ntripled = triple(5)")
+    assert shell.user_ns["tripled"] == 15
+
+
+def test_unpicklable_input_is_named_before_anything_runs(shell, tmp_path):
+    ok(shell, f"fh = open({str(tmp_path / 'f.txt')!r}, 'w')\nimport threading\nlk = threading.Lock()")
+    ok(shell, "%%sky\nmarker_before = 1")
+    result, _, _ = run(shell, "%%sky\nmarker_before = 2\nprint(fh, lk)")
+    err = str(result.error_in_exec)
+    assert "'fh' (TextIOWrapper" in err and "'lk' (lock" in err and "nothing ran" in err
+    ok(shell, "%%sky\ncheck = marker_before")
+    assert shell.user_ns["check"] == 1
+    shell.user_ns["fh"].close()
+
+
+def test_only_changed_values_are_shipped(shell):
+    np = pytest.importorskip("numpy")
+    shell.user_ns["arr"] = np.arange(1_000_000)
+    ok(shell, "%%sky\ns1 = int(arr.sum())")
+    assert "arr" in sent()
+    ok(shell, "%%sky\ns2 = int(arr.sum())")
+    assert "arr" not in sent()
+    shell.user_ns["arr"][0] = 10
+    ok(shell, "%%sky\ns3 = int(arr.sum())")
+    assert "arr" in sent()
+    assert shell.user_ns["s3"] == shell.user_ns["s1"] + 10
+
+
+def test_values_a_node_computed_are_not_overwritten(shell):
+    ok(shell, "%%sky --nodes 2\nimport sky_jupyter as sky\nmine = sky.instance_info().rank")
+    assert shell.user_ns["mine"] == 0
+    _, out, _ = ok(shell, "%%sky --nodes 2\nprint('mine is', mine)")
+    assert "[node 0] mine is 0" in out and "[node 1] mine is 1" in out
+    shell.user_ns["mine"] = 7  # a notebook change is shipped to every node
+    _, out, _ = ok(shell, "%%sky --nodes 2\nprint('mine is', mine)")
+    assert "[node 0] mine is 7" in out and "[node 1] mine is 7" in out
+
+
+def test_large_values_stay_remote_as_handles(shell):
+    manager().configure(pull_budget=1 << 20)
+    try:
+        ok(shell, "%%sky\nbig_blob = b'x' * (4 << 20)\nsmall = 1")
+        handle = shell.user_ns["big_blob"]
+        assert isinstance(handle, sky.remote.Remote)
+        assert "big_blob: bytes, 4.2 MB, on node 0" in repr(handle)
+        assert shell.user_ns["small"] == 1
+        ok(shell, "%%sky\nblob_len = len(big_blob)")  # resolves remotely, no transfer
+        assert shell.user_ns["blob_len"] == 4 << 20
+        assert "big_blob" not in sent()
+        ok(shell, "%sky pull big_blob")
+        assert shell.user_ns["big_blob"] == b"x" * (4 << 20)
+    finally:
+        manager().configure(pull_budget=64 << 20)
+
+
+def test_unpicklable_result_stays_remote(shell):
+    ok(shell, "%%sky\nimport threading\nremote_lock = threading.Lock()")
+    handle = shell.user_ns["remote_lock"]
+    assert isinstance(handle, sky.remote.Remote) and "not picklable" in handle.reason
+    ok(shell, "%%sky\nlocked = remote_lock.locked()")
+    assert shell.user_ns["locked"] is False
+
+
+def test_pull_all_gives_one_value_per_rank(shell):
+    ok(shell, "%%sky --nodes 2\nimport sky_jupyter as sky\nwho = sky.instance_info().rank * 10")
+    ok(shell, "%sky pull who --all")
+    assert shell.user_ns["who"] == [0, 10]
+
+
+def test_error_has_its_type_and_the_cells_lines(shell):
+    result, out, err = run(shell, """
+        %%sky
+        def inner(v):
+            return v / 0
+        inner(3)
+    """)
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    text = out + err  # what IPython printed for the error
+    assert "return v / 0" in text and "ZeroDivisionError" in text
+    assert "magics.py" not in text
+
+
+def test_multi_node_error_names_the_failed_ranks(shell):
+    result, out, err = run(shell, """
+        %%sky --nodes 2
+        import sky_jupyter as sky
+        if sky.instance_info().rank == 1:
+            raise ValueError("only rank one fails")
+    """)
+    assert isinstance(result.error_in_exec, ValueError)
+    assert "failed on 1 of 2 nodes (ranks 1)" in out + err
+
+
+def test_bad_lines_are_one_line_usage_errors_and_run_nothing(shell):
+    for line, words in [("%%sky --nodes 0", "--nodes must be at least 1"), ("%%sky --nodes x", "invalid int"),
+                        ("%%sky --provider moon", "invalid choice"), ("%%sky --bogus", "unrecognized"),
+                        ("%%sky --rank -1", "--rank must be"), ("%%sky extra words", "only options")]:
+        result, out, err = run(shell, f"{line}\nran_anyway = True")
+        assert result.error_in_exec is not None or result.error_before_exec is not None, line
+        assert words in out + err + str(result.error_in_exec), (line, out, err)
+        assert "ran_anyway" not in shell.user_ns
+
+
+def test_cell_that_does_not_parse_runs_nothing(shell):
+    result, out, err = run(shell, "%%sky\nx = (1,\nnever = 1")
+    assert result.error_in_exec is not None
+    assert "never" not in shell.user_ns
+
+
+def test_plain_mode_groups_output_per_node(shell, monkeypatch):
+    monkeypatch.setenv("SKY_JUPYTER_PLAIN", "1")
+    _, out, _ = ok(shell, """
+        %%sky --nodes 2
+        import sky_jupyter as sky, time
+        r = sky.instance_info().rank
+        for i in range(3):
+            print(f"line {i} from {r}")
+            time.sleep(0.01)
+    """)
+    assert out == ("[node 0]\nline 0 from 0\nline 1 from 0\nline 2 from 0\n"
+                   "[node 1]\nline 0 from 1\nline 1 from 1\nline 2 from 1\n")
+
+
+def test_progress_bar_collapses_in_plain_mode(shell, monkeypatch):
+    monkeypatch.setenv("SKY_JUPYTER_PLAIN", "1")
+    _, out, err = ok(shell, """
+        %%sky
+        import sys
+        for i in range(1000):
+            sys.stderr.write(f"\\rstep {i + 1}/1000")
+            sys.stderr.flush()
+        sys.stderr.write("\\n")
+    """)
+    assert err.strip() == "step 1000/1000"
+
+
+def test_interrupt_reaches_every_node_quickly(shell):
+    ok(shell, "%%sky --nodes 2\nkept_value = 123")
+    timer = threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    result, _, _ = run(shell, "%%sky --nodes 2\nimport time\ntime.sleep(60)")
+    elapsed = time.monotonic() - start
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert elapsed < 1.5 + 0.5, elapsed
+    ok(shell, "%%sky --nodes 2\nkept_after = kept_value")
+    assert shell.user_ns["kept_after"] == 123
+
+
+def test_timeout_interrupts(shell):
+    result, out, err = run(shell, "%%sky --timeout 0.5\nimport time\ntime.sleep(30)")
+    assert isinstance(result.error_in_exec, TimeoutError) or "timeout" in (out + err).lower()
+
+
+def test_pool_grows_and_conflicts_say_how_to_restart(shell):
+    ok(shell, "%%sky --pool grower\nv = 1")
+    assert manager().pools["grower"].pool.size == 1
+    _, out, _ = ok(shell, "%%sky --pool grower --nodes 3\nimport sky_jupyter as sky\nprint(sky.instance_info().world_size)")
+    assert manager().pools["grower"].pool.size == 3
+    assert out.count("3") >= 3
+    result, out, err = run(shell, "%%sky --pool grower --hf\npass")
+    assert "%sky down grower" in out + err + str(result.error_in_exec)
+    ok(shell, "%sky down grower")
+    assert "grower" not in manager().pools
+
+
+def test_status_and_config(shell):
+    ok(shell, "%%sky\npass")
+    result, _, _ = ok(shell, "%sky status")
+    text = repr(result.result)
+    assert "default" in text and "local" in text and "ready" in text
+    assert "<table>" in result.result._repr_html_()
+    result, _, _ = ok(shell, "%sky config idle_timeout=600")
+    assert "idle_timeout = 600.0" in repr(result.result)
+    result, out, err = run(shell, "%sky config nodes=0")
+    assert "nodes must be" in out + err + str(result.error_in_exec)
+    result, out, err = run(shell, "%sky config colour=blue")
+    assert "unknown setting 'colour'" in out + err + str(result.error_in_exec)
+
+
+def test_idle_pool_is_shut_down_with_a_notice(shell):
+    manager().configure(idle_timeout=1.0)
+    try:
+        ok(shell, "%%sky --pool sleepy\nz = 1")
+        pids = [n.handle.pid for n in manager().pools["sleepy"].pool.nodes]
+        deadline = time.monotonic() + 10
+        while "sleepy" in manager().pools and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "sleepy" not in manager().pools
+        for pid in pids:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        _, _, err = ok(shell, "%sky status")
+        assert "sleepy" in err and "idle" in err
+    finally:
+        manager().configure(idle_timeout=1800.0)
+
+
+def test_help_lists_options_and_commands(shell):
+    doc = shell.find_cell_magic("sky").__doc__
+    for word in ("--nodes", "--hf", "--no-torch", "--rank", "--pull", "--timeout", "--pool", "%sky down", "%sky pull"):
+        assert word in doc, word
