@@ -33,12 +33,14 @@ _task_ids = itertools.count(1)
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("task_id", "node", "sink", "code", "_done", "_frames", "_error", "_lost")
+    __slots__ = ("task_id", "node", "sink", "code", "on_done", "_done", "_frames", "_error", "_lost")
 
-    def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = ()) -> None:
+    def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
+                 on_done: Callable[[], None] | None = None) -> None:
         self.task_id = next(_task_ids)
         self.node = node
         self.sink = sink
+        self.on_done = on_done  # called on the reader thread when the result (or failure) arrives
         self.code = code  # what was shipped, to map remote tracebacks back to the user's lines
         self._done = threading.Event()
         self._frames: list | None = None
@@ -52,6 +54,8 @@ class Call:
                 lost: BaseException | None = None) -> None:
         self._frames, self._error, self._lost = frames, error, lost
         self._done.set()
+        if self.on_done is not None:
+            self.on_done()
 
     def wait(self, timeout: float | None = None) -> Any:
         """The task's value. A KeyboardInterrupt while waiting interrupts the remote code, then propagates."""
@@ -334,9 +338,9 @@ class Node:
 
     # -- work ----------------------------------------------------------------------------------------------
     def submit(self, kind: str, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
-               code: tuple[Any, ...] = ()) -> Call:
+               code: tuple[Any, ...] = (), on_done: Callable[[], None] | None = None) -> Call:
         link = self.ensure_link()
-        call = Call(self, sink, code)
+        call = Call(self, sink, code, on_done)
         link.submit(call, kind, meta, payload)
         return call
 

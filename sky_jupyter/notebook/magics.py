@@ -92,10 +92,11 @@ class SkyMagics(Magics):
         existing = mgr.pools.get(name)
         size = max(nodes, (args.rank + 1) if args.rank is not None else 0,
                    existing.pool.size if existing is not None and existing.pool.running else 0)
-        torch = args.torch if args.torch is not None else (settings.torch if settings.torch is not None else None)
+        provider = args.provider or settings.provider
+        torch = args.torch if args.torch is not None else settings.torch
         if torch is None:
-            torch = size > 1 if existing is None else mgr.requests[name].torch
-        request = PoolRequest(name=name, provider=args.provider or settings.provider, nodes=size,
+            torch = mgr.requests[name].torch if existing is not None else _torch_by_default(provider, size)
+        request = PoolRequest(name=name, provider=provider, nodes=size,
                               accelerator=args.accelerator or settings.accelerator,
                               hf=bool(args.hf) or settings.hf, torch=bool(torch))
         if existing is not None and existing.pool.running and args.provider is None:
@@ -186,6 +187,18 @@ class SkyMagics(Magics):
         if not 0 <= rank < len(npool.pool.nodes):
             raise UsageError(f"node {rank} does not exist; the pool has {len(npool.pool.nodes)} nodes")
         print(npool.pool.provider.read_log(npool.pool.hosts[rank]))
+
+
+def _torch_by_default(provider: str, nodes: int) -> bool:
+    """torch.distributed is on by default for several nodes; on the Local provider only when torch is
+    installed here (Local nodes use this environment)."""
+    if nodes <= 1:
+        return False
+    if provider != "local":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def _progress():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import threading
 from typing import Any
 
 from .. import protocol as P
@@ -47,6 +48,16 @@ class CellOutput:
         self.queue: queue.SimpleQueue[tuple[int, str, Any]] = queue.SimpleQueue()
         self._line_start: dict[tuple[int, str], bool] = {}
         self._held: dict[int, list[tuple[str, Any]]] = {r: [] for r in ranks}
+        self._running = len(ranks)
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        """Called (on a reader thread) when a node's call ends; the last one wakes a waiting ``pump``."""
+        with self._lock:
+            self._running -= 1
+            last = self._running <= 0
+        if last:
+            self.queue.put((-1, "", None))
 
     def sink(self, rank: int):
         def put(kind: str, meta: Any) -> None:
@@ -67,6 +78,8 @@ class CellOutput:
                 return
 
     def _handle(self, rank: int, kind: str, meta: Any) -> None:
+        if rank < 0:
+            return
         if self.plain:
             self._held.setdefault(rank, []).append((kind, meta))
             return

@@ -10,6 +10,7 @@ is not overwritten by rank 0's copy that came back to the notebook.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import threading
@@ -34,8 +35,18 @@ _SKIP = {"In", "Out", "get_ipython", "exit", "quit", "open", "_", "__", "___", "
          "_dh", "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__", "__loader__", "__package__"}
 
 
+def _hasher() -> Any:
+    try:
+        import xxhash
+
+        return xxhash.xxh3_128()
+    except ImportError:
+        return hashlib.sha256()
+
+
 def content_hash(frames: list) -> str:
-    digest = hashlib.sha256()
+    """A digest of a pickled value: xxh3 (about 15 GB/s here) when installed, else sha256 (about 1.7 GB/s)."""
+    digest = _hasher()
     for frame in frames:
         view = memoryview(frame)
         digest.update(view.nbytes.to_bytes(8, "little"))
@@ -153,8 +164,7 @@ class DisplayedValue:
 def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: Any, options: CellOptions,
              plain: bool) -> Any:
     """Run ``source`` on ``options.ranks`` of the pool; returns what the cell should display (or None)."""
-    names = analyze(source)
-    python = transform_cell(source)
+    names, python = _analyzed(source)
     pool = npool.pool
     values = select_inputs(names, user_ns, hidden)
     frames, hashes, refs = pickle_inputs(values, pool.name)
@@ -175,7 +185,7 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
                     "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
                     "budget": options.budget, "pull": options.pull and rank == first, "display": rank == first}
             node = pool.nodes[rank]
-            calls.append((rank, node.submit(P.CELL, meta, payload, output.sink(rank)), send))
+            calls.append((rank, node.submit(P.CELL, meta, payload, output.sink(rank), on_done=output.wake), send))
         pool.last_used = time.monotonic()
         results, failures = _wait(calls, output, options.timeout)
     finally:
@@ -208,12 +218,18 @@ def sent_all(calls: list[tuple[int, Call, list[str]]]) -> set[str]:
     return {n for _, _, sent in calls for n in sent}
 
 
+@functools.lru_cache(maxsize=256)
+def _analyzed(source: str) -> tuple[CellNames, str]:
+    """The cell's names and its IPython-transformed source; re-running a cell reuses them."""
+    return analyze(source), transform_cell(source)
+
+
 def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout: float | None
           ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, BaseException]]]:
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while not all(call.done() for _, call, _ in calls):
-            output.pump(0.05)
+            output.pump(0.1)
             if deadline is not None and time.monotonic() > deadline:
                 for _, call, _ in calls:
                     call.interrupt()
