@@ -43,6 +43,10 @@ def __getattr__(name: str) -> Any:
         from . import providers
 
         return getattr(providers, name)
+    if name == "panel":  # the widget panel needs ipywidgets: imported on first use
+        from .notebook.panel import panel
+
+        return panel
     raise AttributeError(f"module 'sky_jupyter' has no attribute {name!r}")
 
 

@@ -4,12 +4,17 @@ The script runs phases in order, each announced with a ``::sky-phase-start NAME`
 progress, appends everything to the node's bootstrap log, and writes a marker named after the script's hash when
 all phases succeed: reconnecting to a node that has the marker skips the whole thing. Secrets never appear in
 the script: environment values live in a separate 0600 env file that the script only sources.
+
+Remote nodes (SSH, AWS) get :func:`remote_plan`: phases ``env`` (the env file sourced from the top of ~/.bashrc
+and ~/.profile), ``apt`` (only when asked), ``uv``, ``venv`` (``uv venv`` with system site packages) and ``pip``
+(only what the venv's interpreter does not already satisfy), then the plugins' phases.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import re
 import shlex
 from collections.abc import Callable, Iterable, Iterator
@@ -64,6 +69,8 @@ def render(phases: Iterable[Phase], home: str, marker: str) -> str:
         f'SKY_HOME="{home}"',
         'mkdir -p "$SKY_HOME" && chmod 700 "$SKY_HOME"',
         'LOG="$SKY_HOME/bootstrap.log"',
+        # Phases (plugin logins, installs) see the image's environment even before .bashrc sources it.
+        'if [ -f "$SKY_HOME/env.sh" ]; then . "$SKY_HOME/env.sh"; fi',
     ]
     if marker:
         lines.append(f'if [ -f "{marker}" ]; then echo "{CACHED}"; exit 0; fi')
@@ -115,3 +122,203 @@ def follow(lines: Iterator[str], node: str, progress: Callable[[str, str], None]
             tail.append(line)
             progress(phase, line)
     raise BootstrapError(node, phase, -1, "\n".join(tail) or "the bootstrap ended without finishing")
+
+
+# -- the phases of a remote node (SSH, AWS) ------------------------------------------------------------------
+# Each returns a Phase whose script runs under ``set -e`` in its own subshell with $SKY_HOME set. Nothing here
+# may hold a secret: environment values reach the node in the separately uploaded env file.
+
+REMOTE_HOME = "$HOME/.sky_jupyter"
+#: Paths on the node, as the client names them (``~`` is the node user's home).
+NODE_HOME = "~/.sky_jupyter"
+NODE_ENV_FILE = f"{NODE_HOME}/env.sh"
+NODE_UV = f"{NODE_HOME}/bin/uv"
+NODE_VENV = f"{NODE_HOME}/venv"
+NODE_PYTHON = f"{NODE_VENV}/bin/python"
+ENV_SOURCE_LINE = 'if [ -f "$HOME/.sky_jupyter/env.sh" ]; then . "$HOME/.sky_jupyter/env.sh"; fi  # sky_jupyter env'
+
+
+def env_phase() -> Phase:
+    """Source the env file from the first line of ~/.bashrc and of ~/.profile, once.
+
+    Debian's .bashrc returns early for non-interactive shells, so a line appended at its end is never reached by
+    ``ssh node cmd``; the first line always is. Re-running moves the line back to the top without duplicating it.
+    """
+    line = shlex.quote(ENV_SOURCE_LINE)
+    return Phase("env", f"""\
+touch "$SKY_HOME/env.sh"; chmod 600 "$SKY_HOME/env.sh"
+line={line}
+for rc in "$HOME/.bashrc" "$HOME/.profile"; do
+  touch "$rc"
+  if [ "$(head -n 1 "$rc")" != "$line" ]; then
+    tmp="$SKY_HOME/rc.tmp"
+    grep -vF '# sky_jupyter env' "$rc" > "$tmp" || true
+    {{ printf '%s\\n' "$line"; cat "$tmp"; }} > "$rc"   # rewrite in place: keeps the file's mode and links
+    rm -f "$tmp"
+    echo "sourcing the env file from $rc"
+  fi
+done""")
+
+
+def apt_phase(packages: tuple[str, ...]) -> Phase:
+    """Install the Debian packages the node lacks (as root, or through passwordless sudo)."""
+    pkgs = " ".join(shlex.quote(p) for p in packages)
+    return Phase("apt", f"""\
+wanted=({pkgs})
+missing=()
+for p in "${{wanted[@]}}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${{#missing[@]}} -eq 0 ]; then echo "apt packages already installed: ${{wanted[*]}}"; return 0; fi
+if ! command -v apt-get >/dev/null; then echo "this node has no apt-get for: ${{missing[*]}}"; return 1; fi
+if [ "$(id -u)" -eq 0 ]; then SUDO=(); elif command -v sudo >/dev/null; then SUDO=(sudo -n)
+else echo "installing ${{missing[*]}} needs root, and this node has no sudo"; return 1; fi
+export DEBIAN_FRONTEND=noninteractive
+"${{SUDO[@]}}" apt-get -o DPkg::Lock::Timeout=300 update -q
+"${{SUDO[@]}}" apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${{missing[@]}}"
+""")
+
+
+def uv_phase() -> Phase:
+    """Make ``$SKY_HOME/bin/uv`` exist: the client uploads its own uv when the node has none (before this
+    phase); else the node's uv is linked; else pip installs one for the user."""
+    return Phase("uv", """\
+mkdir -p "$SKY_HOME/bin"
+if [ -x "$SKY_HOME/bin/uv" ]; then :
+elif command -v uv >/dev/null; then ln -sf "$(command -v uv)" "$SKY_HOME/bin/uv"
+elif python3 -m pip --version >/dev/null 2>&1; then
+  python3 -m pip install --user -q uv && ln -sf "$HOME/.local/bin/uv" "$SKY_HOME/bin/uv"
+else echo "this node has no uv, and no pip to install it with; install uv there"; return 1; fi
+"$SKY_HOME/bin/uv" --version""")
+
+
+def venv_phase(python: str) -> Phase:
+    """``uv venv`` with system site packages (a machine's preinstalled torch stays usable), kept while it was
+    made for the same interpreter request."""
+    want = shlex.quote(python)
+    return Phase("venv", f"""\
+want={want}
+venv="$SKY_HOME/venv"
+if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.sky-python" 2>/dev/null)" = "$want" ] \\
+   && "$venv/bin/python" -c pass 2>/dev/null; then
+  echo "venv for python $want exists"
+else
+  rm -rf "$venv"
+  UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" venv --python "$want" --system-site-packages "$venv"
+  printf '%s' "$want" > "$venv/.sky-python"
+fi
+"$venv/bin/python" -c 'import sys; print("python", sys.version.split()[0], sys.executable)'""")
+
+
+# Runs in the venv's interpreter: prints the requirements it does not satisfy, one per line. uv ignores system
+# site packages when deciding what is installed (FACTS.md), so only these are handed to it.
+_UNSATISFIED = r'''
+import json, re, sys
+from importlib import metadata
+try:
+    from packaging.requirements import Requirement
+except Exception:
+    Requirement = None
+
+def version_of(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+def release(v):
+    parts = re.match(r"\d+(\.\d+)*", v)
+    return tuple(int(x) for x in parts.group(0).split(".")) if parts else None
+
+def simple_ok(have, clause):
+    m = re.fullmatch(r"\s*(===|==|!=|>=|<=|~=|>|<)\s*([^\s]+)\s*", clause)
+    if not m:
+        return False
+    op, want = m.groups()
+    if op in ("==", "!=") and want.endswith(".*"):
+        hit = have == want[:-2] or have.startswith(want[:-1])
+        return hit if op == "==" else not hit
+    if op in ("==", "==="):
+        return have == want or release(have) == release(want) and not re.search(r"[a-z]", have + want)
+    h, w = release(have), release(want)
+    if h is None or w is None:
+        return False
+    if op == "!=":
+        return h != w
+    if op == "~=":
+        return h >= w and h[: len(w) - 1] == w[: len(w) - 1]
+    return {">=": h >= w, "<=": h <= w, ">": h > w, "<": h < w}[op]
+
+def satisfied(text, depth=0):
+    if Requirement is not None:
+        try:
+            req = Requirement(text)
+        except Exception:
+            return False
+        if req.url:
+            return False
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            return True
+        have = version_of(req.name)
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            return False
+        if req.extras and depth < 3:
+            for dep in metadata.requires(req.name) or ():
+                dep_req = Requirement(dep)
+                if dep_req.marker is None:
+                    continue
+                if any(dep_req.marker.evaluate({"extra": e}) for e in req.extras):
+                    dep_req.marker = None
+                    if not satisfied(str(dep_req), depth + 1):
+                        return False
+        return True
+    m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*([^;@]*)", text)
+    if not m or m.group(2):
+        return False
+    have = version_of(m.group(1))
+    if have is None:
+        return False
+    clauses = [c for c in m.group(3).split(",") if c.strip()]
+    return all(simple_ok(have, c) for c in clauses)
+
+for text in json.loads(sys.argv[1]):
+    if not satisfied(text):
+        print(text)
+'''
+
+
+def pip_phase(requirements: tuple[str, ...]) -> Phase:
+    """Install, with uv, the requirements the venv's interpreter does not already satisfy."""
+    reqs = shlex.quote(json.dumps(list(requirements)))
+    check = shlex.quote(_UNSATISFIED)
+    return Phase("pip", f"""\
+py="$SKY_HOME/venv/bin/python"
+missing_text=$("$py" -c {check} {reqs})
+if [ -z "$missing_text" ]; then echo "all requirements already satisfied"; return 0; fi
+mapfile -t missing <<< "$missing_text"
+echo "installing: ${{missing[*]}}"
+if [ -z "${{SSL_CERT_FILE:-}}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt   # uv's own roots miss re-signing proxies
+fi
+UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" pip install --python "$py" "${{missing[@]}}"
+""")
+
+
+def _requirement_name(spec: str) -> str:
+    return re.split(r"[\s\[<>=!~;@]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def remote_plan(image: Image, plugin_phases: Iterable[tuple[str, str]], python: str,
+                pins: dict[str, str]) -> BootstrapPlan:
+    """The plan for a remote node: env, apt (when asked), uv, venv, pip, then the plugins' phases.
+
+    ``python`` is what ``uv venv --python`` gets (the client's major.minor, or ``Image.python``); ``pins`` are
+    requirements whose version must equal the client's (cloudpickle), replacing any the image names.
+    """
+    pinned = {_requirement_name(name) for name in pins}
+    requirements = tuple(r for r in image.pip if _requirement_name(r) not in pinned)
+    requirements += tuple(f"{name}=={version}" for name, version in pins.items())
+    phases = [env_phase()]
+    if image.apt:
+        phases.append(apt_phase(image.apt))
+    phases += [uv_phase(), venv_phase(python), pip_phase(requirements)]
+    phases += [Phase(name, script) for name, script in plugin_phases]
+    return BootstrapPlan(image, tuple(phases), home=REMOTE_HOME)

@@ -50,6 +50,9 @@ class Call:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def failed(self) -> bool:
+        return self._done.is_set() and (self._error is not None or self._lost is not None)
+
     def _finish(self, frames: list | None = None, error: dict[str, Any] | None = None,
                 lost: BaseException | None = None) -> None:
         self._frames, self._error, self._lost = frames, error, lost
@@ -261,7 +264,15 @@ class Node:
         link = WorkerLink(io, self.label, self._dropped)
         old = self.link
         if old is not None:
-            link.adopt(old.take_calls())
+            calls = old.take_calls()
+            if "tasks" in hello:  # calls the worker does not know would wait forever: fail them now
+                known = set(hello["tasks"])
+                for task_id in [t for t in calls if t not in known]:
+                    calls.pop(task_id)._finish(lost=ConnectionLostError(
+                        f"{self.label}: the connection dropped while this task was in flight, and the worker "
+                        f"never got it (or its answer was lost on the way); it may not have run. The node is "
+                        f"reconnected: run it again."))
+            link.adopt(calls)
         self.link = link
         link.start()
         return hello

@@ -20,7 +20,7 @@ from .errors import ConfigError, SerializationError, SkyError
 from .image import Image
 from .node import Call, Node, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
-from .providers.base import Host, PoolSpec, Provider
+from .providers.base import Cost, Host, PoolSpec, Provider
 from .providers.local import Local
 from .redaction import register
 from .shipping import register_user_modules
@@ -226,6 +226,7 @@ class ComputePool:
                       for h in self.hosts],
             "workers": [{"rank": n.rank, "port": getattr(n.handle, "port", None), "pid": getattr(n.handle, "pid", None)}
                         for n in self.nodes],
+            "cloud": self.provider.pool_state(self.name),
         })
 
     def _parallel(self, fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:
@@ -253,9 +254,12 @@ class ComputePool:
     def _print_progress(self, rank: int, phase: str, line: str) -> None:
         if not line:
             print(f"[{self.name} node {rank}] bootstrap: {phase}", file=sys.stderr)
+        elif line.startswith("warning:"):  # phases flag what the user must know (e.g. an unchecked HF token)
+            print(f"[{self.name} node {rank}] {phase}: {line}", file=sys.stderr)
 
     def _worker_config(self, host: Host) -> dict[str, Any]:
-        return {"secret": self.secret, "rank": host.rank, "world_size": self.size, "pool": self.name,
+        return {**self.provider.worker_options(),
+                "secret": self.secret, "rank": host.rank, "world_size": self.size, "pool": self.name,
                 "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ}
 
     def _start_worker(self, host: Host):  # -> WorkerHandle
@@ -378,6 +382,10 @@ class ComputePool:
     def interrupt(self) -> None:
         for node in self.nodes:
             node.interrupt(0)
+
+    def cost(self) -> Cost | None:
+        """USD per hour and so far for this pool's machines (None for providers that bill nothing)."""
+        return self.provider.cost(self.hosts)
 
     def status(self) -> list[dict[str, Any]]:
         return [{"rank": n.rank, "addr": n.host.display, "hostname": n.hostname, "state": n.state,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import paramiko
 
@@ -37,10 +37,12 @@ MAX_PACKET = 256 * 1024
 READ_CHUNK = 8 * 1024 * 1024
 #: AES-GCM first: paramiko encrypts it fastest (no separate MAC pass). paramiko has no chacha20.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+#: Seconds between keepalive probes; a connection whose probe goes unanswered for 3 intervals is closed (like
+#: OpenSSH's ServerAliveInterval/ServerAliveCountMax), so a silently dead link is noticed and rebuilt.
+KEEPALIVE_S = 15.0
 #: paramiko would start a rekey after 512 MiB, and a channel opened or closed during it hangs the connection
 #: (paramiko issue 822); the server rekeys by its own limits instead.
 NO_CLIENT_REKEY = 1 << 62
-KEEPALIVE_S = 15
 
 
 class HostKeyError(ProvisionError):
@@ -106,7 +108,7 @@ class KnownHosts:
                 if not entry:
                     continue
                 same_type = entry.get(key.get_name())
-                if same_type is not None and same_type == key:
+                if same_type is not None and same_type.asbytes() == key.asbytes():
                     continue
                 old = same_type or next(iter(entry.values()))
                 raise HostKeyError(
@@ -214,11 +216,12 @@ class ChannelReader:
 
 def _sender(channel: paramiko.Channel) -> Any:
     def sendall(data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        # A memoryview: paramiko slices what is left after each packet, which copies when it is bytes.
+        view = memoryview(data).cast("B")
         try:
             channel.sendall(view)
-        except paramiko.SSHException as exc:  # FrameIO users expect OSError when the stream breaks
-            raise ConnectionResetError(str(exc)) from None
+        except (paramiko.SSHException, EOFError) as exc:  # FrameIO users expect OSError when the stream breaks
+            raise ConnectionResetError(f"SSH connection lost: {exc or type(exc).__name__}") from None
 
     return sendall
 
@@ -236,7 +239,7 @@ class RemoteProcess:
         self._file: IO[bytes] = channel.makefile("rb", 64 * 1024)
 
     def write(self, data: bytes | str) -> None:
-        self.channel.sendall(data.encode() if isinstance(data, str) else data)
+        self.channel.sendall(memoryview(data.encode() if isinstance(data, str) else data))
 
     def close_stdin(self) -> None:
         self.channel.shutdown_write()
@@ -256,7 +259,7 @@ class RemoteProcess:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> RemoteProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -276,7 +279,7 @@ class Connection:
     """An SSH connection to one node, rebuilt on demand after it drops."""
 
     def __init__(self, target: Target, known_hosts: KnownHosts, *, connect_timeout: float = 10.0,
-                 reconnect_for: float = 20.0, keepalive: int = KEEPALIVE_S) -> None:
+                 reconnect_for: float = 20.0, keepalive: float = KEEPALIVE_S) -> None:
         self.target = target
         self.known_hosts = known_hosts
         self.connect_timeout = connect_timeout
@@ -286,6 +289,8 @@ class Connection:
         self._transport: paramiko.Transport | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self._keys: list[paramiko.PKey] | None = None
 
     def __repr__(self) -> str:
@@ -301,8 +306,9 @@ class Connection:
         return t is not None and t.is_active()
 
     # -- connecting -----------------------------------------------------------------------------------------
-    def transport(self) -> paramiko.Transport:
-        """The live transport, reconnecting with backoff when the last one dropped."""
+    def transport(self, patience: float | None = None) -> paramiko.Transport:
+        """The live transport, reconnecting with backoff when the last one dropped (for up to ``patience``
+        seconds, by default ``reconnect_for``)."""
         t = self._transport
         if t is not None and t.is_active():
             return t
@@ -314,15 +320,21 @@ class Connection:
                 return t
             if t is not None:
                 t.close()
-            self._transport = self._connect_with_backoff(first=t is None)
+            self._transport = self._connect_with_backoff(first=t is None, patience=patience)
+            if self._watchdog is None and self.keepalive > 0:
+                self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                                  name=f"sky-ssh-keepalive-{self.target.addr}")
+                self._watchdog.start()
             return self._transport
 
     def connect(self) -> Connection:
         self.transport()
         return self
 
-    def _connect_with_backoff(self, first: bool) -> paramiko.Transport:
-        deadline = time.monotonic() + (self.connect_timeout if first else self.reconnect_for)
+    def _connect_with_backoff(self, first: bool, patience: float | None) -> paramiko.Transport:
+        if patience is None:
+            patience = self.connect_timeout if first else self.reconnect_for
+        deadline = time.monotonic() + patience
         delay = 0.05
         while True:
             try:
@@ -365,7 +377,6 @@ class Connection:
             key = t.get_remote_server_key()
             self.known_hosts.check(self.target.addr, self.target.port, key, self.label)
             self._authenticate(t)
-            t.set_keepalive(self.keepalive)
         except BaseException:
             t.close()
             raise
@@ -390,25 +401,39 @@ class Connection:
                               f"({'; '.join(errors)}); check the user name and that the public key is in the "
                               f"node's ~/.ssh/authorized_keys.")
 
+    def _watch(self) -> None:
+        """Probe the server every ``keepalive`` seconds; close a transport that stops answering, so its channels
+        end (their readers see EOF) and the next use reconnects."""
+        while not self._stop.wait(self.keepalive):
+            t = self._transport
+            if t is None or not t.is_active():
+                continue
+            probe = threading.Thread(target=t.global_request, args=("keepalive@openssh.com",), daemon=True)
+            probe.start()
+            probe.join(self.keepalive * 3)
+            if probe.is_alive() and t.is_active():
+                t.close()
+
     def server_key(self) -> str:
         """The node's host key as a known_hosts body (``type base64``)."""
         key = self.transport().get_remote_server_key()
         return f"{key.get_name()} {key.get_base64()}"
 
     # -- commands -------------------------------------------------------------------------------------------
-    def _session(self, timeout: float | None) -> paramiko.Channel:
+    def _session(self, timeout: float | None, patience: float | None = None) -> paramiko.Channel:
         try:
-            return self.transport().open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
-                                                 timeout=timeout or self.connect_timeout)
+            return self.transport(patience).open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
+                                                         timeout=timeout or self.connect_timeout)
         except (paramiko.SSHException, EOFError, OSError):
             # The transport may have died between the check and the open: one fresh try.
-            return self.transport().open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
-                                                 timeout=timeout or self.connect_timeout)
+            return self.transport(patience).open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
+                                                         timeout=timeout or self.connect_timeout)
 
-    def run(self, command: str, input: bytes | str | None = None, timeout: float | None = 60.0,
-            check: bool = False) -> tuple[int, str, str]:
-        """Run ``command`` through the user's shell; ``(exit code, stdout, stderr)``."""
-        chan = self._session(timeout)
+    def run(self, command: str, input: bytes | str | memoryview | None = None, timeout: float | None = 60.0,
+            check: bool = False, patience: float | None = None) -> tuple[int, str, str]:
+        """Run ``command`` through the user's shell; ``(exit code, stdout, stderr)``. ``patience`` bounds the
+        reconnect when the connection is down."""
+        chan = self._session(timeout, patience)
         try:
             chan.settimeout(timeout)
             chan.exec_command(command)
@@ -423,8 +448,8 @@ class Connection:
 
             err_thread = threading.Thread(target=read_err, daemon=True)
             err_thread.start()
-            if input:
-                chan.sendall(input.encode() if isinstance(input, str) else input)
+            if input is not None:
+                chan.sendall(memoryview(input.encode() if isinstance(input, str) else input).cast("B"))
             chan.shutdown_write()
             out_parts = []
             while True:
@@ -436,7 +461,7 @@ class Connection:
                 raise TimeoutError
             code = chan.recv_exit_status()
             err_thread.join(timeout)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise RemoteCommandError(f"{self.label}: {command.splitlines()[0][:80]!r} did not finish within "
                                      f"{timeout} s") from None
         finally:
@@ -486,11 +511,11 @@ class Connection:
         try:
             chan.exec_command(command)
             if isinstance(data, bytes):
-                chan.sendall(data)
+                chan.sendall(memoryview(data))
             else:
                 with open(data, "rb") as f:
                     while chunk := f.read(4 << 20):
-                        chan.sendall(chunk)
+                        chan.sendall(memoryview(chunk))
             chan.shutdown_write()
             err = chan.makefile_stderr("rb").read().decode(errors="replace")
             code = chan.recv_exit_status()
@@ -513,6 +538,7 @@ class Connection:
         return P.FrameIO(ChannelReader(chan), _sender(chan), chan.close)
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
             self._closed = True
             t, self._transport = self._transport, None

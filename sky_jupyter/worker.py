@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import codecs
 import collections
+import faulthandler
 import io
 import json
 import os
 import queue
 import secrets
+import select
 import signal
 import socket
 import sys
@@ -37,8 +40,11 @@ READY = "SKY-READY"
 _MAX_PENDING = 20000
 
 
+_log_stream: Any = None  # where log() writes once OutputCapture has taken over file descriptor 2
+
+
 def log(msg: str) -> None:
-    stream = sys.__stderr__
+    stream = _log_stream or sys.__stderr__
     if stream is not None:
         stream.write(f"[sky worker {os.getpid()} {time.strftime('%H:%M:%S')}] {msg}\n")
         stream.flush()
@@ -60,6 +66,11 @@ class Outbox:
                 if not self._try_send(*frame):
                     break
                 self._pending.popleft()
+
+    def pending_tasks(self) -> set[int]:
+        """Tasks whose result or error waits here for a client."""
+        with self._lock:
+            return {frame[1] for frame in self._pending if frame[0] in (P.RESULT, P.ERROR)}
 
     def detach(self, conn: P.FrameIO) -> None:
         with self._lock:
@@ -100,6 +111,7 @@ class TaskStream(io.TextIOBase):
         self._parts: list[str] = []
         self._size = 0
         self._lock = threading.RLock()
+        self.fd: int | None = None  # set while OutputCapture forwards this descriptor to the running task
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -108,12 +120,25 @@ class TaskStream(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
+    def fileno(self) -> int:
+        if self.fd is None:
+            raise io.UnsupportedOperation("fileno")
+        return self.fd
+
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        capture = self._worker.capture
+        if capture is not None:
+            capture.sync()  # what subprocesses wrote to the descriptor before this text comes first
+        return self.append(text)
+
+    def append(self, text: str) -> int:
+        if not text:
+            return 0
         with self._lock:
             self._parts.append(text)
             self._size += len(text)
@@ -129,6 +154,72 @@ class TaskStream(io.TextIOBase):
             self._parts.clear()
             self._size = 0
             self._worker.outbox.send(P.STREAM, self._worker.current_task, {"name": self._name, "text": text})
+
+
+class OutputCapture:
+    """What is written to file descriptors 1 and 2 (subprocesses, ``os.system``, C extensions) goes to the
+    running task's streams, as in a Jupyter kernel; written while no task runs, it goes to the worker's log.
+
+    Without this, such output would land in a detached worker's log, or fill the pipe that a Local worker's
+    parent stops reading after start-up, blocking the writer. ``sync()`` forwards what is already written, so
+    it arrives before the task's result or next display frame.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        global _log_stream
+        self.worker = worker
+        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
+        _log_stream = open(self.saved[2], "w", buffering=1, closefd=False)  # noqa: SIM115 - lives with the worker
+        faulthandler.enable(_log_stream, all_threads=True)  # a crash's traceback cannot wait for the forwarder
+        self.lock = threading.RLock()  # re-entered when a write happens inside a drain (a __del__ that prints)
+        self.pipes: dict[int, tuple[TaskStream, Any]] = {}
+        for fd, stream in ((1, worker.stdout), (2, worker.stderr)):
+            read_fd, write_fd = os.pipe()
+            os.dup2(write_fd, fd)
+            os.close(write_fd)
+            os.set_blocking(read_fd, False)
+            self.pipes[read_fd] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
+            stream.fd = fd
+        self.read_fds = list(self.pipes)
+        self.busy = False
+        threading.Thread(target=self._forward_loop, daemon=True, name="sky-fd-capture").start()
+
+    def _forward_loop(self) -> None:
+        while True:
+            ready, _, _ = select.select(self.read_fds, [], [])
+            with self.lock:
+                self.busy = True  # data leaves the pipes only while set, so sync() knows to wait for it
+                try:
+                    for read_fd in ready:
+                        self._drain(read_fd)
+                finally:
+                    self.busy = False
+
+    def _drain(self, read_fd: int) -> None:
+        stream, decoder = self.pipes[read_fd]
+        while True:
+            try:
+                data = os.read(read_fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            if self.worker.current_task:
+                stream.append(decoder.decode(data))
+            else:
+                os.write(self.saved[2], data)
+
+    def sync(self) -> None:
+        if not select.select(self.read_fds, [], [], 0)[0] and not self.busy:
+            return  # nothing pending (a cheap check: it runs before every write to the task's streams)
+        with self.lock:
+            for read_fd in self.read_fds:
+                self._drain(read_fd)
+
+    def restore(self) -> None:
+        """Give descriptors 1 and 2 back (before exec: the next process has no reader for our pipes)."""
+        for fd, saved in self.saved.items():
+            os.dup2(saved, fd)
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -174,6 +265,7 @@ class Worker:
         self.setup_done = False
         self.stdout = TaskStream(self, "stdout")
         self.stderr = TaskStream(self, "stderr")
+        self.capture: OutputCapture | None = None
         self._cells: Any = None
         self._shutdown_lock = threading.Lock()
 
@@ -189,11 +281,19 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self.serve_connection, args=(sock,), daemon=True).start()
 
+    def known_tasks(self) -> list[int]:
+        """Tasks this worker will still answer (queued, running, or with an undelivered result): a client that
+        reconnects learns which of its calls in flight never arrived, or lost their answer on the way."""
+        with self.jobs.mutex:
+            queued = {job[1] for job in self.jobs.queue}
+        running = {self.current_task} - {0}
+        return sorted(queued | running | self.outbox.pending_tasks())
+
     def handshake(self, conn: P.FrameIO, sock: socket.socket) -> bool:
         nonce = secrets.token_hex(16)
         conn.send_json({"sky": P.PROTOCOL_VERSION, "nonce": nonce, **P.versions(), "pid": os.getpid(),
                         "generation": self.generation, "setup": self.setup_done,
-                        "rank": self.config.get("rank", 0)})
+                        "rank": self.config.get("rank", 0), "tasks": self.known_tasks()})
         sock.settimeout(15)
         answer = conn.recv_json()
         if not P.check_mac(self.secret, nonce, answer.get("mac", "")):
@@ -274,6 +374,8 @@ class Worker:
         os.set_inheritable(read_fd, True)
         argv = [sys.executable, "-m", "sky_jupyter.worker", "--listen-fd", str(fd), "--config-fd", str(read_fd),
                 "--generation", str(self.generation + 1)]
+        if self.capture is not None:
+            self.capture.restore()
         os.execv(sys.executable, argv)
 
     def shutdown(self, reason: str) -> None:
@@ -286,13 +388,16 @@ class Worker:
         for path in self.config.get("cleanup", []):
             _remove(path)
         if self.config.get("on_orphan") == "poweroff" and "dead-man" in reason:
-            os.system("sudo -n shutdown -h now || shutdown -h now")
+            os.system(self.config.get("poweroff_command") or "sudo -n shutdown -h now || shutdown -h now")
         os._exit(0)
 
     # -- running work ------------------------------------------------------------------------------------
     def serve(self) -> None:
         threading.Thread(target=self.accept_loop, daemon=True, name="sky-accept").start()
         threading.Thread(target=self.tick_loop, daemon=True, name="sky-tick").start()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.capture = OutputCapture(self)
         sys.stdout, sys.stderr = self.stdout, self.stderr
         while True:
             try:
@@ -315,21 +420,31 @@ class Worker:
                     value = {name: self.namespace[name] for name in meta["names"]}
                 case _:
                     raise ValueError(f"unknown job {kind!r}")
-            self.stdout.flush()
-            self.stderr.flush()
+            self.flush_output()
             try:
                 payload = P.dumps(value)
             except Exception as exc:
                 raise TypeError(f"the result ({type(value).__name__}) cannot be pickled: {exc}") from exc
             self.outbox.send(P.RESULT, task_id, None, payload)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            self.stdout.flush()
-            self.stderr.flush()
+            self.flush_output()
             meta_err, payload = error_frames(exc)
             self.outbox.send(P.ERROR, task_id, meta_err, payload)
         finally:
             self.current_task = 0
             self._interrupt = None
+
+    def flush_output(self) -> None:
+        """Send everything the running task has written so far (descriptor-level output included)."""
+        if self.capture is not None:
+            self.capture.sync()
+        self.stdout.flush()
+        self.stderr.flush()
+
+    def send_display(self, meta: dict[str, Any]) -> None:
+        """A display frame (a Jupyter MIME bundle) for the running task, after the output written before it."""
+        self.flush_output()
+        self.outbox.send(P.DISPLAY, self.current_task, meta)
 
     def run_task(self, frames: list) -> Any:
         fn, args, kwargs = P.loads(frames)
@@ -342,7 +457,7 @@ class Worker:
         if self._cells is None:
             from .cells import CellRunner
 
-            self._cells = CellRunner(self.namespace)
+            self._cells = CellRunner(self.namespace, self.send_display)
         return self._cells
 
     def setup(self, meta: dict[str, Any], frames: list) -> dict[str, Any]:

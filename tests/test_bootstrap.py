@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 
-from sky_jupyter.bootstrap import BootstrapPlan, Phase, env_file, follow
+from sky_jupyter.bootstrap import (
+    ENV_SOURCE_LINE,
+    BootstrapPlan,
+    Phase,
+    env_file,
+    env_phase,
+    follow,
+    remote_plan,
+)
 from sky_jupyter.errors import BootstrapError
 from sky_jupyter.image import Image
 
 
 def _run(script: str, home) -> list[str]:
-    out = subprocess.run(["bash", "-c", script], env={**os.environ, "HOME": str(home)}, capture_output=True,
+    out = subprocess.run(["bash", "-c", script], check=False, env={**os.environ, "HOME": str(home)}, capture_output=True,
                          text=True, timeout=30)
     return out.stdout.splitlines(keepends=True)
 
@@ -50,5 +60,61 @@ def test_env_file_quotes_values(tmp_path):
     text = env_file({"A": "it's $HOME `x`", "B": "plain"})
     path = tmp_path / "env.sh"
     path.write_text(text)
-    out = subprocess.run(["bash", "-c", f". {path}; printf '%s|%s' \"$A\" \"$B\""], capture_output=True, text=True)
+    out = subprocess.run(["bash", "-c", f". {path}; printf '%s|%s' \"$A\" \"$B\""], capture_output=True,
+                         text=True, check=True)
     assert out.stdout == "it's $HOME `x`|plain"
+
+
+# -- the remote plan's phases, run here with bash against a scratch HOME --------------------------------------------
+def _phase(phase, home, env=None):
+    plan = BootstrapPlan(Image(), (phase,), home="$HOME/.sky_jupyter")
+    return subprocess.run(["bash", "-c", plan.script()], check=False, env={**os.environ, "HOME": str(home), **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_env_phase_puts_the_source_line_first_once(tmp_path):
+    (tmp_path / ".bashrc").write_text("# distro bashrc\ncase $- in *i*) ;; *) return;; esac\nexport LATE=1\n")
+    (tmp_path / ".bashrc").chmod(0o640)
+    (tmp_path / ".sky_jupyter").mkdir()
+    (tmp_path / ".sky_jupyter" / "env.sh").write_text(env_file({"SKY_X": "a b 'c'"}))
+    for _ in range(2):
+        done = _phase(env_phase(), tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for marker in tmp_path.glob(".sky_jupyter/bootstrap-*.done"):  # so that the phase runs again
+            marker.unlink()
+    lines = (tmp_path / ".bashrc").read_text().splitlines()
+    assert lines[0] == ENV_SOURCE_LINE and lines[1:] == ["# distro bashrc", "case $- in *i*) ;; *) return;; esac",
+                                                          "export LATE=1"]
+    assert oct((tmp_path / ".bashrc").stat().st_mode & 0o777) == oct(0o640)
+    assert (tmp_path / ".profile").read_text().splitlines() == [ENV_SOURCE_LINE]
+    assert oct((tmp_path / ".sky_jupyter" / "env.sh").stat().st_mode & 0o777) == oct(0o600)
+    sourced = subprocess.run(["bash", "-c", f". {tmp_path}/.bashrc; printf %s \"$SKY_X\""], check=True,
+                             env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert sourced.stdout == "a b 'c'"
+
+
+@pytest.mark.parametrize("without_packaging", [False, True])
+def test_pip_phase_hands_uv_only_what_the_interpreter_lacks(without_packaging):
+    import cloudpickle
+
+    import sky_jupyter.bootstrap as B
+
+    reqs = [f"cloudpickle=={cloudpickle.__version__}", "cloudpickle>=1,<99", "cloudpickle>=99",
+            "sky-jupyter-no-such-package", "pytest", "pytest!=0.1", "pytest==0.0.*", "pkg @ https://x.invalid/p.whl"]
+    prefix = "import sys; sys.modules['packaging'] = None\n" if without_packaging else ""
+    out = subprocess.run([sys.executable, "-c", prefix + B._UNSATISFIED, json.dumps(reqs)], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == ["cloudpickle>=99", "sky-jupyter-no-such-package", "pytest==0.0.*", "pkg @ https://x.invalid/p.whl"]
+
+
+def test_remote_plan_phases_and_the_cloudpickle_pin():
+    image = Image(pip=["numpy", "cloudpickle>=2"], env={"TOKEN": "hf_secret_value"})
+    plan = remote_plan(image, [("login", "echo login")], "3.11", {"cloudpickle": "3.1.1"})
+    assert [p.name for p in plan.phases] == ["env", "uv", "venv", "pip", "login"]
+    pip = plan.phases[3].script
+    assert '["numpy", "cloudpickle==3.1.1"]' in pip and "cloudpickle>=2" not in pip
+    assert "--system-site-packages" in plan.phases[2].script and "3.11" in plan.phases[2].script
+    assert "hf_secret_value" not in plan.script()
+    with_apt = remote_plan(Image(apt=["curl"]), [], "3.11", {})
+    assert [p.name for p in with_apt.phases][:2] == ["env", "apt"]
+    subprocess.run(["bash", "-n"], input=with_apt.script(), text=True, check=True)

@@ -206,13 +206,15 @@ def _progress():
     def show(rank: int, phase: str, line: str) -> None:
         if not line:
             print(f"[node {rank}] bootstrap: {phase}", file=sys.stderr)
+        elif line.startswith("warning:"):  # phases flag what the user must know (e.g. an unchecked HF token)
+            print(f"[node {rank}] {phase}: {line}", file=sys.stderr)
     return show
 
 
 class StatusTable:
     """``%sky status``: an HTML table in notebooks, text elsewhere."""
 
-    columns = ("pool", "provider", "rank", "addr", "hostname", "state", "in_flight", "idle_s")
+    columns = ("pool", "provider", "rank", "addr", "hostname", "state", "in_flight", "idle_s", "cost")
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows

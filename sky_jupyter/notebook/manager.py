@@ -13,12 +13,15 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
+from ..image import Image
 from ..pool import ComputePool, check_nodes
 from ..providers.base import Provider
 from ..redaction import register
 from .session import DEFAULT_BUDGET, NotebookPool
 
 PROVIDERS = ("local", "ssh", "aws")
+#: Notebook cells run in an IPython shell on each node (magics, !cmd, rich output): every notebook pool has it.
+NOTEBOOK_IMAGE = Image(pip=["ipython"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,9 @@ class PoolManager:
         self.requests: dict[str, PoolRequest] = {}
         self.notices: list[str] = []
         self.listeners: list[Any] = []  # callables(event: str, pool_name: str), e.g. the panel
+        # Bootstrap progress of every pool this manager starts or grows, e.g. for the panel's node table.
+        self.progress_listeners: list[Any] = []  # callables(pool_name: str, rank: int, phase: str, line: str)
+        self.starting: dict[str, ComputePool] = {}  # pools being provisioned and bootstrapped right now
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -179,10 +185,18 @@ class PoolManager:
                 return current
             provider = make_provider(self.settings, request.provider)
             pool = ComputePool(provider=provider, nodes=request.nodes, accelerator=request.accelerator,
+                               image=NOTEBOOK_IMAGE,
                                plugins=make_plugins(request, self.settings), idle_timeout=self.settings.idle_timeout,
-                               name=request.name, progress=progress)
+                               name=request.name, progress=self._progress(request.name, progress))
+            self.starting[request.name] = pool
             self._emit("starting", request.name)
-            pool.start()
+            try:
+                pool.start()
+            except BaseException:
+                self._emit("start-failed", request.name)
+                raise
+            finally:
+                self.starting.pop(request.name, None)
             npool = NotebookPool(pool, self.settings.public())
             self.pools[request.name] = npool
             self.requests[request.name] = request
@@ -233,7 +247,7 @@ class PoolManager:
             idle = time.monotonic() - pool.last_used
             for node in pool.status():
                 rows.append({"pool": name, "provider": pool.provider.name, **node,
-                             "idle_s": round(idle), "busy": bool(npool.busy)})
+                             "idle_s": round(idle), "busy": bool(npool.busy), "cost": _node_cost(pool, node["rank"])})
         return rows
 
     def take_notices(self) -> list[str]:
@@ -272,12 +286,30 @@ class PoolManager:
         timeouts = [p.pool.idle_timeout for p in self.pools.values() if p.pool.idle_timeout]
         return max(0.2, min([10.0, *[t / 4 for t in timeouts]]))
 
+    def _progress(self, name: str, progress: Any) -> Any:
+        """The pool's bootstrap progress callback: the caller's (the cell's), then every progress listener."""
+        def report(rank: int, phase: str, line: str) -> None:
+            if progress is not None:
+                progress(rank, phase, line)
+            for listener in list(self.progress_listeners):
+                try:
+                    listener(name, rank, phase, line)
+                except Exception:  # noqa: BLE001 - a broken listener (panel) must not break a bootstrap
+                    pass
+        return report
+
     def _emit(self, event: str, name: str) -> None:
         for listener in list(self.listeners):
             try:
                 listener(event, name)
             except Exception:  # noqa: BLE001 - a broken listener (panel) must not break pools
                 pass
+
+
+def _node_cost(pool: ComputePool, rank: int) -> str:
+    """``$21.96/h, $0.37 so far`` for a billed node (AWS), else empty."""
+    cost = pool.provider.cost([h for h in pool.hosts if h.rank == rank])
+    return "" if cost is None else f"${cost.per_hour:.2f}/h, ${cost.so_far:.2f} so far"
 
 
 _manager: PoolManager | None = None

@@ -1,9 +1,14 @@
 """Where a cell's remote output goes.
 
 Frames arrive on link reader threads; they are queued and written by the thread that runs the cell, so output
-lands in the cell that started the work (ipykernel ties output to the executing request). Interactive kernels
-see lines live, prefixed ``[node K]`` when several nodes run. Non-interactive runs (nbval, ``jupyter execute``,
-``SKY_JUPYTER_PLAIN=1``) get plain output grouped per node in rank order, so saved notebooks compare exactly.
+lands in the cell that started the work (ipykernel ties output to the executing request). Stream frames are text;
+display frames are Jupyter MIME bundles (what the node's IPython shell displayed: rich reprs, figures, HTML), with
+``transient``/``update`` for ``display_id`` updates, or a ``clear`` request.
+
+Interactive kernels see everything live, lines prefixed ``[node K]`` when several nodes run. Non-interactive runs
+(nbval, ``jupyter execute``, ``SKY_JUPYTER_PLAIN=1``) get each node's output in its final state, grouped per node
+in rank order, so saved notebooks compare exactly: progress bars collapsed to their last update, a display shown
+as its last update (nbval ignores ``update_display_data``), cleared output gone.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import threading
 from typing import Any
 
 from .. import protocol as P
+
+_COMPACT_AT = 256 * 1024  # characters of held text per stream before carriage-return updates are folded
 
 
 def plain_mode(shell: Any = None) -> bool:
@@ -30,12 +37,76 @@ def plain_mode(shell: Any = None) -> bool:
     return not getattr(kernel, "_allow_stdin", True)
 
 
+def _final_line(line: str) -> str:
+    """What Jupyter shows of one line: the text after its last carriage return (a trailing one overwrites
+    nothing yet)."""
+    return line.rstrip("\r").rsplit("\r", 1)[-1]
+
+
 def _collapse_carriage_returns(text: str) -> str:
-    """What a terminal would finally show: for each line, the text after its last carriage return."""
-    lines = []
-    for line in text.split("\n"):
-        lines.append(line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r"))
-    return "\n".join(lines)
+    """Each line as it finally shows: progress-bar updates collapse to their last state."""
+    return "\n".join(_final_line(line) for line in text.split("\n"))
+
+
+def _fold(text: str) -> str:
+    """``text`` with its finished lines collapsed and its unfinished last line cut to its latest update, so that
+    ``_collapse_carriage_returns(_fold(a) + b) == _collapse_carriage_returns(a + b)`` for any later ``b``."""
+    done, newline, partial = text.rpartition("\n")
+    body = partial.rstrip("\r")
+    if "\r" in body:
+        partial = "\r" + body.rsplit("\r", 1)[-1] + partial[len(body):]
+    return (_collapse_carriage_returns(done) + newline if newline else "") + partial
+
+
+def _display_id(meta: dict[str, Any]) -> str | None:
+    return (meta.get("transient") or {}).get("display_id")
+
+
+class _Text:
+    """Held stream text between two displays, per stream name, folded as it grows."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.size: dict[str, int] = {"stdout": 0, "stderr": 0}
+
+    def add(self, name: str, text: str) -> None:
+        name = name if name in self.parts else "stdout"
+        self.parts[name].append(text)
+        self.size[name] += len(text)
+        if self.size[name] > _COMPACT_AT:
+            folded = _fold("".join(self.parts[name]))
+            self.parts[name] = [folded]
+            self.size[name] = len(folded)
+
+    def final(self, name: str) -> str:
+        return _collapse_carriage_returns("".join(self.parts[name]))
+
+
+class _Transcript:
+    """One node's output in plain mode, kept in its final state."""
+
+    def __init__(self) -> None:
+        self.items: list[_Text | dict[str, Any]] = []
+        self._shown: dict[str, dict[str, Any]] = {}  # display_id -> the display it names, updated in place
+
+    def add(self, kind: str, meta: dict[str, Any]) -> None:
+        if kind == P.STREAM:
+            if not self.items or not isinstance(self.items[-1], _Text):
+                self.items.append(_Text())
+            self.items[-1].add(meta["name"], meta["text"])  # type: ignore[union-attr]
+            return
+        if meta.get("clear"):
+            self.items.clear()
+            self._shown.clear()
+            return
+        display_id = _display_id(meta)
+        if meta.get("update") and display_id in self._shown:
+            self._shown[display_id].update(data=meta.get("data", {}), metadata=meta.get("metadata") or {})
+            return
+        message = dict(meta)
+        if display_id is not None and not message.get("update"):
+            self._shown[display_id] = message
+        self.items.append(message)
 
 
 class CellOutput:
@@ -47,7 +118,7 @@ class CellOutput:
         self.prefixed = len(ranks) > 1
         self.queue: queue.SimpleQueue[tuple[int, str, Any]] = queue.SimpleQueue()
         self._line_start: dict[tuple[int, str], bool] = {}
-        self._held: dict[int, list[tuple[str, Any]]] = {r: [] for r in ranks}
+        self._held: dict[int, _Transcript] = {r: _Transcript() for r in ranks}
         self._running = len(ranks)
         self._lock = threading.Lock()
 
@@ -78,15 +149,14 @@ class CellOutput:
                 return
 
     def _handle(self, rank: int, kind: str, meta: Any) -> None:
-        if rank < 0:
+        if rank < 0 or kind not in (P.STREAM, P.DISPLAY):
             return
         if self.plain:
-            self._held.setdefault(rank, []).append((kind, meta))
-            return
-        if kind == P.STREAM:
+            self._held.setdefault(rank, _Transcript()).add(kind, meta)
+        elif kind == P.STREAM:
             self._write(rank, meta["name"], meta["text"])
-        elif kind == P.DISPLAY:
-            self._display(rank, meta)
+        else:
+            self._show(rank, meta, live=True)
 
     def _write(self, rank: int, name: str, text: str) -> None:
         stream = sys.stderr if name == "stderr" else sys.stdout
@@ -101,42 +171,54 @@ class CellOutput:
         stream.write(text)
         stream.flush()
 
-    def _display(self, rank: int, meta: dict[str, Any]) -> None:
+    def _show(self, rank: int, meta: dict[str, Any], live: bool) -> None:
+        """A display frame: shown (under a ``[node K]`` line when live and several nodes run), or cleared."""
         try:
-            from IPython.display import publish_display_data
-        except ImportError:
-            self._write(rank, "stdout", str(meta.get("data", {}).get("text/plain", "")) + "\n")
+            from IPython.display import clear_output, publish_display_data
+        except ImportError:  # not in IPython: the bundle's plain text will do
+            if "data" in meta:
+                self._write(rank, "stdout", str(meta["data"].get("text/plain", "")) + "\n")
             return
-        publish_display_data(meta.get("data", {}), meta.get("metadata") or {})
+        if meta.get("clear"):
+            clear_output(wait=bool(meta.get("wait")))
+            self._line_start.clear()
+            return
+        if live and self.prefixed and not meta.get("update"):
+            if not self._line_start.get((rank, "stdout"), True):
+                sys.stdout.write("\n")
+            sys.stdout.write(f"[node {rank}]\n")
+            sys.stdout.flush()
+            self._line_start[(rank, "stdout")] = True
+        kwargs: dict[str, Any] = {}
+        if meta.get("transient"):
+            kwargs["transient"] = meta["transient"]
+        if meta.get("update"):
+            kwargs["update"] = True
+        publish_display_data(meta.get("data", {}), meta.get("metadata") or {}, **kwargs)
 
     def finish(self) -> None:
-        """Drain the queue; in plain mode, write everything grouped per node in rank order."""
+        """Drain the queue; in plain mode, write every node's final output grouped per node in rank order."""
         self.pump()
         if not self.plain:
             return
         for rank in sorted(self._held):
-            frames = self._held[rank]
-            if not frames:
+            transcript = self._held[rank]
+            if not transcript.items:
                 continue
             if self.prefixed:
                 sys.stdout.write(f"[node {rank}]\n")
-            # Merge consecutive text per stream so progress bars collapse to their final state.
-            text: dict[str, list[str]] = {"stdout": [], "stderr": []}
-            for kind, meta in frames:
-                if kind == P.STREAM:
-                    text[meta["name"] if meta["name"] in text else "stdout"].append(meta["text"])
+                sys.stdout.flush()
+            for item in transcript.items:
+                if isinstance(item, _Text):
+                    self._write_plain(item)
                 else:
-                    self._flush_plain(text)
-                    self._display(rank, meta)
-            self._flush_plain(text)
-        for held in self._held.values():
-            held.clear()
+                    self._show(rank, item, live=False)
+            self._held[rank] = _Transcript()
 
-    def _flush_plain(self, text: dict[str, list[str]]) -> None:
+    def _write_plain(self, text: _Text) -> None:
         for name in ("stdout", "stderr"):
-            if text[name]:
-                joined = _collapse_carriage_returns("".join(text[name]))
+            final = text.final(name)
+            if final:
                 stream = sys.stderr if name == "stderr" else sys.stdout
-                stream.write(joined)
+                stream.write(final)
                 stream.flush()
-                text[name].clear()

@@ -29,6 +29,7 @@ from .capture import CellNames, analyze, transform_cell
 from .output import CellOutput
 
 OWN = "<computed on the node>"
+FAILURE_GRACE = 2.0  # seconds the other nodes may keep running after one node's cell failed
 DEFAULT_BUDGET = 64 << 20
 _cell_numbers = itertools.count(1)
 _SKIP = {"In", "Out", "get_ipython", "exit", "quit", "open", "_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih",
@@ -227,9 +228,19 @@ def _analyzed(source: str) -> tuple[CellNames, str]:
 def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout: float | None
           ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, BaseException]]]:
     deadline = None if timeout is None else time.monotonic() + timeout
+    failed_at: float | None = None
     try:
         while not all(call.done() for _, call, _ in calls):
             output.pump(0.1)
+            if failed_at is None and any(call.failed() for _, call, _ in calls):
+                failed_at = time.monotonic()
+            elif failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE:
+                # One node failed: the others would wait forever in collective operations. Stop them too.
+                for _, call, _ in calls:
+                    if not call.done():
+                        call.interrupt()
+                _drain(calls, output)
+                break
             if deadline is not None and time.monotonic() > deadline:
                 for _, call, _ in calls:
                     call.interrupt()
@@ -244,15 +255,23 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
         raise
     results: dict[int, dict[str, Any]] = {}
     failures: list[tuple[int, BaseException]] = []
+    stopped: list[int] = []
     for rank, call, _ in calls:
         try:
             results[rank] = call.wait(0)
+        except KeyboardInterrupt as exc:  # stopped because another node failed
+            stopped.append(rank)
+            if failed_at is None:
+                failures.append((rank, exc))
         except Exception as exc:  # noqa: BLE001 - gathered, the first re-raised with a summary
             failures.append((rank, exc))
     if failures and len(calls) > 1:
         ranks = ", ".join(str(r) for r, _ in failures)
-        failures[0][1].add_note(f"failed on {len(failures)} of {len(calls)} nodes (ranks {ranks}); "
-                                f"the traceback shown is node {failures[0][0]}'s")
+        note = (f"failed on {len(failures)} of {len(calls)} nodes (ranks {ranks}); the traceback shown is "
+                f"node {failures[0][0]}'s")
+        if stopped and failed_at is not None:
+            note += f"; stopped the others (ranks {', '.join(map(str, stopped))})"
+        failures[0][1].add_note(note)
     return results, failures
 
 

@@ -4,6 +4,11 @@ At pool start, eagerly, every worker gets MASTER_ADDR (node 0's private address)
 free on node 0), WORLD_SIZE, RANK, NODE_RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, and ACCELERATE_USE_CPU=1 on nodes
 without CUDA (transformers' Trainer decides on DDP from these variables, and on CPU it trains unsynchronised
 replicas without ACCELERATE_USE_CPU), then joins the process group (nccl with CUDA, else gloo).
+
+Gloo binds to the interface its host name resolves to unless ``GLOO_SOCKET_IFNAME`` says otherwise; on machines
+whose host name does not resolve to the address peers use (network namespaces, several interfaces), that breaks
+the rendezvous. So when ``GLOO_SOCKET_IFNAME`` is unset, it is set to the interface that carries the node's own
+private address, when one does.
 """
 
 from __future__ import annotations
@@ -11,13 +16,20 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import ConfigError, ProvisionError
 from ..image import Image
 from ..plugin import Cluster, Plugin
 
 BACKENDS = (None, "gloo", "nccl", "mpi")
+_SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
+
+
+class RendezvousError(ProvisionError):
+    """The nodes of a pool could not form a torch.distributed process group (one cannot reach the head)."""
 
 
 def _has_torch(image: Image) -> bool:
@@ -25,12 +37,53 @@ def _has_torch(image: Image) -> bool:
                for p in image.pip)
 
 
-def torch(backend: str | None = None, timeout: float = 120.0) -> Plugin:
-    """torch.distributed across the pool; ``backend`` defaults to nccl with CUDA, else gloo."""
-    from ..errors import ConfigError
+def interface_of(addr: str) -> str | None:
+    """The name of the network interface that carries IPv4 address ``addr`` here (Linux), or None."""
+    try:
+        import fcntl
+        import struct
 
+        packed = socket.inet_aton(addr)
+    except (ImportError, OSError):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                answer = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # an interface without an IPv4 address
+                continue
+            if answer[20:24] == packed:
+                return name
+    return None
+
+
+def distributed_env(info: Any, cuda: bool) -> dict[str, str]:
+    """The torchrun-style variables for this node. Nodes that share an address share a machine: LOCAL_RANK
+    counts within it and NODE_RANK counts machines, in the order of their first node."""
+    addrs = list(info.node_addrs)
+    mine = addrs[info.rank]
+    same_host = [i for i, addr in enumerate(addrs) if addr == mine]
+    machines = list(dict.fromkeys(addrs))
+    env = {
+        "MASTER_ADDR": info.head_addr, "MASTER_PORT": str(info.head_port), "WORLD_SIZE": str(info.world_size),
+        "RANK": str(info.rank), "NODE_RANK": str(machines.index(mine)),
+        "LOCAL_RANK": str(same_host.index(info.rank)), "LOCAL_WORLD_SIZE": str(len(same_host)),
+    }
+    if not cuda:
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
+def torch(backend: str | None = None, timeout: float = 60.0) -> Plugin:
+    """torch.distributed across the pool; ``backend`` defaults to nccl with CUDA, else gloo.
+
+    ``timeout``: seconds every node waits for the others to join before the pool start fails with a
+    :class:`RendezvousError` naming the node (and for later collectives).
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"torch backend must be one of gloo, nccl, mpi (or None for automatic), got {backend!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ConfigError(f"torch timeout must be a positive number of seconds, got {timeout!r}")
 
     def transform(image: Image, cluster: Cluster) -> Image:
         return image if _has_torch(image) else image.with_pip("torch")
@@ -41,26 +94,32 @@ def torch(backend: str | None = None, timeout: float = 120.0) -> Plugin:
         import torch.distributed as dist
 
         cuda = torch_module.cuda.is_available()
-        same_host = [i for i, addr in enumerate(info.node_addrs) if addr == info.node_addrs[info.rank]]
-        env = {
-            "MASTER_ADDR": info.head_addr, "MASTER_PORT": str(info.head_port), "WORLD_SIZE": str(info.world_size),
-            "RANK": str(info.rank), "NODE_RANK": str(info.rank), "LOCAL_RANK": str(same_host.index(info.rank)),
-            "LOCAL_WORLD_SIZE": str(len(same_host)),
-        }
-        if not cuda:
-            env["ACCELERATE_USE_CPU"] = "1"
-        os.environ.update(env)
         chosen = backend or ("nccl" if cuda else "gloo")
+        node = f"node {info.rank} ({socket.gethostname()}, {info.node_addrs[info.rank]})"
+        if chosen == "nccl" and not cuda:
+            raise ConfigError(f"torch backend 'nccl' needs CUDA, and {node} has none; use backend='gloo' or a GPU "
+                              f"accelerator.")
+        env = distributed_env(info, cuda)
+        if chosen == "gloo" and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            ifname = interface_of(info.node_addrs[info.rank])
+            if ifname:
+                env["GLOO_SOCKET_IFNAME"] = ifname
+        os.environ.update(env)
         if cuda:
             torch_module.cuda.set_device(int(env["LOCAL_RANK"]) % torch_module.cuda.device_count())
         try:
             dist.init_process_group(chosen, rank=info.rank, world_size=info.world_size,
                                     timeout=datetime.timedelta(seconds=timeout))
-        except Exception as exc:
-            raise RuntimeError(
-                f"torch.distributed rendezvous failed on node {info.rank} ({chosen}, MASTER_ADDR="
-                f"{info.head_addr}:{info.head_port}, WORLD_SIZE={info.world_size}): {exc}. Check that the nodes "
-                f"reach each other on that port (security group, firewall, GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME)."
+        except Exception as exc:  # noqa: BLE001 - torch raises several types here; all mean "could not meet"
+            ifname_var = "NCCL_SOCKET_IFNAME" if chosen == "nccl" else "GLOO_SOCKET_IFNAME"
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            what = ("the head: not every node joined its" if info.rank == 0 else "it could not join the")
+            raise RendezvousError(
+                f"torch.distributed rendezvous failed on {node}, {what} {chosen} process group at "
+                f"MASTER_ADDR={info.head_addr} MASTER_PORT={info.head_port} ({info.world_size} nodes) within "
+                f"{timeout:g} s ({type(exc).__name__}: {first_line}). Check that every node reaches node 0 at that "
+                f"address and port (security group, firewall), and the network interface {chosen} uses "
+                f"({ifname_var}={os.environ.get(ifname_var, 'unset')})."
             ) from None
         try:
             yield

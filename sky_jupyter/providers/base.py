@@ -52,6 +52,15 @@ class WorkerHandle(abc.ABC):
 
 
 @dataclass(frozen=True, slots=True)
+class Cost:
+    """What a pool's machines cost, in USD: per hour while they run, and since each was started."""
+
+    per_hour: float
+    so_far: float
+    basis: str = ""  # where the prices come from, for the reader
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSpec:
     """What the pool asks a provider for."""
 
@@ -88,3 +97,15 @@ class Provider(abc.ABC):
 
     def check(self, spec: PoolSpec) -> None:  # noqa: B027
         """Validate the request before anything is started; raise ConfigError naming the culprit."""
+
+    def worker_options(self) -> dict[str, Any]:
+        """Extra worker configuration for this provider's nodes (AWS: power the machine off when orphaned)."""
+        return {}
+
+    def pool_state(self, pool: str) -> dict[str, Any]:
+        """Provider facts kept in the pool's state file (cloud ids), so teardown and gc know what exists."""
+        return {}
+
+    def cost(self, hosts: list[Host]) -> Cost | None:
+        """What ``hosts`` cost so far and per hour; None where machines are not billed by this tool's provider."""
+        return None

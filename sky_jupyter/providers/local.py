@@ -141,8 +141,9 @@ class Local(Provider):
         workdir = Path(host.extra["workdir"])
         script = workdir / "bootstrap.sh"
         script.write_text(plan.script())
-        env = {**os.environ, **plan.image.environ}
-        proc = subprocess.Popen(["bash", str(script)], cwd=workdir, env={**env, "HOME": str(workdir)},
+        # SKY_PYTHON: the interpreter the workers run, for phases that need one (a plugin's login).
+        env = {**os.environ, **plan.image.environ, "HOME": str(workdir), "SKY_PYTHON": sys.executable}
+        proc = subprocess.Popen(["bash", str(script)], cwd=workdir, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert proc.stdout is not None

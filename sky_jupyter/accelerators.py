@@ -1,0 +1,100 @@
+"""Accelerator names, as users say them ("A100", "h100"), mapped to the EC2 instance type that provides them.
+
+One explicit table, used by the AWS provider and by the panel (instance type and hourly price beside the name).
+Prices are AWS's on-demand list prices for Linux in us-east-1, per instance and hour, as of :data:`PRICES_DATE`;
+other regions cost somewhat more, spot instances less. They are for showing and estimating, not for billing: check
+the EC2 pricing page before relying on them, and update the table (and the date) when AWS changes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+#: When the prices below were taken from AWS's EC2 on-demand price list (after AWS's June 2025 P4/P5 price cut).
+PRICES_DATE = "2025-06-05"
+#: The region the prices are for.
+PRICES_REGION = "us-east-1"
+
+
+@dataclass(frozen=True, slots=True)
+class Accelerator:
+    """One row of the table: what a node of this accelerator is on EC2, and what it costs."""
+
+    name: str
+    instance_type: str
+    gpus: int  # per instance (per node)
+    gpu_memory_gib: int  # per GPU
+    vcpus: int
+    memory_gib: int
+    price_per_hour: float  # USD, on demand, one instance, us-east-1 Linux, as of PRICES_DATE
+
+    @property
+    def summary(self) -> str:
+        """``"A100: p4d.24xlarge, 8x 40 GiB, $21.96/h"``, for messages and the panel."""
+        gpus = f"{self.gpus}x {self.gpu_memory_gib} GiB" if self.gpus else "no GPU"
+        return f"{self.name}: {self.instance_type}, {gpus}, ${self.price_per_hour:.2f}/h"
+
+
+#: The smallest instance type that offers each accelerator (one node = one instance). A100/H100/H200 only come
+#: as 8-GPU machines on EC2.
+TABLE: tuple[Accelerator, ...] = (
+    Accelerator("CPU", "m7i.xlarge", 0, 0, 4, 16, 0.2016),
+    Accelerator("T4", "g4dn.xlarge", 1, 16, 4, 16, 0.526),
+    Accelerator("A10G", "g5.xlarge", 1, 24, 4, 16, 1.006),
+    Accelerator("L4", "g6.xlarge", 1, 24, 4, 16, 0.8048),
+    Accelerator("L40S", "g6e.xlarge", 1, 48, 4, 32, 1.861),
+    Accelerator("V100", "p3.2xlarge", 1, 16, 8, 61, 3.06),
+    Accelerator("A100", "p4d.24xlarge", 8, 40, 96, 1152, 21.96),
+    Accelerator("A100-80GB", "p4de.24xlarge", 8, 80, 96, 1152, 27.45),
+    Accelerator("H100", "p5.48xlarge", 8, 80, 192, 2048, 55.04),
+    Accelerator("H200", "p5en.48xlarge", 8, 141, 192, 2048, 63.30),
+)
+
+#: Other spellings people use for the same rows.
+ALIASES: dict[str, str] = {
+    "A100-40GB": "A100",
+    "A10": "A10G",
+    "H100-80GB": "H100",
+    "H200-141GB": "H200",
+    "NONE": "CPU",
+}
+
+
+def canonical(name: str) -> str:
+    """How names compare: case, spaces and underscores do not matter (``a100_80gb`` is ``A100-80GB``)."""
+    return name.strip().upper().replace("_", "-").replace(" ", "-")
+
+
+_BY_KEY = {canonical(a.name): a for a in TABLE}
+
+
+def known() -> list[str]:
+    """The accelerator names the table knows, in table order."""
+    return [a.name for a in TABLE]
+
+
+def lookup(name: str | None) -> Accelerator:
+    """The table row for ``name`` (case-insensitive; None means a CPU node); ConfigError listing the known ones."""
+    if name is None or not str(name).strip():
+        return _BY_KEY["CPU"]
+    if not isinstance(name, str):
+        raise ConfigError(f"accelerator must be a name like 'A100', not {name!r}; known: {', '.join(known())}.")
+    key = canonical(name)
+    key = canonical(ALIASES.get(key, key))
+    row = _BY_KEY.get(key)
+    if row is None:
+        raise ConfigError(f"unknown accelerator {name!r}; known: {', '.join(known())} "
+                          f"(or pass instance_types={{{name!r}: 'some.instance-type'}} to sky.AWS).")
+    return row
+
+
+def instance_for(name: str | None) -> tuple[str, float]:
+    """(instance type, on-demand USD per hour) for an accelerator name, e.g. ``("p4d.24xlarge", 21.96)``."""
+    row = lookup(name)
+    return row.instance_type, row.price_per_hour
+
+
+__all__ = ["ALIASES", "PRICES_DATE", "PRICES_REGION", "TABLE", "Accelerator", "canonical", "instance_for", "known",
+           "lookup"]

@@ -1,0 +1,471 @@
+"""``sky.SSH(hosts=[...])``: machines you already have, reached over SSH.
+
+Hosts are ``"addr"``, ``"user@addr"``, ``"user@addr:port"`` or ``~/.ssh/config`` aliases (HostName, User, Port and
+IdentityFile are honoured); rank follows list order. Each node is bootstrapped once per image (env file, apt, uv,
+venv, pip, plugin phases; :mod:`sky_jupyter.bootstrap`), gets the client's own sky_jupyter package as a zip, and
+runs one worker, started detached so that it outlives the SSH connection that started it and is reached through a
+``direct-tcpip`` channel to its localhost port. The AWS provider reuses all of this for its instances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cloudpickle
+import paramiko
+
+from .. import protocol as P
+from ..bootstrap import NODE_HOME, NODE_PYTHON, NODE_UV, BootstrapPlan, env_file, follow, remote_plan
+from ..errors import ConfigError, ProvisionError
+from ..image import Image
+from ..redaction import redact
+from ..transport import (
+    KEEPALIVE_S,
+    Connection,
+    KnownHosts,
+    SSHConnectError,
+    Target,
+    load_key,
+    remote_path,
+)
+from ..worker import READY
+from .base import Host, PoolSpec, Progress, Provider, WorkerHandle
+from .local import sky_home
+
+_HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
+                   r"(?P<addr>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"
+                   r"(?::(?P<port>[0-9]{1,5}))?$")
+_DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+T = TypeVar("T")
+
+
+def parse_host(text: object) -> tuple[str | None, str, int | None]:
+    """``user@addr:port`` -> (user, addr, port); raise ConfigError naming a malformed host string."""
+    if not isinstance(text, str):
+        raise ConfigError(f"SSH host {text!r} is a {type(text).__name__}, not a string like 'user@10.0.0.5:22'.")
+    m = _HOST.match(text.strip())
+    port = int(m["port"]) if m and m["port"] else None
+    if m is None or (port is not None and not 0 < port < 65536):
+        raise ConfigError(f"SSH host {text!r} is not 'addr', 'user@addr', 'user@addr:port' or an ~/.ssh/config "
+                          f"alias.")
+    return m["user"], m["addr"].strip("[]"), port
+
+
+# -- the client's package, shipped to nodes --------------------------------------------------------------------
+_package_cache: dict[str, Any] = {}
+_package_lock = threading.Lock()
+
+
+def _package_files() -> tuple[Path, list[Path], tuple[Any, ...]]:
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"))
+    stamp = (str(root), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    return root, files, stamp
+
+
+def package_digest() -> str:
+    """A hash of this client's sky_jupyter sources: names the package on nodes (re-checked on each call, so an
+    edited package is shipped again)."""
+    root, files, stamp = _package_files()
+    with _package_lock:
+        if _package_cache.get("stamp") != stamp:
+            digest = hashlib.sha256()
+            for path in files:
+                digest.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+            _package_cache.clear()
+            _package_cache.update(stamp=stamp, digest=digest.hexdigest()[:16])
+        return _package_cache["digest"]
+
+
+def package_zip() -> tuple[str, bytes]:
+    """This client's sky_jupyter package as a zip (built once per content) and its digest.
+
+    Modules come compiled for this Python too (unchecked-hash pycs in ``__pycache__``): nodes run the client's
+    major.minor, so a worker's first start does not compile the package.
+    """
+    import py_compile
+    import sys
+    import tempfile
+
+    digest = package_digest()
+    root, files, _ = _package_files()
+    with _package_lock:
+        if _package_cache.get("zip_digest") == digest:
+            return digest, _package_cache["zip"]
+        buf = io.BytesIO()
+        tag = sys.implementation.cache_tag
+        with tempfile.TemporaryDirectory(prefix="sky-pkg-") as tmp, zipfile.ZipFile(buf, "w") as zf:
+            for i, path in enumerate(files):
+                rel = path.relative_to(root)
+                name = f"{root.name}/{rel.as_posix()}"
+                _zip_add(zf, name, path.read_bytes())
+                if path.suffix == ".py" and tag:
+                    pyc = Path(tmp) / f"{i}.pyc"
+                    try:
+                        py_compile.compile(str(path), cfile=str(pyc), dfile=name, doraise=True,
+                                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                    except py_compile.PyCompileError:
+                        continue  # the node compiles it (and reports the error) itself
+                    parent = f"{root.name}/{rel.parent.as_posix()}/" if rel.parent.parts else f"{root.name}/"
+                    _zip_add(zf, f"{parent}__pycache__/{path.stem}.{tag}.pyc", pyc.read_bytes())
+        _package_cache.update(zip_digest=digest, zip=buf.getvalue())
+        return digest, _package_cache["zip"]
+
+
+def _zip_add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def _client_uv() -> str | None:
+    """The uv binary of this client (the ``uv`` package), to upload to nodes of the same platform."""
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        import shutil
+
+        return shutil.which("uv")
+    try:
+        return find_uv_bin()
+    except FileNotFoundError:
+        return None
+
+
+def _parallel(fns: Sequence[Callable[[], T]]) -> list[T | BaseException]:
+    """Run each function in its own thread; its value or the exception it raised."""
+    if len(fns) == 1:
+        try:
+            return [fns[0]()]
+        except Exception as exc:  # noqa: BLE001 - returned to the caller
+            return [exc]
+    with ThreadPoolExecutor(max_workers=min(32, len(fns))) as ex:
+        futures = [ex.submit(fn) for fn in fns]
+        out: list[T | BaseException] = []
+        for fut in futures:
+            try:
+                out.append(fut.result())
+            except Exception as exc:  # noqa: BLE001 - returned to the caller
+                out.append(exc)
+        return out
+
+
+def _worker_running(pid: int) -> str:
+    """Shell test: is ``pid`` still our worker (not a reused pid)?"""
+    return f"kill -0 {pid} 2>/dev/null && grep -qa sky_jupyter.worker /proc/{pid}/cmdline 2>/dev/null"
+
+
+class SSHWorker(WorkerHandle):
+    """A worker started detached on a node: reached through the node's SSH connection, checked and stopped by
+    pid over SSH (reconnecting first when the connection dropped)."""
+
+    def __init__(self, conn: Connection, port: int, pid: int, label: str, run_dir: str) -> None:
+        self.conn = conn
+        self.port = port
+        self.pid = pid
+        self.label = label
+        self.run_dir = run_dir
+        self._last_words = ""
+        self._unreachable = ""
+
+    def open(self) -> P.FrameIO:
+        return self.conn.open_tcp(self.port)
+
+    def alive(self) -> bool:
+        try:
+            code, _, _ = self.conn.run(_worker_running(self.pid), timeout=15)
+        except Exception as exc:
+            self._unreachable = str(exc)
+            raise
+        self._unreachable = ""
+        return code == 0
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` for the worker to exit (it was asked to), then kill it; remove its files."""
+        steps = max(1, int(timeout / 0.05))
+        log = f"{remote_path(self.run_dir)}/worker.log"
+        script = f"""
+running() {{ {_worker_running(self.pid)}; }}
+if ! running; then echo gone; tail -n 5 {log} 2>/dev/null; fi
+i=0; while running && [ $i -lt {steps} ]; do sleep 0.05; i=$((i+1)); done
+if running; then kill -TERM {self.pid}; sleep 0.5; running && kill -KILL {self.pid}; fi
+rm -rf {remote_path(self.run_dir)}
+"""
+        _, out, _ = self.conn.run(script, timeout=timeout + 15, patience=5.0)
+        if out.startswith("gone"):
+            self._last_words = redact(out[4:].strip())
+
+    def describe_exit(self) -> str:
+        where = f"(pid {self.pid} on {self.label})"
+        if self._unreachable:
+            return f"{where} cannot be reached: {self._unreachable}"
+        if self._last_words:
+            return f"{where} is gone; the end of its log:\n{self._last_words}"
+        return f"{where} is gone"
+
+
+class SSH(Provider):
+    """Machines you already have: ``sky.ComputePool(provider=sky.SSH(hosts=["gpu1", "bob@10.0.0.7"]), nodes=2)``.
+
+    ``user``, ``key_file`` and ``port`` apply to hosts whose string does not say (``user`` and ``key_file`` win
+    over ``~/.ssh/config``; ``port`` only where the config names none). ``python`` is the interpreter the node's
+    venv is built from (a version like "3.11" or a path), by default the client's major.minor; ``Image(python=...)``
+    wins over it. ``ssh_config`` names a config file other than ``~/.ssh/config``; ``keepalive`` is the seconds
+    between probes of each connection (one unanswered for three intervals is rebuilt).
+    """
+
+    name = "ssh"
+
+    def __init__(self, hosts: Sequence[str], user: str | None = None, key_file: str | os.PathLike[str] | None = None,
+                 port: int = 22, python: str | None = None, *, ssh_config: str | os.PathLike[str] | None = None,
+                 connect_timeout: float = 10.0, keepalive: float = KEEPALIVE_S) -> None:
+        if isinstance(hosts, str) or not isinstance(hosts, Sequence) or not hosts:
+            raise ConfigError(f"SSH(hosts=...) takes a non-empty list of hosts, e.g. hosts=['gpu1', "
+                              f"'ubuntu@10.0.0.5'], not {hosts!r}.")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"SSH(port=...) must be a TCP port number, not {port!r}.")
+        self.hosts = list(hosts)
+        self.user = user
+        self.key_file = str(Path(key_file).expanduser()) if key_file is not None else None
+        self.port = port
+        self.python = python
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.ssh_config_path = Path(ssh_config).expanduser() if ssh_config else Path("~/.ssh/config").expanduser()
+        self._config = self._load_config(self.ssh_config_path, explicit=ssh_config is not None)
+        self.targets = [self._resolve(h) for h in self.hosts]
+        self._conns: dict[tuple[str, int], Connection] = {}
+        self._conns_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SSH(hosts={self.hosts!r})"
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_config(path: Path, explicit: bool) -> paramiko.SSHConfig | None:
+        if not path.is_file():
+            if explicit:
+                raise ConfigError(f"SSH config file {path} does not exist.")
+            return None
+        try:
+            return paramiko.SSHConfig.from_path(str(path))
+        except (OSError, ValueError, paramiko.SSHException) as exc:
+            raise ConfigError(f"SSH config file {path} cannot be read: {exc}") from None
+
+    def _resolve(self, text: str) -> Target:
+        user, alias, port = parse_host(text)
+        cfg: dict[str, Any] = dict(self._config.lookup(alias)) if self._config is not None else {}
+        addr = cfg.get("hostname", alias)
+        user = user or self.user or cfg.get("user")
+        if port is None:
+            if self.port != 22 or "port" not in cfg:
+                port = self.port
+            else:
+                try:
+                    port = int(cfg["port"])
+                except ValueError:
+                    raise ConfigError(f"{self.ssh_config_path}: Port {cfg['port']!r} for host {alias!r} is not a "
+                                      f"number.") from None
+        if self.key_file:
+            keys: tuple[str, ...] = (self.key_file,)
+        elif cfg.get("identityfile"):
+            keys = tuple(str(Path(k).expanduser()) for k in cfg["identityfile"] if Path(k).expanduser().is_file())
+        else:
+            keys = tuple(str(Path(k).expanduser()) for k in _DEFAULT_KEYS if Path(k).expanduser().is_file())
+        return Target(addr=addr, port=port, user=user, key_files=keys, label=text)
+
+    def check(self, spec: PoolSpec) -> None:
+        if spec.nodes > len(self.targets):
+            raise ConfigError(f"the pool asks for {spec.nodes} nodes but SSH(hosts=...) lists {len(self.targets)}; "
+                              f"add hosts or ask for fewer nodes.")
+        agent = bool(os.environ.get("SSH_AUTH_SOCK"))
+        for target in self.targets[: spec.nodes]:
+            usable = [load_key(path) for path in target.key_files]  # raises ConfigError naming a bad file
+            if not any(usable) and not agent:
+                raise ConfigError(
+                    f"SSH host {target.label!r}: no private key to log in with"
+                    + (f" ({', '.join(target.key_files)} need a passphrase)" if target.key_files else "")
+                    + "; pass key_file=..., add an IdentityFile to ~/.ssh/config, or load the key into ssh-agent."
+                )
+
+    def known_hosts(self, pool: str) -> KnownHosts:
+        """Where this pool pins its nodes' host keys (beside its state file; kept after the pool closes)."""
+        return KnownHosts(sky_home() / "pools" / f"{pool}.known_hosts")
+
+    # -- connections -----------------------------------------------------------------------------------------
+    def connection(self, host: Host) -> Connection:
+        """The pool's live connection to ``host`` (one per node, rebuilt after drops)."""
+        pool = str(host.extra.get("pool", ""))
+        with self._conns_lock:
+            conn = self._conns.get((pool, host.rank))
+            if conn is None:
+                target = Target(addr=host.addr, port=host.port, user=host.user,
+                                key_files=tuple(host.extra.get("key_files", ())),
+                                label=str(host.extra.get("label", host.display)))
+                conn = Connection(target, self.known_hosts(pool), connect_timeout=self.connect_timeout,
+                                  keepalive=self.keepalive)
+                self._conns[(pool, host.rank)] = conn
+        return conn
+
+    def provision(self, spec: PoolSpec) -> list[Host]:
+        """Connect to the first ``spec.nodes`` hosts at once (pinning their host keys), learn their hostnames.
+
+        Connections this pool already has (a pool that grows) are kept.
+        """
+        known = self.known_hosts(spec.name)
+        with self._conns_lock:
+            conns = [self._conns.get((spec.name, rank))
+                     or Connection(t, known, connect_timeout=self.connect_timeout, keepalive=self.keepalive)
+                     for rank, t in enumerate(self.targets[: spec.nodes])]
+        names = _parallel([lambda c=c: c.connect().run("hostname", timeout=30, check=True)[1].strip()
+                           for c in conns])
+        failed = [(c, r) for c, r in zip(conns, names) if isinstance(r, BaseException)]
+        if failed:
+            with self._conns_lock:
+                kept = set(map(id, self._conns.values()))
+            for conn in conns:
+                if id(conn) not in kept:
+                    conn.close()
+            first = failed[0][1]
+            assert isinstance(first, BaseException)
+            if len(failed) == 1:
+                raise first
+            listing = "\n".join(f"  {c.label}: {r}" for c, r in failed)
+            raise ProvisionError(f"{len(failed)} of {len(conns)} SSH hosts could not be reached:\n{listing}")
+        hosts = []
+        for rank, (conn, hostname) in enumerate(zip(conns, names)):
+            target = conn.target
+            extra = {"pool": spec.name, "label": target.display, "host_key": conn.server_key(),
+                     "key_files": list(target.key_files)}
+            hosts.append(Host(rank=rank, addr=target.addr, private_addr=target.addr, port=target.port,
+                              user=target.login, hostname=str(hostname), extra=extra))
+            with self._conns_lock:
+                self._conns[(spec.name, rank)] = conn
+        return hosts
+
+    def release(self, hosts: list[Host]) -> None:
+        for host in hosts:
+            with self._conns_lock:
+                conn = self._conns.pop((str(host.extra.get("pool", "")), host.rank), None)
+            if conn is not None:
+                conn.close()
+
+    def read_log(self, host: Host) -> str:
+        """The end of the node's bootstrap log and of this pool's worker log there, for ``%sky logs``."""
+        pool = str(host.extra.get("pool", ""))
+        logs = [f"{NODE_HOME}/bootstrap.log", f"{NODE_HOME}/run/{pool}-{host.rank}/worker.log"]
+        script = "".join(f"p={remote_path(p)}; if [ -f \"$p\" ]; then echo \"==> {p} <==\"; tail -n 200 \"$p\"; fi\n"
+                         for p in logs)
+        _, out, _ = self.connection(host).run(script, timeout=30)
+        return redact(out) or f"no logs yet on {host.display} (under {NODE_HOME})"
+
+    # -- bootstrap -------------------------------------------------------------------------------------------
+    def plan(self, image: Image, plugin_phases: list[tuple[str, str]]) -> BootstrapPlan:
+        client = ".".join(platform.python_version_tuple()[:2])
+        python = image.python or self.python or client
+        return remote_plan(image, plugin_phases, python, {"cloudpickle": cloudpickle.__version__})
+
+    def bootstrap(self, host: Host, plan: BootstrapPlan, progress: Progress) -> None:
+        """One round trip when the node is ready (env file written, marker and package found); otherwise upload
+        what is missing and run the script, streaming its phases."""
+        conn = self.connection(host)
+        label = f"node {host.rank} ({host.display})"
+        digest = package_digest()
+        zip_path = f"{NODE_HOME}/pkg/sky_jupyter-{digest}.zip"
+        home = remote_path(NODE_HOME)
+        env_tmp = remote_path(f"{NODE_HOME}/env.sh.tmp")
+        probe = f"""umask 077; mkdir -p {home} && chmod 700 {home} && cat > {env_tmp} && chmod 600 {env_tmp} \
+&& mv -f {env_tmp} {remote_path(NODE_HOME + '/env.sh')} || exit 1
+m=no; u=no; z=no
+[ -f {remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.done")} ] && m=yes
+{{ [ -x {remote_path(NODE_UV)} ] || command -v uv >/dev/null; }} && u=yes
+[ -f {remote_path(zip_path)} ] && z=yes
+echo "$m $u $z $(uname -s) $(uname -m)"
+"""
+        code, out, err = conn.run(probe, input=env_file(plan.image.environ), timeout=60)
+        if code != 0 or len(out.split()) < 5:
+            raise ProvisionError(f"{label}: preparing ~/.sky_jupyter failed (exit code {code}): "
+                                 f"{redact(err.strip() or out.strip())}")
+        marker, has_uv, has_zip, system, machine = out.split()[:5]
+        if marker != "yes" and has_uv != "yes":
+            self._upload_uv(conn, system, machine)
+        if has_zip != "yes":
+            conn.put(package_zip()[1], zip_path, 0o600)
+        if marker == "yes":
+            progress(host.rank, "cached", "")
+            return
+        script = remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh")
+        with conn.start(f"umask 077; cat > {script} && exec bash {script} < /dev/null") as proc:
+            proc.write(plan.script())
+            proc.close_stdin()
+            follow(iter(proc), label, lambda phase, line: progress(host.rank, phase, line))
+            code = proc.wait(60)
+        if code != 0:
+            raise ProvisionError(f"{label}: the bootstrap script ended with exit code {code} after finishing")
+
+    @staticmethod
+    def _upload_uv(conn: Connection, system: str, machine: str) -> None:
+        """Give the node this client's uv when both run the same platform (else the uv phase finds another)."""
+        uv = _client_uv()
+        if uv is None or (system, machine) != (platform.system(), platform.machine()):
+            return
+        conn.put(Path(uv), NODE_UV, 0o755)
+
+    # -- workers ---------------------------------------------------------------------------------------------
+    def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
+        """Start the node's worker in a session of its own (``setsid``), its config (and secret) on stdin."""
+        conn = self.connection(host)
+        label = f"node {host.rank} ({host.display})"
+        pool = str(config.get("pool") or host.extra.get("pool") or "pool")
+        run_dir = f"{NODE_HOME}/run/{pool}-{host.rank}"
+        digest = package_digest()
+        zip_path = remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{digest}.zip")
+        pkg_dir = remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{digest}")
+        python = remote_path(NODE_PYTHON)
+        config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
+        # The zip is unpacked once per content, so Python caches compiled modules beside it (a zip on sys.path
+        # would be compiled again at every start). The worker keeps the user's umask and starts in $HOME.
+        command = f"""(umask 077; mkdir -p {remote_path(run_dir)}) || exit 1
+d={pkg_dir}
+if [ ! -d "$d" ]; then
+  t="$d.$$"; rm -rf "$t"
+  {python} -m zipfile -e {zip_path} "$t" && {{ mv -T "$t" "$d" 2>/dev/null || rm -rf "$t"; }}
+fi
+cd && PYTHONPATH="$d"${{PYTHONPATH:+:$PYTHONPATH}} exec setsid {python} -m sky_jupyter.worker"""
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        with conn.start(command, timeout=60) as proc:
+            proc.write(json.dumps(config) + "\n")
+            proc.close_stdin()
+            while time.monotonic() < deadline:
+                try:
+                    line = proc.readline()
+                except TimeoutError:
+                    break
+                if not line:
+                    break
+                if line.startswith(READY):
+                    ready = json.loads(line[len(READY):])
+                    return SSHWorker(conn, int(ready["port"]), int(ready["pid"]), host.display, run_dir)
+                lines.append(line)
+        tail = redact("".join(lines[-20:]).strip()) or "(no output)"
+        raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
+                             f"Its log is {run_dir}/worker.log on the node.")
+
+
+__all__ = ["SSH", "SSHConnectError", "SSHWorker", "package_digest", "package_zip", "parse_host"]

@@ -1,0 +1,315 @@
+"""``sky.SSH`` on the real sshd test cluster: bring-up, bootstrap once, env file, reconnects, host keys, teardown.
+
+Host-string and key-file validation needs no cluster and runs everywhere; the rest is marked ``ssh``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+import sky_jupyter as sky
+from sky_jupyter import protocol as P
+from sky_jupyter.providers.base import PoolSpec
+from sky_jupyter.providers.ssh import SSH, parse_host
+from sky_jupyter.transport import HostKeyError
+
+if TYPE_CHECKING:
+    from tests.fixtures.sshd_cluster import Cluster, SshNode
+
+pytest_plugins = ["tests.fixtures.sshd_cluster"]
+
+GREETING = "it's a 'quoted' $HOME `value` with spaces"
+IMAGE = sky.Image(env={"SKY_TEST_GREETING": GREETING})
+
+
+@sky.compute
+def rank_and_hostname() -> tuple[int, str]:
+    return sky.instance_info().rank, socket.gethostname()
+
+
+@sky.compute
+def greeting() -> str | None:
+    import os
+
+    return os.environ.get("SKY_TEST_GREETING")
+
+
+@sky.compute
+def boom() -> None:
+    raise ValueError("boom on the node")
+
+
+def provider(cluster: Cluster, nodes: list[SshNode] | None = None, **kw) -> SSH:
+    return sky.SSH([n.host_string for n in (nodes or cluster.nodes)], key_file=cluster.key_file, **kw)
+
+
+def workers_on(cluster: Cluster, node: SshNode) -> list[str]:
+    """Worker processes of the node's user, as ``pgrep`` lists them."""
+    out = cluster.ssh(node, "pgrep -u \"$(id -u)\" -f 'sky_jupyter[.]worker' || true", check=True).stdout
+    return out.split()
+
+
+def drop_user_sessions(node: SshNode) -> int:
+    """Kill the sshd processes serving ``node``'s user (also those a restarted listener left behind)."""
+    uid = pwd.getpwnam(node.user).pw_uid
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid and (entry / "comm").read_text().startswith("sshd"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+# -- configuration (no cluster) ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("10.0.0.5", (None, "10.0.0.5", None)),
+    ("ubuntu@gpu-1.example", ("ubuntu", "gpu-1.example", None)),
+    ("bob@10.0.0.7:2222", ("bob", "10.0.0.7", 2222)),
+    ("[fe80::1]:22", (None, "fe80::1", 22)),
+    ("my_alias", (None, "my_alias", None)),
+])
+def test_host_strings_parse(text, expected):
+    assert parse_host(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "user@", "a b", "host:99999", "@host", "host:port", "user@host:22:33"])
+def test_bad_host_strings_are_config_errors_naming_them(bad):
+    with pytest.raises(sky.ConfigError) as info:
+        SSH([bad])
+    assert repr(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_hosts_must_be_a_list():
+    with pytest.raises(sky.ConfigError, match="list of hosts"):
+        SSH("gpu1")
+
+
+def test_ssh_config_aliases_are_honoured(tmp_path):
+    key = tmp_path / "id_test"
+    key.write_text("not used here")
+    config = tmp_path / "config"
+    config.write_text(f"Host gpu\n  HostName 10.1.2.3\n  User alice\n  Port 2200\n  IdentityFile {key}\n")
+    ssh = SSH(["gpu", "bob@gpu", "other:23"], ssh_config=config)
+    first, second, third = ssh.targets
+    assert (first.addr, first.user, first.port, first.key_files) == ("10.1.2.3", "alice", 2200, (str(key),))
+    assert (second.addr, second.user, second.port) == ("10.1.2.3", "bob", 2200)
+    assert (third.addr, third.port) == ("other", 23)
+    assert SSH(["gpu"], user="carol", ssh_config=config).targets[0].user == "carol"
+
+
+def test_unreadable_or_bogus_key_files_are_named(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(sky.ConfigError, match=str(missing)):
+        SSH(["10.0.0.5"], key_file=missing).check(PoolSpec("p", 1, None))
+    bogus = tmp_path / "bogus"
+    bogus.write_text("hello")
+    with pytest.raises(sky.ConfigError, match=str(bogus)):
+        SSH(["10.0.0.5"], key_file=bogus).check(PoolSpec("p", 1, None))
+
+
+def test_more_nodes_than_hosts_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(sky.ConfigError, match="asks for 3 nodes but SSH.* lists 2"):
+        sky.ComputePool(provider=SSH(["a", "b"], key_file=tmp_path / "k"), nodes=3).start()
+
+
+# -- on the cluster ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def pool(sshd_cluster: Cluster):
+    """One pool over the three session nodes, bootstrapped cold (their ~/.sky_jupyter wiped first)."""
+    for node in sshd_cluster.nodes:
+        shutil.rmtree(node.home / ".sky_jupyter", ignore_errors=True)
+    events: list[tuple[int, str, str]] = []
+    started = time.perf_counter()
+    pool = sky.ComputePool(provider=provider(sshd_cluster), nodes=3, image=IMAGE, name="ssh-three",
+                           progress=lambda *e: events.append(e))
+    with pool:
+        pool.cold_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
+        pool.events = events  # type: ignore[attr-defined]
+        yield pool
+    for node in sshd_cluster.nodes:
+        assert workers_on(sshd_cluster, node) == [], f"a worker outlived the pool on {node.name}"
+        assert not list((node.home / ".sky_jupyter" / "run").glob("ssh-three-*"))
+
+
+@pytest.mark.ssh
+class TestThreeNodes:
+    def test_at_runs_on_every_node_in_rank_order(self, pool, sshd_cluster):
+        results = rank_and_hostname() @ pool
+        assert [r for r, _ in results] == [0, 1, 2]
+        hostnames = [h for _, h in results]
+        if sshd_cluster.netns:
+            assert hostnames == [n.hostname for n in sshd_cluster.nodes]
+            assert len(set(hostnames)) == 3
+        assert {e[1] for e in pool.events} >= {"env", "uv", "venv", "pip", "done"}
+
+    def test_bootstrap_runs_once(self, pool, sshd_cluster):
+        logs = [(n.home / ".sky_jupyter" / "bootstrap.log").read_text() for n in sshd_cluster.nodes]
+        assert all(log.count(" phase pip") == 1 for log in logs)
+        events: list[tuple[int, str, str]] = []
+        started = time.perf_counter()
+        with sky.ComputePool(provider=provider(sshd_cluster), nodes=3, image=IMAGE,
+                             progress=lambda *e: events.append(e)) as again:
+            warm = time.perf_counter() - started
+            assert greeting() @ again == [GREETING] * 3
+        assert sorted(e[0] for e in events) == [0, 1, 2] and {e[1] for e in events} == {"cached"}
+        assert [(n.home / ".sky_jupyter" / "bootstrap.log").read_text() for n in sshd_cluster.nodes] == logs
+        assert warm < pool.cold_seconds, (warm, pool.cold_seconds)
+        assert warm < 5.0
+
+    def test_image_env_reaches_plain_ssh_commands_through_a_0600_file(self, pool, sshd_cluster):
+        for node in sshd_cluster.nodes:
+            out = sshd_cluster.ssh(node, 'printf %s "$SKY_TEST_GREETING"', check=True).stdout
+            assert out == GREETING
+            mode = sshd_cluster.ssh(node, "stat -c %a ~/.sky_jupyter/env.sh", check=True).stdout.strip()
+            assert mode == "600"
+            first = (node.home / ".bashrc").read_text().splitlines()[0]
+            assert "sky_jupyter/env.sh" in first
+            for rc in (".bashrc", ".profile"):
+                assert (node.home / rc).read_text().count("sky_jupyter/env.sh") == 2  # one line, two mentions
+            # The value travels only in the env file: not in the script, not on any command line.
+            for script in (node.home / ".sky_jupyter").glob("bootstrap-*.sh"):
+                assert GREETING not in script.read_text()
+            cmdlines = sshd_cluster.ssh(node, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
+            assert "quoted" not in cmdlines
+        assert greeting() @ pool == [GREETING] * 3
+
+    def test_dropped_ssh_session_reconnects_to_the_same_namespace(self, pool, sshd_cluster):
+        node = pool.nodes[1]
+        assert node.submit(P.CELL, {"code": "x = 41"}).wait(30)["value"] is None
+        pid, link = node.handle.pid, node.link
+        assert sshd_cluster.kill_sessions(sshd_cluster.nodes[1]) >= 1
+        deadline = time.monotonic() + 10
+        while link.alive and time.monotonic() < deadline:  # idle: the drop is noticed, not caused by a task
+            time.sleep(0.01)
+        assert not link.alive
+        assert node.submit(P.CELL, {"code": "x + 1"}).wait(30)["value"] == 42
+        assert node.handle.pid == pid and node.link is not link
+        assert node.handle.conn.connects >= 2
+
+    def test_a_task_sent_as_the_connection_drops_fails_fast_and_the_namespace_stays(self, pool, sshd_cluster):
+        node = pool.nodes[2]
+        assert node.submit(P.CELL, {"code": "y = 1"}).wait(30)["value"] is None
+        sshd_cluster.kill_sessions(sshd_cluster.nodes[2])
+        started = time.monotonic()
+        try:  # the frame may go into the dying connection: then the call fails, it does not hang
+            assert node.submit(P.CELL, {"code": "y"}).wait(20)["value"] == 1
+        except sky.ConnectionLostError as exc:
+            assert "may not have run" in str(exc)
+        assert time.monotonic() - started < 15
+        assert node.submit(P.CELL, {"code": "y + 1"}).wait(30)["value"] == 2
+
+    def test_remote_errors_keep_their_type_and_only_the_users_frames(self, pool):
+        with pytest.raises(ValueError, match="boom on the node") as info:
+            boom() >> pool
+        remote = str(info.value.__cause__)
+        assert "in boom" in remote and "worker.py" not in remote, remote
+
+    def test_read_log_shows_the_bootstrap_and_the_worker(self, pool):
+        text = pool.provider.read_log(pool.hosts[0])
+        assert "phase pip" in text and "worker generation 0" in text
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("image, phase, words", [
+    (sky.Image(pip=["sky-jupyter-no-such-package-zz"], env={"UV_OFFLINE": "1"}), "pip",
+     "sky-jupyter-no-such-package-zz"),
+    (sky.Image(apt=["sky-jupyter-no-such-deb"]), "apt", "sky-jupyter-no-such-deb"),
+])
+def test_failing_phase_names_node_phase_and_output(sshd_cluster, image, phase, words):
+    node = sshd_cluster.nodes[0]
+    pool = sky.ComputePool(provider=provider(sshd_cluster, [node]), nodes=1, image=image, progress=lambda *e: None)
+    with pytest.raises(sky.BootstrapError) as info:
+        pool.start()
+    err = info.value
+    assert err.phase == phase and err.exit_code != 0 and words in err.tail
+    assert node.host_string.split(":")[0] in str(err) and f"phase {phase!r}" in str(err)
+    assert workers_on(sshd_cluster, node) == []
+
+
+@pytest.mark.ssh
+def test_dead_man_switch_removes_the_workers_files(sshd_cluster):
+    node = sshd_cluster.nodes[2]
+    ssh = provider(sshd_cluster, [node])
+    spec = PoolSpec("deadman", 1, None)
+    hosts = ssh.provision(spec)
+    try:
+        ssh.bootstrap(hosts[0], ssh.plan(sky.Image(), []), lambda *e: None)
+        handle = ssh.start_worker(hosts[0], {"secret": "s" * 32, "rank": 0, "pool": "deadman", "grace": 0.5})
+        assert (node.home / ".sky_jupyter" / "run" / "deadman-0").is_dir()
+        deadline = time.monotonic() + 10
+        while handle.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not handle.alive()
+        assert not (node.home / ".sky_jupyter" / "run" / "deadman-0").exists()
+    finally:
+        ssh.release(hosts)
+
+
+@pytest.mark.ssh
+def test_changed_host_key_is_refused(sshd_cluster, tmp_path):
+    node = sshd_cluster.nodes[0]
+    # Through an ~/.ssh/config alias: HostName, User, Port and IdentityFile come from the file.
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host first-node\n  HostName {node.addr}\n  User {node.user}\n  Port {node.port}\n"
+                      f"  IdentityFile {sshd_cluster.key_file}\n")
+    pool = sky.ComputePool(provider=sky.SSH(["first-node"], ssh_config=config), nodes=1, name="ssh-hostkey",
+                           progress=lambda *e: None).start()
+    pid = pool.nodes[0].handle.pid
+    try:
+        assert (rank_and_hostname() >> pool)[0] == 0
+        pinned = pool.provider.known_hosts(pool.name).path.read_text()
+        assert node.addr in pinned
+        new = sshd_cluster.restart_sshd(node, new_host_key=True)
+        # Sessions of the old listener survive its restart; drop them so the pool has to reconnect.
+        assert drop_user_sessions(new) >= 1
+        link = pool.nodes[0].link
+        deadline = time.monotonic() + 10
+        while link.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(HostKeyError) as info:
+            rank_and_hostname() >> pool
+        message = str(info.value)
+        assert node.addr in message and "SHA256:" in message and "changed" in message
+    finally:
+        pool.close()
+        sshd_cluster.ssh(sshd_cluster.node(node.name), f"kill {pid} 2>/dev/null; true")
+    assert workers_on(sshd_cluster, sshd_cluster.node(node.name)) == []
+
+
+@pytest.mark.ssh
+def test_nodes_bootstrap_in_parallel(sshd_cluster):
+    """Three nodes whose marker is missing run their scripts at the same time."""
+    running: dict[int, tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def progress(rank: int, phase: str, line: str) -> None:
+        with lock:
+            start, _ = running.get(rank, (time.monotonic(), 0.0))
+            running[rank] = (start, time.monotonic())
+
+    image = sky.Image(env={"SKY_TEST_PARALLEL": "1"})  # a new script key: every node runs it
+    ssh = provider(sshd_cluster)
+    plan = ssh.plan(image, [("nap", "sleep 0.5")])
+    hosts = ssh.provision(PoolSpec("parallel", 3, None))
+    try:
+        threads = [threading.Thread(target=ssh.bootstrap, args=(h, plan, progress)) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        ssh.release(hosts)
+    assert max(s for s, _ in running.values()) < min(e for _, e in running.values())
