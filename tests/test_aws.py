@@ -131,6 +131,12 @@ def test_missing_dlami_parameter_names_it_and_the_override(moto_ec2, key_file):
     assert moto_ec2.alive("aws-noparam") == [] and moto_ec2.groups("aws-noparam") == []
 
 
+def test_cpu_nodes_ask_for_plain_ubuntu(moto_ec2, key_file):
+    with pytest.raises(sky.ProvisionError, match=aws.UBUNTU_PARAMETER):
+        make(moto_ec2, key_file, ami=None).launch(PoolSpec("aws-cpu", 1, None))
+    assert moto_ec2.alive("aws-cpu") == []
+
+
 def test_ami_comes_from_the_ssm_parameter(moto_ec2, key_file):
     image = moto_ec2.image_id()
     moto_ec2.client("ssm").put_parameter(Name="/sky-test/dlami", Value=image, Type="String", Overwrite=True)

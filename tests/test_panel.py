@@ -20,7 +20,7 @@ from IPython.utils.capture import capture_output
 
 import sky_jupyter as sky
 from sky_jupyter.notebook.manager import Settings, manager
-from sky_jupyter.notebook.panel import Panel
+from sky_jupyter.notebook.panel import Panel, hourly_price
 
 if TYPE_CHECKING:
     from tests.fixtures.hub import HubFixture
@@ -180,6 +180,10 @@ def test_sky_panel_magic_and_sky_panel_show_the_kernels_one_panel(shell):
     assert result is sky.panel() and result is sky.panel()
     bundle = result._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == result.view.model_id
+    assert "sky_jupyter panel" in bundle["text/plain"]  # not the repr of every child widget
+    result.close()
+    assert sky.panel() is not result and not sky.panel().closed  # a closed panel is replaced on the next call
+    sky.panel().close()
 
 
 def test_launch_grows_a_running_pool_and_reports_it(panel):
@@ -245,6 +249,9 @@ def test_accelerator_note_shows_instance_type_and_price(panel):
     assert "spot costs less" in panel.notes["accelerator"].value
     panel.provider.value = "local"
     assert "Local: runs here, no cost" in panel.notes["accelerator"].value
+    # The cost column: AWS nodes count the table's hourly price; Local and SSH machines cost us nothing to count.
+    assert (hourly_price("aws", "A100"), hourly_price("aws", None)) == (21.96, 0.2016)
+    assert hourly_price("local", "A100") is None and hourly_price("ssh", "A100") is None
 
 
 # -- the token -----------------------------------------------------------------------------------------------------

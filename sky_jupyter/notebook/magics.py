@@ -90,18 +90,22 @@ class SkyMagics(Magics):
             raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
         name = args.pool or settings.pool
         existing = mgr.pools.get(name)
-        size = max(nodes, (args.rank + 1) if args.rank is not None else 0,
-                   existing.pool.size if existing is not None and existing.pool.running else 0)
-        provider = args.provider or settings.provider
-        torch = args.torch if args.torch is not None else settings.torch
-        if torch is None:
-            torch = mgr.requests[name].torch if existing is not None else _torch_by_default(provider, size)
-        request = PoolRequest(name=name, provider=provider, nodes=size,
-                              accelerator=args.accelerator or settings.accelerator,
-                              hf=bool(args.hf) or settings.hf, torch=bool(torch))
-        if existing is not None and existing.pool.running and args.provider is None:
-            request = PoolRequest(name, mgr.requests[name].provider, size, request.accelerator, request.hf,
-                                  request.torch)
+        running = existing is not None and existing.pool.running
+        size = max(nodes, (args.rank + 1) if args.rank is not None else 0, existing.pool.size if running else 0)
+        if running:
+            # A running pool serves every cell that does not ask for something it lacks.
+            have = mgr.requests[name]
+            request = PoolRequest(name=name, provider=args.provider or have.provider, nodes=size,
+                                  accelerator=args.accelerator or have.accelerator, hf=have.hf or bool(args.hf),
+                                  torch=have.torch or bool(args.torch))
+        else:
+            provider = args.provider or settings.provider
+            torch = args.torch if args.torch is not None else settings.torch
+            if torch is None:
+                torch = _torch_by_default(provider, size)
+            request = PoolRequest(name=name, provider=provider, nodes=size,
+                                  accelerator=args.accelerator or settings.accelerator,
+                                  hf=bool(args.hf) or settings.hf, torch=bool(torch))
         try:
             npool = mgr.ensure(request, progress=_progress())
         except SkyError as exc:

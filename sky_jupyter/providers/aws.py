@@ -16,6 +16,12 @@ Teardown always happens: a failed or interrupted launch terminates what it start
 ``release`` (pool exit, exceptions, ``%sky down``) terminates and waits; instances still alive at interpreter exit
 are terminated by an ``atexit`` hook; instance ids are written to the pool's state file before anything waits on
 them, so :func:`gc` (``%sky gc``) finds whatever a killed client left behind.
+
+IAM permissions used: ec2:RunInstances, ec2:CreateTags, ec2:DescribeInstances, ec2:TerminateInstances,
+ec2:DescribeSubnets, ec2:DescribeInstanceTypeOfferings, ec2:CreateSecurityGroup,
+ec2:AuthorizeSecurityGroupIngress, ec2:DescribeSecurityGroups, ec2:DeleteSecurityGroup, ec2:ImportKeyPair,
+ec2:DescribeKeyPairs, ec2:GetConsoleOutput, ssm:GetParameter (not with ``ami=``), ec2:DescribeImages (only with
+``disk_gib=``).
 """
 
 from __future__ import annotations
@@ -520,6 +526,7 @@ class AWS(SSH):
         markets = ["spot", "on-demand"] if self.spot and self.on_demand_fallback else \
             ["spot"] if self.spot else ["on-demand"]
         refused: list[str] = []
+        last = ""
         attempt = 0
         for market in markets:
             for zone in zones:
@@ -543,6 +550,7 @@ class AWS(SSH):
                     if code in CAPACITY_ERRORS or (market == "spot" and code in SPOT_ERRORS):
                         self._say(pool, f"{zone} has no {market} capacity for {itype} ({code}); trying the next option")
                         refused.append(f"{market} in {zone}: {code}")
+                        last = message
                         continue
                     raise ProvisionError(f"EC2 refused to start {count}x {itype} in {zone} ({code}: {message}).") \
                         from None
@@ -550,7 +558,8 @@ class AWS(SSH):
                 self._wait_running(pool, [i["InstanceId"] for i in started])
                 return
         raise CapacityError(
-            f"no capacity for {count}x {itype} in {self.region} ({'; '.join(refused)}); try again later, another "
+            f"no capacity for {count}x {itype} in {self.region} ({'; '.join(refused)}; last: {last}); try again "
+            f"later, another "
             f"region (sky.AWS(region=...)), fewer nodes" + (", or spot=False" if self.spot else
                                                            ", or spot=True") + ".")
 
