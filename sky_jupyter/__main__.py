@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import sky_jupyter as sky
 
@@ -38,6 +39,36 @@ def demo(nodes: int) -> int:
         print(f"200 round trips: {(time.perf_counter() - t1) / 200 * 1e3:.2f} ms each")
     _demo_cell(nodes)
     print("pool shut down; nothing left running")
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "01-quickstart.ipynb"
+    if notebook.exists():
+        return quickstart(notebook)
+    return 0
+
+
+def quickstart(path: Path) -> int:
+    """Execute a notebook through a real Jupyter kernel, printing each code cell and what it output."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError:
+        print("(install sky-jupyter[notebook] to run the quickstart notebook)")
+        return 0
+    print(f"\n=== running {path.name} through a Jupyter kernel ===")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        print("In: " + cell.source.replace("\n", "\n    "))
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                print(out.text, end="")
+            elif "data" in out:
+                print(out.data.get("text/plain", ""))
+            elif out.output_type == "error":
+                print(f"{out.ename}: {out.evalue}")
+                return 1
+    print(f"=== {path.name}: every cell ran ===")
     return 0
 
 
@@ -79,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run functions and a %%sky cell on local worker processes")
     d.add_argument("--nodes", type=int, default=2)
+    q = sub.add_parser("quickstart", help="run a notebook through a Jupyter kernel and print its outputs")
+    q.add_argument("path", nargs="?", default="notebooks/01-quickstart.ipynb")
     sub.add_parser("status", help="list pools recorded in ~/.sky_jupyter/pools")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.nodes)
+    if args.command == "quickstart":
+        return quickstart(Path(args.path))
     return status()
 
 
