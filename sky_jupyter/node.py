@@ -21,6 +21,7 @@ from .errors import (
     VersionMismatchError,
     WorkerLostError,
 )
+from .redaction import redact
 from .tracebacks import localize
 
 if TYPE_CHECKING:
@@ -339,10 +340,20 @@ class Node:
                 raise ConnectionLostError(f"{self.label}: the pool is shut down; start it again.")
             if not self._reconnect():
                 if self.handle is not None:
-                    self.handle.stop()
+                    try:
+                        self.handle.stop()
+                    except Exception:  # noqa: BLE001 - the node may be unreachable; starting says so below
+                        pass
                     self.notices.append(f"{self.label}: the worker {self.handle.describe_exit()}; "
-                                        f"started a fresh one (remote namespace lost).")
-                self.start()
+                                        f"starting a fresh one (remote namespace lost).")
+                try:
+                    self.start()
+                except (OSError, EOFError, SkyError) as exc:
+                    self.state = "unreachable"
+                    raise ConnectionLostError(
+                        f"{self.label} cannot be reached ({type(exc).__name__}: {redact(str(exc))}); the other "
+                        f"nodes keep working. Restart the pool to replace it (`%sky down`, or a new ComputePool)."
+                    ) from None
             self.state = "ready"
             assert self.link is not None
             return self.link

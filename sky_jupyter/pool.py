@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from . import protocol as P
 from . import state
 from .compute import PendingCompute
-from .errors import ConfigError, SerializationError, SkyError
+from .errors import ConfigError, ConnectionLostError, SerializationError, SkyError
 from .image import Image
 from .node import Call, Node, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
@@ -315,16 +315,27 @@ class ComputePool:
         except Exception as exc:
             raise SerializationError(_explain_pickle_failure(pending, exc)) from None
 
-    def pick_node(self, exclude: Sequence[int] = ()) -> Node:
-        """The least busy node (fewest tasks in flight), lowest rank first."""
-        candidates = [n for n in self.nodes if n.rank not in exclude] or self.nodes
-        return min(candidates, key=lambda n: (n.in_flight(), n.state != "ready", n.rank))
+    def ranked_nodes(self) -> list[Node]:
+        """Nodes in the order ``>>`` tries them: reachable first, then least busy, then lowest rank."""
+        return sorted(self.nodes, key=lambda n: (n.state == "unreachable", n.in_flight(), n.rank))
+
+    def pick_node(self) -> Node:
+        return self.ranked_nodes()[0]
 
     def submit(self, pending: PendingCompute[Any], node: Node | None = None, sink: Sink | None = None) -> Call:
+        """Send one task. Without a given node, a node that cannot be reached is skipped for the next one."""
         self._require_running()
         self.last_used = time.monotonic()
-        node = node or self.pick_node()
-        return node.submit(P.TASK, None, self._payload(pending), sink or self._sink(node), (pending.fn,))
+        payload = self._payload(pending)
+        candidates = [node] if node is not None else self.ranked_nodes()
+        first_error: ConnectionLostError | None = None
+        for candidate in candidates:
+            try:
+                return candidate.submit(P.TASK, None, payload, sink or self._sink(candidate), (pending.fn,))
+            except ConnectionLostError as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
 
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
         """``pending >> pool``: run on one node (the least busy, or ``rank``) and return its value."""

@@ -236,6 +236,15 @@ BAD_API = [
     (lambda: sky.gather(1, 2), TypeError, "sky.gather argument 0 is int"),
     (lambda: sky.compute(5), TypeError, "decorates a function"),
     (lambda: sky.Plugin.create(""), sky.ConfigError, "non-empty name"),
+    (lambda: sky.SSH(hosts=["user@:22"]), sky.ConfigError, "SSH host 'user@:22' is not"),
+    (lambda: sky.SSH(hosts=["a@b:notaport"]), sky.ConfigError, "SSH host 'a@b:notaport' is not"),
+    (lambda: sky.SSH(hosts=[]), sky.ConfigError, "non-empty list of hosts"),
+    (lambda: sky.ComputePool(provider=sky.SSH(["gpu1"], key_file="/nonexistent/key")).start(), sky.ConfigError,
+     "/nonexistent/key"),
+    (lambda: sky.plugins.huggingface(token=""), sky.ConfigError, "token from token= is empty"),
+    (lambda: sky.plugins.huggingface(token="hf_abc def"), sky.ConfigError, "contains whitespace"),
+    (lambda: sky.ComputePool(image=sky.Image(pip=["sky-no-such-package-zz"]), name="nopkg").start(),
+     sky.ConfigError, "sky-no-such-package-zz"),
 ]
 
 
@@ -292,3 +301,169 @@ def test_two_hundred_concurrent_tasks_from_eight_threads(local_pool):
     assert not errors and len(results) == 200 and all(v == 2 * k for k, v in results.items())
     assert _rss_kb() - rss < 20_000 and abs(_fds() - fds) <= 2
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+# -- faults on the real sshd cluster ---------------------------------------------------------------------------
+
+def _slow_value(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+@pytest.mark.ssh
+def test_ssh_cut_mid_task_delivers_the_result_or_reports_it_lost(sshd_cluster):
+    from sky_jupyter import protocol as P
+    from tests.test_ssh import drop_user_sessions, provider
+
+    node = sshd_cluster.nodes[0]
+    with sky.ComputePool(provider=provider(sshd_cluster, [node]), name="cut-task") as pool:
+        pool.nodes[0].submit(P.CELL, {"code": "kept = 7"}).wait(30)
+        call = pool.submit(sky.compute(_slow_value)(2.0))
+        time.sleep(0.5)
+        assert drop_user_sessions(node) > 0  # the SSH connection dies while the task runs
+        start = time.monotonic()
+        try:
+            assert call.wait(60) == "slept"  # delivered after the reconnect
+        except sky.ConnectionLostError as exc:  # or reported lost, naming the node: never a hang
+            assert "node 0" in str(exc)
+        assert time.monotonic() - start < 60
+        assert pool.nodes[0].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == 7
+
+
+@pytest.mark.ssh
+def test_a_node_whose_sshd_and_worker_are_gone(sshd_cluster):
+    from tests.test_ssh import provider, rank_and_hostname
+
+    victim = sshd_cluster.nodes[2]
+    with sky.ComputePool(provider=provider(sshd_cluster), nodes=3, name="one-gone") as pool:
+        try:
+            sshd_cluster.ssh(victim, "pkill -KILL -u \"$(id -u)\" -f 'sky_jupyter[.]worker'; true")
+            sshd_cluster.stop_node(victim)
+            with pytest.raises(sky.SkyError) as info:
+                rank_and_hostname() @ pool
+            assert "node 2" in str(info.value)
+            ranks = {(rank_and_hostname() >> pool)[0] for _ in range(6)}
+            assert ranks <= {0, 1} and ranks
+            states = {row["rank"]: row["state"] for row in pool.status()}
+            assert states[2] in ("unreachable", "lost"), states
+            assert states[0] == states[1] == "ready"
+        finally:
+            sshd_cluster.restart_sshd(victim)
+
+
+@pytest.mark.ssh
+def test_a_killed_client_leaves_no_worker_on_ssh_nodes(sshd_cluster, tmp_path):
+    from tests.test_ssh import workers_on
+
+    nodes = sshd_cluster.nodes[:2]
+    hosts = [n.host_string for n in nodes]
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import sky_jupyter as sky
+        pool = sky.ComputePool(provider=sky.SSH({hosts!r}, key_file={str(sshd_cluster.key_file)!r}), nodes=2,
+                               grace=3.0, name="killed-client").start()
+        print("ready", flush=True)
+        time.sleep(120)
+    """))
+    env = {**os.environ, "SKY_JUPYTER_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert all(workers_on(sshd_cluster, n) for n in nodes)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(workers_on(sshd_cluster, n) for n in nodes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(workers_on(sshd_cluster, n) for n in nodes), "a worker outlived its dead client"
+
+
+@pytest.mark.ssh
+def test_ssh_workers_listen_on_localhost_only(sshd_cluster):
+    from tests.test_ssh import provider
+
+    node = sshd_cluster.nodes[1]
+    with sky.ComputePool(provider=provider(sshd_cluster, [node]), name="listen-check") as pool:
+        port = pool.nodes[0].handle.port
+        rows = sshd_cluster.ssh(node, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=True).stdout.splitlines()
+        listening = {r.split()[1] for r in rows[1:] if len(r.split()) > 3 and r.split()[3] == "0A"
+                     and r.split()[1].rsplit(":", 1)[1] == f"{port:04X}"}
+        assert listening == {f"0100007F:{port:04X}"}
+
+
+# -- secrets ---------------------------------------------------------------------------------------------------
+
+def _cmdlines_with(secret: str, stop: threading.Event, found: list[str]) -> None:
+    """Watch every process command line on this machine (test nodes' processes included) for ``secret``."""
+    while not stop.is_set():
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if secret.encode() in f.read():
+                            found.append(entry)
+                except OSError:
+                    continue
+        time.sleep(0.02)
+
+
+@pytest.mark.ssh
+def test_the_hf_token_is_only_in_the_env_file_and_the_token_file(sshd_cluster, hf_hub, sky_home, capfd,
+                                                                   monkeypatch):
+    """A recognisable fake token through a working HF pool and a failing bootstrap: it shows up nowhere but
+    the node's env file and the Hub's token files, all 0600."""
+    from tests.test_ssh import provider
+
+    for name in ("HF_TOKEN", "HF_HOME", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    token = hf_hub.token
+    assert token.startswith("hf_skytest")
+    endpoint = hf_hub.listen(sshd_cluster.bridge_addr)
+    node = sshd_cluster.nodes[1]
+    stop, cmdlines = threading.Event(), []
+    watcher = threading.Thread(target=_cmdlines_with, args=(token, stop, cmdlines), daemon=True)
+    watcher.start()
+    try:
+        hf = sky.plugins.huggingface(token=token, endpoint=endpoint)
+        image = sky.Image(env={"HF_HOME": "~/hf-secrets"})
+        with sky.ComputePool(provider=provider(sshd_cluster, [node]), plugins=[hf], image=image,
+                             name="secrets-ok") as pool:
+            loaded = sky.compute(_load_gated)("sky-test/tiny-bert") >> pool
+            assert loaded == "BertForSequenceClassification"
+        bad_image = sky.Image(pip=["sky-jupyter-no-such-package-zz"], env={"UV_OFFLINE": "1", "HF_HOME": "~/hf-secrets"})
+        with pytest.raises(sky.BootstrapError) as info:
+            with sky.ComputePool(provider=provider(sshd_cluster, [node]), plugins=[hf], image=bad_image,
+                                 name="secrets-bad"):
+                pass
+        texts = [str(info.value), repr(info.value), info.value.tail]
+    finally:
+        stop.set()
+        watcher.join()
+    out, err = capfd.readouterr()
+    assert all(token not in t for t in [*texts, out, err])
+    assert cmdlines == [], "the token appeared on a process command line"
+    for path in sky_home.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"client file {path} holds the token"
+    holders = []
+    for path in node.home.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if token.encode() in path.read_bytes():
+                    holders.append(path)
+            except OSError:
+                continue
+    assert holders, "the node should hold the token in its env file and token file"
+    for path in holders:
+        assert path.name in ("env.sh", "token", "stored_tokens"), f"{path} holds the token"
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    assert {p.name for p in holders} >= {"env.sh", "token"}
+
+
+def _load_gated(repo: str) -> str:
+    from transformers import AutoModelForSequenceClassification
+
+    return type(AutoModelForSequenceClassification.from_pretrained(repo)).__name__
