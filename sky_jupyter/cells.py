@@ -130,6 +130,12 @@ def _node_shell_class() -> type:
                 return {}, {}
             return super().compute_format_data(result)
 
+        def quiet(self) -> bool:
+            """A trailing semicolon hides the value; judged on this cell (the node keeps no input history)."""
+            info = getattr(self.exec_result, "info", None)
+            cell = getattr(info, "transformed_cell", None) or getattr(info, "raw_cell", None)
+            return bool(cell) and self.semicolon_at_end_of_expression(cell)
+
         def write_output_prompt(self) -> None:
             pass
 
@@ -282,7 +288,9 @@ class CellRunner:
         shell.compile.filename = filename
         shell.want_display = display
         shell.value_bundle = None
-        result = shell.run_cell(raw, store_history=True)
+        # No history: the notebook keeps it, and storing it here formats every error's traceback once more
+        # (IPython 9), which costs seconds for deep ones and delays the error (and interrupts) reaching the client.
+        result = shell.run_cell(raw, store_history=False)
         error = result.error_before_exec or result.error_in_exec
         if error is not None:
             raise _without_ipython_frames(error)

@@ -205,6 +205,11 @@ def test_display_html_dataframe_and_last_value(shell):
     assert "<table" in bundle["text/html"] and "text/plain" in bundle
 
 
+def test_a_trailing_semicolon_hides_the_last_value(shell):
+    assert run(shell, "%%sky\n6 * 7;").result.result is None
+    assert repr(run(shell, "%%sky\n6 * 7").result.result) == "42"
+
+
 def test_matplotlib_figure_is_shown_when_the_cell_ends(shell):
     pytest.importorskip("matplotlib")
     ran = run(shell, """
