@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("SKY_JUPYTER_PLAIN", "0")
 
-from _common import report, summary, timed  # noqa: E402
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from IPython.utils.capture import capture_output  # noqa: E402
+from _common import report, summary, timed
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
 
 
 def cell_timer(shell: InteractiveShell, source: str):

@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import report, summary, timed  # noqa: E402
+from _common import report, summary, timed
 
-import sky_jupyter as sky  # noqa: E402
+import sky_jupyter as sky
 
 
 def trivial() -> int:

@@ -19,8 +19,18 @@ from typing import Any
 
 from . import plugins
 from .compute import Compute, PendingCompute, PendingGroup, compute, gather
-from .errors import (AuthenticationError, BootstrapError, ConfigError, ConnectionLostError, ProvisionError,
-                     RemoteError, SerializationError, SkyError, VersionMismatchError, WorkerLostError)
+from .errors import (
+    AuthenticationError,
+    BootstrapError,
+    ConfigError,
+    ConnectionLostError,
+    ProvisionError,
+    RemoteError,
+    SerializationError,
+    SkyError,
+    VersionMismatchError,
+    WorkerLostError,
+)
 from .image import Image
 from .info import InstanceInfo, instance_info, shard
 from .plugin import Cluster, Plugin

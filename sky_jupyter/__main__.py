@@ -86,7 +86,8 @@ def _demo_cell(nodes: int) -> None:
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext sky_jupyter")
     shell.run_cell("data = list(range(10))")
-    cell = f"%%sky --nodes {nodes} --pool demo-cell\nimport sky_jupyter as sky\ntotal = sum(sky.shard(data))\nprint('my part sums to', total)\ntotal"
+    cell = (f"%%sky --nodes {nodes} --pool demo-cell\nimport sky_jupyter as sky\n"
+            "total = sum(sky.shard(data))\nprint('my part sums to', total)\ntotal")
     print(">>> " + cell.replace("\n", "\n... "))
     shell.run_cell(cell)
     shell.run_cell("print('back in the notebook: total =', total)")

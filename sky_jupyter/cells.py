@@ -260,7 +260,7 @@ class CellRunner:
             pos += count
             try:
                 value = P.loads(part)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - (un)pickling user objects can raise anything
                 raise ImportError(f"notebook variable {name!r} could not be rebuilt on this node: "
                                   f"{type(exc).__name__}: {exc}") from None
             self.namespace[name] = rebind(value, self.namespace)

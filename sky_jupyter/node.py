@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import protocol as P
 from .errors import (
     AuthenticationError,
+    ConfigError,
     ConnectionLostError,
     RemoteError,
     RemoteTraceback,
@@ -34,7 +35,7 @@ _task_ids = itertools.count(1)
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("task_id", "node", "sink", "code", "on_done", "_done", "_frames", "_error", "_lost")
+    __slots__ = ("_done", "_error", "_frames", "_lost", "code", "node", "on_done", "sink", "task_id")
 
     def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
                  on_done: Callable[[], None] | None = None) -> None:
@@ -76,7 +77,7 @@ class Call:
             raise remote_exception(self._error, self._frames or [], self.node.label, self.code)
         try:
             return P.loads(self._frames or [])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - (un)pickling user objects can raise anything
             raise SerializationError(f"the result from {self.node.label} could not be unpickled here: "
                                      f"{type(exc).__name__}: {exc}. Install the package that defines it locally, "
                                      f"or return plain Python types.") from None
@@ -94,7 +95,7 @@ def remote_exception(meta: dict[str, Any], frames: list, label: str, code: tuple
     if frames:
         try:
             exc = P.loads(frames)
-        except Exception:
+        except Exception:  # noqa: BLE001 - (un)pickling user objects can raise anything
             exc = None
     if not isinstance(exc, BaseException):
         return RemoteError(meta.get("type", "Exception"), meta.get("message", ""), meta.get("traceback", ""), label)
@@ -348,6 +349,9 @@ class Node:
                                         f"starting a fresh one (remote namespace lost).")
                 try:
                     self.start()
+                except (AuthenticationError, VersionMismatchError, ConfigError):
+                    self.state = "refused"
+                    raise  # a changed host key or refused login is not "unreachable": say exactly what it is
                 except (OSError, EOFError, SkyError) as exc:
                     self.state = "unreachable"
                     raise ConnectionLostError(

@@ -312,7 +312,7 @@ class ComputePool:
         register_user_modules()
         try:
             return P.dumps((pending.fn, pending.args, pending.kwargs))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - (un)pickling user objects can raise anything
             raise SerializationError(_explain_pickle_failure(pending, exc)) from None
 
     def ranked_nodes(self) -> list[Node]:

@@ -27,7 +27,7 @@ from typing import IO, Any, Self
 import paramiko
 
 from . import protocol as P
-from .errors import ConfigError, ProvisionError
+from .errors import AuthenticationError, ConfigError, ProvisionError
 from .redaction import redact
 
 #: Channel window and packet size we advertise: bulk data from the node never waits for window adjustments.
@@ -45,7 +45,7 @@ KEEPALIVE_S = 15.0
 NO_CLIENT_REKEY = 1 << 62
 
 
-class HostKeyError(ProvisionError):
+class HostKeyError(ProvisionError, AuthenticationError):
     """A node presented a host key other than the one pinned for it: the connection is refused."""
 
 
@@ -53,7 +53,7 @@ class SSHConnectError(ProvisionError):
     """A node could not be reached or would not let us log in."""
 
 
-class SSHAuthError(SSHConnectError):
+class SSHAuthError(SSHConnectError, AuthenticationError):
     """The node refused every key we offered (retrying would not help)."""
 
 

@@ -240,7 +240,7 @@ def error_frames(exc: BaseException) -> tuple[dict[str, Any], list]:
     try:
         payload = P.dumps(exc)
         P.loads(payload)  # an exception that pickles but cannot be rebuilt travels as RemoteError instead
-    except Exception:
+    except Exception:  # noqa: BLE001 - (un)pickling user objects can raise anything
         payload = []
     return meta, payload
 

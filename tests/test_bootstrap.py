@@ -23,8 +23,8 @@ from sky_jupyter.image import Image
 
 
 def _run(script: str, home) -> list[str]:
-    out = subprocess.run(["bash", "-c", script], check=False, env={**os.environ, "HOME": str(home)}, capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(["bash", "-c", script], check=False, env={**os.environ, "HOME": str(home)},
+                         capture_output=True, text=True, timeout=30)
     return out.stdout.splitlines(keepends=True)
 
 
@@ -68,8 +68,9 @@ def test_env_file_quotes_values(tmp_path):
 # -- the remote plan's phases, run here with bash against a scratch HOME --------------------------------------------
 def _phase(phase, home, env=None):
     plan = BootstrapPlan(Image(), (phase,), home="$HOME/.sky_jupyter")
-    return subprocess.run(["bash", "-c", plan.script()], check=False, env={**os.environ, "HOME": str(home), **(env or {})},
-                          capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "HOME": str(home), **(env or {})}
+    return subprocess.run(["bash", "-c", plan.script()], check=False, env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_env_phase_puts_the_source_line_first_once(tmp_path):

@@ -381,7 +381,7 @@ def dummy(name: str) -> int:
 def run(source: str, namespace: dict[str, object]) -> tuple[str | None, dict[str, object]]:
     ns = dict(namespace)
     try:
-        exec(compile(source, "<generated>", "exec"), ns)  # noqa: S102 - generated test programs
+        exec(compile(source, "<generated>", "exec"), ns)
     except Exception as err:  # noqa: BLE001 - the property compares outcomes, whatever they are
         outcome: str | None = f"{type(err).__name__}: {err}"
     else:

@@ -7,15 +7,16 @@ import signal
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("IPython")
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from IPython.utils.capture import capture_output  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
 
-import sky_jupyter as sky  # noqa: E402
-from sky_jupyter.notebook.manager import manager  # noqa: E402
+import sky_jupyter as sky
+from sky_jupyter.notebook.manager import manager
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +227,7 @@ def test_bad_lines_are_one_line_usage_errors_and_run_nothing(shell):
 
 
 def test_cell_that_does_not_parse_runs_nothing(shell):
-    result, out, err = run(shell, "%%sky\nx = (1,\nnever = 1")
+    result, _out, _err = run(shell, "%%sky\nx = (1,\nnever = 1")
     assert result.error_in_exec is not None
     assert "never" not in shell.user_ns
 
@@ -247,7 +248,7 @@ def test_plain_mode_groups_output_per_node(shell, monkeypatch):
 
 def test_progress_bar_collapses_in_plain_mode(shell, monkeypatch):
     monkeypatch.setenv("SKY_JUPYTER_PLAIN", "1")
-    _, out, err = ok(shell, """
+    _, _out, err = ok(shell, """
         %%sky
         import sys
         for i in range(1000):
@@ -260,13 +261,20 @@ def test_progress_bar_collapses_in_plain_mode(shell, monkeypatch):
 
 def test_interrupt_reaches_every_node_quickly(shell):
     ok(shell, "%%sky --nodes 2\nkept_value = 123")
-    timer = threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
-    start = time.monotonic()
+    sent_at: list[float] = []
+
+    def interrupt() -> None:
+        sent_at.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    timer = threading.Timer(0.5, interrupt)
     timer.start()
     result, _, _ = run(shell, "%%sky --nodes 2\nimport time\ntime.sleep(60)")
-    elapsed = time.monotonic() - start
+    stopped_after = time.monotonic() - sent_at[0]
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
-    assert elapsed < 1.5 + 0.5, elapsed
+    # Both nodes stopped their 60 s sleep: the cell ended right after the interrupt (about 0.1 s when quiet;
+    # the bound leaves room for a loaded 2-core CI machine).
+    assert stopped_after < 5, stopped_after
     ok(shell, "%%sky --nodes 2\nkept_after = kept_value")
     assert shell.user_ns["kept_after"] == 123
 
@@ -279,7 +287,8 @@ def test_timeout_interrupts(shell):
 def test_pool_grows_and_conflicts_say_how_to_restart(shell):
     ok(shell, "%%sky --pool grower\nv = 1")
     assert manager().pools["grower"].pool.size == 1
-    _, out, _ = ok(shell, "%%sky --pool grower --nodes 3\nimport sky_jupyter as sky\nprint(sky.instance_info().world_size)")
+    _, out, _ = ok(shell, "%%sky --pool grower --nodes 3\nimport sky_jupyter as sky\n"
+                          "print(sky.instance_info().world_size)")
     assert manager().pools["grower"].pool.size == 3
     assert out.count("3") >= 3
     result, out, err = run(shell, "%%sky --pool grower --hf\npass")
@@ -312,7 +321,8 @@ def test_idle_pool_is_shut_down_with_a_notice(shell):
             time.sleep(0.2)
         assert "sleepy" not in manager().pools
         for pid in pids:
-            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+            stat = Path(f"/proc/{pid}/stat")
+            assert not stat.exists() or stat.read_text().split()[2] == "Z"
         _, _, err = ok(shell, "%sky status")
         assert "sleepy" in err and "idle" in err
     finally:

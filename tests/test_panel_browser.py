@@ -94,7 +94,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     _notebook(root / "token.ipynb", [
         "%load_ext sky_jupyter",
         "%sky panel",
-        "from sky_jupyter.notebook.manager import manager\nprint('kernel token:', manager().settings.public()['hf_token'])",
+        "from sky_jupyter.notebook.manager import manager\n"
+        "print('kernel token:', manager().settings.public()['hf_token'])",
     ])
     port = _free_port()
     token = secrets.token_hex(16)
@@ -213,6 +214,7 @@ def test_choose_two_local_nodes_launch_run_a_cell_and_shut_down(lab: Lab, page: 
     assert len(rows) == 2 and all("127.0.0.1" in r and "n/a" in r for r in rows)
 
     sky_cell = run_cell(page, 2)
+    sky_cell.locator(".jp-OutputArea-output", has_text="hello from node 0").wait_for()
     sky_cell.locator(".jp-OutputArea-output", has_text="hello from node 1").wait_for()
     output = sky_cell.locator(".jp-OutputArea").inner_text()
     assert "hello from node 0" in output and "hello from node 1" in output

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import stat
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,7 +198,6 @@ def test_multi_node_ddp_on_ssh_nodes(hf_hub: HubFixture, sshd_cluster: Cluster, 
     name = f"ddp-{'torch' if with_torch else 'plain'}"
     hf_home = f"~/hf-{name}"  # a cold cache per pool: the downloads below must come from the gated repos
     hf_hub.hub.clear_requests()
-    started = time.monotonic()
     with ProcessWatch(hf_hub.token) as watch, sky.ComputePool(
         provider=sky.SSH([n.host_string for n in nodes], key_file=sshd_cluster.key_file),
         nodes=2,
@@ -214,7 +212,6 @@ def test_multi_node_ddp_on_ssh_nodes(hf_hub: HubFixture, sshd_cluster: Cluster, 
     check_ddp(results, synced=with_torch)
     assert watch.logins_seen, "the nodes' login processes were never seen"
     assert watch.leaks == [], "the token was on a command line (ps on the nodes)"
-    assert time.monotonic() - started < 120
     assert gated_downloads(hf_hub, GPT2) and gated_downloads(hf_hub, WIKITEXT)
     assert [r.status for r in hf_hub.requests if r.path == "/api/whoami-v2"] == [200, 200]  # each node logged in
     out, err = capfd.readouterr()

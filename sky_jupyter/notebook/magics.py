@@ -121,7 +121,7 @@ class SkyMagics(Magics):
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any error of the user's code is re-raised with context
             if exc.__cause__ is not None or hasattr(exc, "traceback"):
                 exc._render_traceback_ = lambda e=exc: _render_remote_traceback(e)  # type: ignore[attr-defined]
             raise exc.with_traceback(None) from exc.__cause__

@@ -895,8 +895,9 @@ def gc(region: str | None = None, interactive: bool = False, dry_run: bool = Fal
             tags = _tags(inst.get("Tags"))
             launched = inst.get("LaunchTime")
             when = launched.strftime("%Y-%m-%d %H:%M") if isinstance(launched, _dt.datetime) else "?"
+            zone = inst.get("Placement", {}).get("AvailabilityZone", "")
             print(f"  {inst['InstanceId']}  {inst.get('InstanceType', '?'):<14} {inst['State']['Name']:<9} "
-                  f"pool={tags.get(TAG_POOL)}  launched {when}  {inst.get('Placement', {}).get('AvailabilityZone', '')}")
+                  f"pool={tags.get(TAG_POOL)}  launched {when}  {zone}")
         if others:
             print(f"  ({others} instance(s) of other owners left alone)")
     ids = [i["InstanceId"] for i in orphans]

@@ -40,7 +40,7 @@ def missing_requirements(requirements: tuple[str, ...]) -> list[str]:
     try:
         from packaging.requirements import Requirement
     except ImportError:  # pragma: no cover - packaging ships with nearly every environment
-        Requirement = None  # type: ignore[assignment]  # noqa: N806
+        Requirement = None  # type: ignore[assignment]
     missing = []
     for spec in requirements:
         if Requirement is not None:
