@@ -24,6 +24,21 @@ def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def shell():
+    """A real IPython shell with the extension loaded and bare %%sky cells on one Local node; the module's
+    pools are shut down afterwards."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from sky_jupyter.notebook.manager import manager
+
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext sky_jupyter", store_history=False)
+    manager().configure(provider="local", nodes=1, pool="default", torch=False)
+    yield ip
+    ip.run_cell("%sky down --all")
+
+
+@pytest.fixture(scope="module")
 def local_pool():
     import sky_jupyter as sky
 

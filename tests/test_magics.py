@@ -19,15 +19,6 @@ import sky_jupyter as sky
 from sky_jupyter.notebook.manager import manager
 
 
-@pytest.fixture(scope="module")
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext sky_jupyter", store_history=False)
-    manager().configure(provider="local", nodes=1, pool="default", torch=False)
-    yield ip
-    ip.run_cell("%sky down --all")
-
-
 def run(ip: InteractiveShell, source: str):
     """Run a cell; return (result, stdout, stderr)."""
     with capture_output(display=True) as cap:

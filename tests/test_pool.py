@@ -173,26 +173,6 @@ def test_sigkill_names_the_node_and_next_task_works():
         assert double(4) >> pool == 8
 
 
-def test_concurrent_calls_from_threads_get_their_own_results(local_pool):
-    errors: list[BaseException] = []
-    results: dict[int, int] = {}
-
-    def worker(base: int) -> None:
-        try:
-            for i in range(25):
-                results[base + i] = double(base + i) >> local_pool
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
-    assert len(results) == 200 and all(v == 2 * k for k, v in results.items())
-
-
 def test_unpicklable_argument_is_named_before_anything_runs(local_pool):
     lock = threading.Lock()
     with pytest.raises(sky.SerializationError, match=r"argument 0 \(lock\)"):

@@ -48,15 +48,6 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.fixture(scope="module")
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext sky_jupyter", store_history=False)
-    manager().configure(provider="local", nodes=1, pool="default", torch=False)
-    yield ip
-    ip.run_cell("%sky down --all")
-
-
 def cell(ip: InteractiveShell, source: str):
     with capture_output(display=True) as cap:
         result = ip.run_cell(textwrap.dedent(source).strip("\n") + "\n", store_history=False)
