@@ -289,39 +289,60 @@ class Node:
             if self.closing or link is not self.link:
                 return
             self.state = "reconnecting"
-            if self._reconnect():
+            try:
+                outcome = self._reconnect()
+            except (AuthenticationError, ConfigError) as refused:
+                for call in link.take_calls().values():
+                    call._finish(lost=refused)
+                self.link = None
                 return
-            why = self.handle.describe_exit() if self.handle is not None else "is gone"
-            lost = WorkerLostError(f"{self.label}: its worker {why} while running this task; the node's "
-                                   f"remote namespace is lost. The next task starts a fresh worker.")
+            if outcome == "connected":
+                return
+            if outcome == "unreachable":
+                lost: ConnectionLostError = self._unreachable_error()
+            else:
+                why = self.handle.describe_exit() if self.handle is not None else "is gone"
+                lost = WorkerLostError(f"{self.label}: its worker {why} while running this task; the node's "
+                                       f"remote namespace is lost. The next task starts a fresh worker.")
+                self.state = "lost"
             for call in link.take_calls().values():
                 call._finish(lost=lost)
             self.link = None
-            self.state = "lost"
 
-    def _reconnect(self, deadline: float = 10.0) -> bool:
-        """Reconnect to a worker that still runs, with backoff; False when it is gone."""
+    def _unreachable_error(self) -> ConnectionLostError:
+        self.state = "unreachable"
+        why = self.handle.describe_exit() if self.handle is not None else "cannot be reached"
+        return ConnectionLostError(
+            f"{self.label} cannot be reached (its worker {why}); the other nodes keep working. Restart the pool "
+            f"to replace it (`%sky down`, or a new ComputePool).")
+
+    def _reconnect(self, deadline: float = 10.0) -> str:
+        """Reconnect to a worker that still runs, with backoff. Returns "connected", "gone" (the worker is not
+        running) or "unreachable" (the node itself cannot be asked)."""
         delay, end = 0.05, time.monotonic() + deadline
         while not self.closing:
             try:
                 alive = self.handle is not None and self.handle.alive()
-            except Exception:  # noqa: BLE001 - a node we cannot ask counts as gone
-                alive = False
+            except (AuthenticationError, ConfigError):
+                self.state = "refused"
+                raise  # a changed host key or refused login is not "unreachable": say exactly what it is
+            except Exception:  # noqa: BLE001 - any other failure to ask the node means we cannot reach it
+                return "unreachable"
             if not alive:
-                return False
+                return "gone"
             try:
                 hello = self._connect()
             except (OSError, EOFError, ValueError, SkyError):
                 if time.monotonic() > end:
-                    return False
+                    return "unreachable"
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             if hello.get("generation", 0) and not hello.get("setup"):
                 self._restarted()
             self.state = "ready"
-            return True
-        return False
+            return "connected"
+        return "gone"
 
     def _restarted(self) -> None:
         """The worker replaced itself after ignoring an interrupt: calls in flight are lost, setup runs again."""
@@ -339,7 +360,10 @@ class Node:
                 return link
             if self.closing:
                 raise ConnectionLostError(f"{self.label}: the pool is shut down; start it again.")
-            if not self._reconnect():
+            outcome = self._reconnect()
+            if outcome == "unreachable":
+                raise self._unreachable_error()
+            if outcome == "gone":
                 if self.handle is not None:
                     try:
                         self.handle.stop()
@@ -390,6 +414,9 @@ class Node:
         if link is not None and link.alive:
             link.send(P.SHUTDOWN)
             link.close()
-        if self.handle is not None:
-            self.handle.stop(timeout)
+        if self.handle is not None and self.state != "unreachable":  # its dead-man switch cleans up instead
+            try:
+                self.handle.stop(timeout)
+            except (OSError, EOFError, SkyError):
+                pass
         self.state = "stopped"
