@@ -297,6 +297,31 @@ class CellRunner:
         value, result.result = result.result, None  # the shell keeps the result object; not the value
         return value is not None, value
 
+    @staticmethod
+    def _plain_python(shell: Any, meta: dict[str, Any]) -> bool:
+        """A cell with no IPython syntax (the client's transform left it unchanged), on a shell with no
+        per-cell hooks beyond the execute events, needs none of the shell's cell machinery."""
+        if meta.get("python") != meta["code"]:
+            return False
+        callbacks = shell.events.callbacks
+        return not callbacks.get("pre_run_cell") and not callbacks.get("post_run_cell")
+
+    def execute_fast(self, shell: Any, source: str, filename: str, display: bool) -> tuple[bool, Any]:
+        """Plain Python in the shell's context (its builtins, display hook and execute events, so display(),
+        get_ipython() and inline figures behave as in ``run_cell``) at a fifth of its cost."""
+        shell.want_display = display
+        shell.value_bundle = None
+        with shell.builtin_trap, shell.display_trap:
+            shell.events.trigger("pre_execute")
+            try:
+                has_value, value = self.execute(source, filename)
+            finally:
+                shell.events.trigger("post_execute")
+        if has_value and value is not None and display and not shell.displayhook.semicolon_at_end_of_expression(
+                source):
+            shell.value_bundle = portable_bundle(*shell.display_formatter.format(value))
+        return (False, None) if value is None else (has_value, value)
+
     def collect(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Values of the names the cell bound: pickled while under budget, described otherwise."""
         out: dict[str, Any] = {"values": {}, "remote": {}, "modules": {}, "bound": [], "missing": []}
@@ -333,7 +358,9 @@ class CellRunner:
         importlib.invalidate_caches()  # a package the previous cell installed (%pip) is importable now
         filename = meta.get("filename", "<sky-cell>")
         shell = self.shell
-        if shell is not None:
+        if shell is not None and self._plain_python(shell, meta):
+            has_value, value = self.execute_fast(shell, meta["code"], filename, bool(meta.get("display")))
+        elif shell is not None:
             has_value, value = self.execute_ipython(shell, meta["code"], filename, bool(meta.get("display")))
         else:
             has_value, value = self.execute(meta.get("python") or meta["code"], filename)

@@ -107,7 +107,7 @@ class SkyMagics(Magics):
                                   accelerator=args.accelerator or settings.accelerator,
                                   hf=bool(args.hf) or settings.hf, torch=bool(torch))
         try:
-            npool = mgr.ensure(request, progress=_progress())
+            npool = mgr.ensure(request, progress=_progress(plain_mode(self.shell)))
         except SkyError as exc:
             raise UsageError(str(exc)) from None
         ranks = [args.rank] if args.rank is not None else list(range(nodes))
@@ -205,10 +205,11 @@ def _torch_by_default(provider: str, nodes: int) -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _progress():
-    """A bootstrap progress callback: phase lines on stderr (the panel and rich bars hook in here)."""
+def _progress(plain: bool):
+    """A bootstrap progress callback: phase lines on stderr (the panel hooks in here too). Non-interactive runs
+    show only warnings: whether a node was bootstrapped or found ready must not change a saved notebook."""
     def show(rank: int, phase: str, line: str) -> None:
-        if not line:
+        if not line and not plain:
             print(f"[node {rank}] bootstrap: {phase}", file=sys.stderr)
         elif line.startswith("warning:"):  # phases flag what the user must know (e.g. an unchecked HF token)
             print(f"[node {rank}] {phase}: {line}", file=sys.stderr)
