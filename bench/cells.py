@@ -1,6 +1,7 @@
 """%%sky cells on warm Local pools, side by side in one run:
 
-(a) median time of a trivial %%sky cell on 2 nodes vs ipyparallel's %%px on 2 local engines (goal <= 0.5x);
+(a) median time of a trivial %%sky cell on 2 nodes vs ipyparallel's blocking %%px on 2 local engines (goal <= 0.5x;
+    plain %%px returns before the engines finish, so --block makes both wait for the result);
 (b) a cell reading an unchanged 256 MB array: second run vs first run (goal <= 0.05x);
 (c) a trivial cell on 4 nodes vs on 1 node (goal <= 1.5x).
 
@@ -41,7 +42,7 @@ def px_figures(shell: InteractiveShell, n: int) -> dict[str, float]:
     try:
         client.wait_for_engines(2, timeout=120)
         client[:].activate()
-        return summary(timed(cell_timer(shell, "%%px\nx = 1\n"), n))
+        return summary(timed(cell_timer(shell, "%%px --block\nx = 1\n"), n))
     finally:
         client.close()
         cluster.stop_cluster_sync()

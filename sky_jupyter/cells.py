@@ -244,6 +244,7 @@ class CellRunner:
         self.namespace = namespace
         self.send_display = send_display
         self._shell: Any = None
+        self._installed = False
 
     @property
     def shell(self) -> Any:
@@ -355,7 +356,9 @@ class CellRunner:
         """Run one cell. ``meta["display"]``: send the last value's rich repr back (the notebook shows rank 0's);
         without that key the raw value comes back, as for direct callers."""
         self.load_inputs(meta, frames)
-        importlib.invalidate_caches()  # a package the previous cell installed (%pip) is importable now
+        if self._installed:  # a package the previous cell installed (%pip, !pip, uv) is importable now
+            importlib.invalidate_caches()
+        self._installed = "install" in meta["code"]
         filename = meta.get("filename", "<sky-cell>")
         shell = self.shell
         if shell is not None and self._plain_python(shell, meta):
