@@ -319,9 +319,6 @@ class ComputePool:
         """Nodes in the order ``>>`` tries them: reachable first, then least busy, then lowest rank."""
         return sorted(self.nodes, key=lambda n: (n.state == "unreachable", n.in_flight(), n.rank))
 
-    def pick_node(self) -> Node:
-        return self.ranked_nodes()[0]
-
     def submit(self, pending: PendingCompute[Any], node: Node | None = None, sink: Sink | None = None) -> Call:
         """Send one task. Without a given node, a node that cannot be reached is skipped for the next one."""
         self._require_running()

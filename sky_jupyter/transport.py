@@ -19,7 +19,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self
@@ -544,21 +544,3 @@ class Connection:
             t, self._transport = self._transport, None
         if t is not None:
             t.close()
-
-
-def connect_all(connections: Sequence[Connection]) -> list[BaseException | None]:
-    """Connect several at once; the error of each that failed (None where it worked)."""
-    errors: list[BaseException | None] = [None] * len(connections)
-
-    def one(i: int) -> None:
-        try:
-            connections[i].connect()
-        except BaseException as exc:  # noqa: BLE001 - reported per connection
-            errors[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(connections))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return errors

@@ -12,7 +12,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..errors import ConfigError, SkyError
-from .manager import PROVIDERS, PoolRequest, manager
+from .manager import PROVIDERS, PoolRequest, manager, torch_by_default
 from .output import plain_mode
 from .session import CellOptions, run_cell
 
@@ -102,7 +102,7 @@ class SkyMagics(Magics):
             provider = args.provider or settings.provider
             torch = args.torch if args.torch is not None else settings.torch
             if torch is None:
-                torch = _torch_by_default(provider, size)
+                torch = torch_by_default(provider, size)
             request = PoolRequest(name=name, provider=provider, nodes=size,
                                   accelerator=args.accelerator or settings.accelerator,
                                   hf=bool(args.hf) or settings.hf, torch=bool(torch))
@@ -191,18 +191,6 @@ class SkyMagics(Magics):
         if not 0 <= rank < len(npool.pool.nodes):
             raise UsageError(f"node {rank} does not exist; the pool has {len(npool.pool.nodes)} nodes")
         print(npool.pool.provider.read_log(npool.pool.hosts[rank]))
-
-
-def _torch_by_default(provider: str, nodes: int) -> bool:
-    """torch.distributed is on by default for several nodes; on the Local provider only when torch is
-    installed here (Local nodes use this environment)."""
-    if nodes <= 1:
-        return False
-    if provider != "local":
-        return True
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 def _progress(plain: bool):

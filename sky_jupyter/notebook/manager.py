@@ -125,6 +125,18 @@ def make_plugins(request: PoolRequest, settings: Settings) -> list[Any]:
     return chosen
 
 
+def torch_by_default(provider: str, nodes: int) -> bool:
+    """torch.distributed is on by default for several nodes; on the Local provider only when torch is
+    installed here (Local nodes use this environment)."""
+    if nodes <= 1:
+        return False
+    if provider != "local":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 class PoolManager:
     def __init__(self) -> None:
         self.settings = Settings()

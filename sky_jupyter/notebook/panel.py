@@ -23,7 +23,7 @@ from traitlets import Unicode
 
 from ..errors import ConfigError, SkyError
 from ..redaction import redact
-from .manager import PROVIDERS, PoolManager, PoolRequest, Settings, manager
+from .manager import PROVIDERS, PoolManager, PoolRequest, Settings, manager, torch_by_default
 
 TORCH_CHOICES = {"auto": None, "on": True, "off": False}
 MAX_NODES = 512
@@ -345,7 +345,6 @@ class Panel:
 
     def request(self) -> PoolRequest:
         """What Launch asks of the pool manager: what a bare ``%%sky`` cell would ask, from the same settings."""
-        from .magics import _torch_by_default
 
         settings = self.manager.settings
         existing = self.manager.pools.get(settings.pool)
@@ -353,7 +352,7 @@ class Panel:
         size = max(settings.nodes, existing.pool.size if running else 0)
         torch = settings.torch
         if torch is None:
-            torch = self.manager.requests[settings.pool].torch if running else _torch_by_default(settings.provider,
+            torch = self.manager.requests[settings.pool].torch if running else torch_by_default(settings.provider,
                                                                                                   size)
         return PoolRequest(name=settings.pool, provider=settings.provider, nodes=size,
                            accelerator=settings.accelerator, hf=settings.hf, torch=bool(torch))

@@ -80,8 +80,6 @@ class NotebookPool:
     def name(self) -> str:
         return self.pool.name
 
-    def forget_rank(self, rank: int) -> None:
-        self.synced.pop(rank, None)
 
 
 def notebook_globals(values: dict[str, Any], user_ns: dict[str, Any]) -> set[str]:
