@@ -184,7 +184,15 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
                     "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
                     "budget": options.budget, "pull": options.pull and rank == first, "display": rank == first}
             node = pool.nodes[rank]
-            calls.append((rank, node.submit(P.CELL, meta, payload, output.sink(rank), on_done=output.wake), send))
+            try:
+                call = node.submit(P.CELL, meta, payload, output.sink(rank), on_done=output.wake)
+            except BaseException:
+                # This node cannot take the cell: stop it where it already started, then say why.
+                for _, started, _ in calls:
+                    started.interrupt()
+                _drain(calls, output)
+                raise
+            calls.append((rank, call, send))
         pool.last_used = time.monotonic()
         results, failures = _wait(calls, output, options.timeout)
     finally:
@@ -206,15 +214,11 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
         else:  # unknown what the node holds now: send again next time
             for n in sent:
                 have.pop(n, None)
-    for n in sent_all(calls):
+    for n in {n for _, _, sent in calls for n in sent}:
         npool.client_hash[n] = hashes[n]
     if failures:
         raise failures[0][1]
     return _bring_back(npool, results[first], names, user_ns, first, options)
-
-
-def sent_all(calls: list[tuple[int, Call, list[str]]]) -> set[str]:
-    return {n for _, _, sent in calls for n in sent}
 
 
 @functools.lru_cache(maxsize=256)
