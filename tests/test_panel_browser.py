@@ -28,7 +28,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update"]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DOCS_SCREENSHOT = ROOT / "docs" / "panel.png"
-TOKEN = "hf_browserPanelSecret0123456789abcdef"
+TOKEN = "hf_skytestFakeBrowserPanelSecret0123456789"
 
 
 def _missing() -> str | None:

@@ -1,0 +1,27 @@
+"""The torch plugin's pure parts: torchrun-style variables per node and the interface that carries an address."""
+
+from __future__ import annotations
+
+from sky_jupyter.info import InstanceInfo
+from sky_jupyter.plugins.torch import distributed_env, interface_of
+
+
+def _info(rank: int, addrs: tuple[str, ...]) -> InstanceInfo:
+    return InstanceInfo(rank=rank, world_size=len(addrs), head_addr=addrs[0], node_addrs=addrs, accelerator=None,
+                        pool_name="p", head_port=29577)
+
+
+def test_one_worker_per_machine():
+    env = distributed_env(_info(2, ("10.0.0.1", "10.0.0.2", "10.0.0.3")), cuda=True)
+    assert env == {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29577", "WORLD_SIZE": "3", "RANK": "2",
+                   "NODE_RANK": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+
+
+def test_workers_sharing_a_machine_count_locally_and_cpu_nodes_tell_accelerate():
+    env = distributed_env(_info(3, ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2")), cuda=False)
+    assert (env["NODE_RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("1", "1", "2")
+    assert env["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_loopback_is_carried_by_lo():
+    assert interface_of("127.0.0.1") == "lo"
