@@ -32,6 +32,12 @@ def summary(samples: list[float]) -> dict[str, float]:
             "min_ms": ordered[0] * 1e3, "n": len(ordered)}
 
 
+def seconds(samples: list[float]) -> dict[str, float]:
+    """:func:`summary` in seconds instead of milliseconds."""
+    return {k.replace("_ms", "_s"): (round(v / 1e3, 4) if k.endswith("_ms") else v)
+            for k, v in summary(samples).items()}
+
+
 def report(name: str, figures: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     data = {"bench": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import report, summary
+from _common import report, seconds
 
 import sky_jupyter as sky
 from tests.fixtures.sshd_cluster import (
@@ -268,14 +268,6 @@ def run_sky(pool: sky.ComputePool, job_args: list[Any]) -> dict[str, Any]:
         "setup_s": max(r["setup_s"] for r in results),
         "train_s": max(r["train_s"] for r in results),
         "results": results,
-    }
-
-
-def seconds(samples: list[float]) -> dict[str, float]:
-    """_common.summary, in seconds."""
-    return {
-        k.replace("_ms", "_s"): (round(v / 1e3, 4) if k.endswith("_ms") else v)
-        for k, v in summary(samples).items()
     }
 
 
