@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any, TextIO
 
@@ -20,7 +19,7 @@ from .errors import ConfigError, ConnectionLostError, SerializationError, SkyErr
 from .image import Image
 from .node import Call, Node, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
-from .providers.base import Cost, Host, PoolSpec, Provider
+from .providers.base import Cost, Host, PoolSpec, Provider, in_parallel
 from .providers.local import Local
 from .redaction import register
 from .shipping import register_user_modules
@@ -229,27 +228,14 @@ class ComputePool:
             "cloud": self.provider.pool_state(self.name),
         })
 
-    def _parallel(self, fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:
-        if not fns:
-            return []
-        if len(fns) == 1:
-            try:
-                return [fns[0]()]
-            except Exception:
-                if raise_first:
-                    raise
-                return [None]
-        with ThreadPoolExecutor(max_workers=min(32, len(fns))) as ex:
-            futures = [ex.submit(fn) for fn in fns]
-            results = []
-            for fut in futures:
-                try:
-                    results.append(fut.result())
-                except Exception:
-                    if raise_first:
-                        raise
-                    results.append(None)
-            return results
+    @staticmethod
+    def _parallel(fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:
+        """One thread per node; the first failure (in order) is raised, or with ``raise_first=False`` None."""
+        results = in_parallel(fns)
+        for result in results:
+            if isinstance(result, Exception) and raise_first:
+                raise result
+        return [None if isinstance(r, Exception) else r for r in results]
 
     def _print_progress(self, rank: int, phase: str, line: str) -> None:
         if not line:

@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import protocol as P
 from ..bootstrap import BootstrapPlan, Phase
 from ..image import Image
 
 Progress = Callable[[int, str, str], None]  # (rank, phase, line)
+T = TypeVar("T")
+
+
+def in_parallel(fns: Sequence[Callable[[], T]]) -> list[T | Exception]:
+    """Run each function in its own thread (one node each); its value, or the exception it raised, in order."""
+    if len(fns) <= 1:
+        out: list[T | Exception] = []
+        for fn in fns:
+            try:
+                out.append(fn())
+            except Exception as exc:  # noqa: BLE001 - returned to the caller
+                out.append(exc)
+        return out
+    with ThreadPoolExecutor(max_workers=min(32, len(fns))) as ex:
+        futures = [ex.submit(fn) for fn in fns]
+        results: list[T | Exception] = []
+        for fut in futures:
+            try:
+                results.append(fut.result())
+            except Exception as exc:  # noqa: BLE001 - returned to the caller
+                results.append(exc)
+        return results
 
 
 @dataclass(frozen=True, slots=True)

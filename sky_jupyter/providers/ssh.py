@@ -18,8 +18,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +40,7 @@ from ..transport import (
     remote_path,
 )
 from ..worker import READY
-from .base import Host, PoolSpec, Progress, Provider, WorkerHandle
+from .base import Host, PoolSpec, Progress, Provider, WorkerHandle, in_parallel
 from .local import sky_home
 
 _HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
@@ -145,24 +144,6 @@ def _client_uv() -> str | None:
         return find_uv_bin()
     except FileNotFoundError:
         return None
-
-
-def _parallel(fns: Sequence[Callable[[], T]]) -> list[T | BaseException]:
-    """Run each function in its own thread; its value or the exception it raised."""
-    if len(fns) == 1:
-        try:
-            return [fns[0]()]
-        except Exception as exc:  # noqa: BLE001 - returned to the caller
-            return [exc]
-    with ThreadPoolExecutor(max_workers=min(32, len(fns))) as ex:
-        futures = [ex.submit(fn) for fn in fns]
-        out: list[T | BaseException] = []
-        for fut in futures:
-            try:
-                out.append(fut.result())
-            except Exception as exc:  # noqa: BLE001 - returned to the caller
-                out.append(exc)
-        return out
 
 
 def _worker_running(pid: int) -> str:
@@ -332,7 +313,7 @@ class SSH(Provider):
             conns = [self._conns.get((spec.name, rank))
                      or Connection(t, known, connect_timeout=self.connect_timeout, keepalive=self.keepalive)
                      for rank, t in enumerate(self.targets[: spec.nodes])]
-        names = _parallel([lambda c=c: c.connect().run("hostname", timeout=30, check=True)[1].strip()
+        names = in_parallel([lambda c=c: c.connect().run("hostname", timeout=30, check=True)[1].strip()
                            for c in conns])
         failed = [(c, r) for c, r in zip(conns, names) if isinstance(r, BaseException)]
         if failed:
