@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import cloudpickle
 
 PROTOCOL_VERSION = 1
+READY = "SKY-READY"  # the line a starting worker prints, followed by {"port": ..., "pid": ...}
 _HEAD = struct.Struct("!II")
 _LEN = struct.Struct("!Q")
 _SMALL = 64 * 1024

@@ -36,7 +36,6 @@ from typing import Any
 from . import protocol as P
 from .info import InstanceInfo, _set_current
 
-READY = "SKY-READY"
 _MAX_PENDING = 20000
 
 
@@ -502,6 +501,18 @@ def _watch_stdin(worker: Worker) -> None:
         worker.shutdown("the client closed the worker's stdin")
 
 
+def _leave_session() -> None:
+    """Carry on in a child with a session of its own, so the worker outlives the SSH session that started it.
+
+    Only after the config line has been read: sshd may close our stdin as soon as the process it started
+    exits, and a ``setsid`` in front of Python (which forks when run by a session leader) could exit before
+    sshd had written the line. The child inherits stdout, so the client still reads the READY line from it.
+    """
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sky_jupyter.worker")
     parser.add_argument("--listen-fd", type=int)
@@ -514,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         line = sys.stdin.buffer.readline()
     config = json.loads(line)
+    if config.get("detach") and args.generation == 0:
+        _leave_session()
     if args.listen_fd is not None:
         listener = socket.socket(fileno=args.listen_fd)
     else:
@@ -528,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(config.get("env", {}))
     if args.generation == 0:
         port = listener.getsockname()[1]
-        sys.stdout.write(f"{READY} {json.dumps({'port': port, 'pid': os.getpid()})}\n")
+        sys.stdout.write(f"{P.READY} {json.dumps({'port': port, 'pid': os.getpid()})}\n")
         sys.stdout.flush()
         if config.get("detach"):
             signal.signal(signal.SIGHUP, signal.SIG_IGN)

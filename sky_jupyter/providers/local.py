@@ -21,7 +21,7 @@ from typing import Any
 from .. import protocol as P
 from ..bootstrap import BootstrapPlan, follow
 from ..errors import ConfigError, ProvisionError
-from ..worker import READY
+from ..protocol import READY
 from .base import Host, PoolSpec, Progress, Provider, WorkerHandle
 
 

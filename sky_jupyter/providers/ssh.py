@@ -39,7 +39,7 @@ from ..transport import (
     load_key,
     remote_path,
 )
-from ..worker import READY
+from ..protocol import READY
 from .base import Host, PoolSpec, Progress, Provider, WorkerHandle, in_parallel
 from .local import sky_home
 
@@ -409,7 +409,7 @@ echo "$m $u $z $(uname -s) $(uname -m)"
 
     # -- workers ---------------------------------------------------------------------------------------------
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
-        """Start the node's worker in a session of its own (``setsid``), its config (and secret) on stdin."""
+        """Start the node's worker, its config (and secret) on stdin; it moves to a session of its own itself."""
         conn = self.connection(host)
         label = f"node {host.rank} ({host.display})"
         pool = str(config.get("pool") or host.extra.get("pool") or "pool")
@@ -427,7 +427,7 @@ if [ ! -d "$d" ]; then
   t="$d.$$"; rm -rf "$t"
   {python} -m zipfile -e {zip_path} "$t" && {{ mv -T "$t" "$d" 2>/dev/null || rm -rf "$t"; }}
 fi
-cd && PYTHONPATH="$d"${{PYTHONPATH:+:$PYTHONPATH}} exec setsid {python} -m sky_jupyter.worker"""
+cd && PYTHONPATH="$d"${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker"""
         lines: list[str] = []
         deadline = time.monotonic() + 60
         with conn.start(command, timeout=60) as proc:
