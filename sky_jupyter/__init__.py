@@ -15,49 +15,71 @@ Importing this package needs only the standard library and cloudpickle (it is sh
 
 from __future__ import annotations
 
-from typing import Any
-
-from . import plugins
-from .compute import Compute, PendingCompute, PendingGroup, compute, gather
-from .errors import (
-    AuthenticationError,
-    BootstrapError,
-    ConfigError,
-    ConnectionLostError,
-    ProvisionError,
-    RemoteError,
-    SerializationError,
-    SkyError,
-    VersionMismatchError,
-    WorkerLostError,
-)
-from .image import Image
-from .info import InstanceInfo, instance_info, shard
-from .plugin import Cluster, Plugin
-from .pool import ComputePool
-from .providers import Local
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The public names and the modules that define them, imported on first use: a node's worker imports this package
+# before anything else, and needs none of the client's machinery (pool, providers, plugins) to start.
+_PUBLIC = {
+    "compute": "compute", "gather": "compute", "Compute": "compute", "PendingCompute": "compute",
+    "PendingGroup": "compute",
+    "AuthenticationError": "errors", "BootstrapError": "errors", "ConfigError": "errors",
+    "ConnectionLostError": "errors", "ProvisionError": "errors", "RemoteError": "errors",
+    "SerializationError": "errors", "SkyError": "errors", "VersionMismatchError": "errors",
+    "WorkerLostError": "errors",
+    "Image": "image",
+    "InstanceInfo": "info", "instance_info": "info", "shard": "info",
+    "Cluster": "plugin", "Plugin": "plugin",
+    "ComputePool": "pool",
+    "Local": "providers", "SSH": "providers", "AWS": "providers",  # SSH and AWS need paramiko / boto3
+    "panel": "notebook.panel",  # the widget panel needs ipywidgets
+}
 
 __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "Plugin",
     "ProvisionError", "RemoteError", "SerializationError", "SkyError", "VersionMismatchError", "WorkerLostError",
-    "compute", "gather", "instance_info", "plugins", "shard",
+    "compute", "gather", "instance_info", "panel", "plugins", "shard",
 ]
+
+if TYPE_CHECKING:
+    from . import plugins
+    from .compute import Compute, PendingCompute, PendingGroup, compute, gather
+    from .errors import (
+        AuthenticationError,
+        BootstrapError,
+        ConfigError,
+        ConnectionLostError,
+        ProvisionError,
+        RemoteError,
+        SerializationError,
+        SkyError,
+        VersionMismatchError,
+        WorkerLostError,
+    )
+    from .image import Image
+    from .info import InstanceInfo, instance_info, shard
+    from .notebook.panel import panel
+    from .plugin import Cluster, Plugin
+    from .pool import ComputePool
+    from .providers import AWS, SSH, Local
 
 
 def __getattr__(name: str) -> Any:
-    # SSH and AWS need paramiko / boto3, which nodes do not have: import them on first use.
-    if name in ("SSH", "AWS"):
-        from . import providers
+    if name == "plugins":
+        return importlib.import_module(".plugins", __name__)
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sky_jupyter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(providers, name)
-    if name == "panel":  # the widget panel needs ipywidgets: imported on first use
-        from .notebook.panel import panel
 
-        return panel
-    raise AttributeError(f"module 'sky_jupyter' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def load_ipython_extension(ipython: Any) -> None:

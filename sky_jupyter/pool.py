@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from . import protocol as P
 from . import state
+from .bootstrap import BootstrapPlan
 from .compute import PendingCompute
 from .errors import ConfigError, ConnectionLostError, SerializationError, SkyError
 from .image import Image
@@ -156,9 +157,7 @@ class ComputePool:
             self._save_state()
             self.hosts = self.provider.provision(spec)
             self._save_state()
-            self._parallel([lambda h=h: self.provider.bootstrap(h, plan, self.progress) for h in self.hosts])
-            self.nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in self.hosts]
-            self._parallel([node.start_worker for node in self.nodes])
+            self.nodes = self._bring_up(self.hosts, plan)
             self.head_port = self.nodes[0].submit(P.TASK, None, P.dumps((_free_port, (), {}))).wait(30)
             self._setup_all()
             self.started_at = time.time()
@@ -183,10 +182,8 @@ class ComputePool:
             hosts = self.provider.provision(PoolSpec(self.name, nodes, self.accelerator))
             new_hosts = hosts[old_size:]
             plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
-            self._parallel([lambda h=h: self.provider.bootstrap(h, plan, self.progress) for h in new_hosts])
             self.hosts = old_hosts + new_hosts
-            new_nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in new_hosts]
-            self._parallel([node.start_worker for node in new_nodes])
+            new_nodes = self._bring_up(new_hosts, plan)
             self.nodes = old_nodes + new_nodes
             self._setup_all()
             self._save_state()
@@ -194,6 +191,23 @@ class ComputePool:
             self._parallel([node.close for node in new_nodes], raise_first=False)
             self.size, self.hosts, self.nodes = old_size, old_hosts, old_nodes
             raise
+
+    def _bring_up(self, hosts: list[Host], plan: BootstrapPlan) -> list[Node]:
+        """Bootstrap each host and start its worker, every node at its own pace (one waiting for the slowest
+        bootstrap before starting its worker would add the stragglers' times up). On a failure, the workers that
+        did start are stopped and the first failure in rank order is raised."""
+        nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in hosts]
+
+        def one(node: Node) -> None:
+            self.provider.bootstrap(node.host, plan, self.progress)
+            node.start_worker()
+
+        results = in_parallel([lambda n=n: one(n) for n in nodes])
+        failures = [r for r in results if isinstance(r, Exception)]
+        if failures:
+            self._parallel([node.close for node in nodes], raise_first=False)
+            raise failures[0]
+        return nodes
 
     def close(self) -> None:
         """Shut down workers, give machines back, and forget the pool. Safe to call more than once."""

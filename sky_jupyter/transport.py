@@ -497,16 +497,17 @@ class Connection:
             raise RemoteCommandError(f"{self.label}: {command.splitlines()[0][:80]!r} failed with exit code "
                                      f"{code}: {redact(''.join(tail)).strip()}")
 
-    def put(self, data: bytes | os.PathLike[str] | str, path: str, mode: int = 0o600) -> None:
+    def put(self, data: bytes | os.PathLike[str] | str, path: str, mode: int = 0o600, *, through: str = "cat") -> None:
         """Write ``data`` (bytes, or a local file's contents) to ``path`` on the node atomically, with ``mode``.
 
-        The bytes travel on the command's stdin, never on a command line.
+        The bytes travel on the command's stdin, never on a command line; on the node they pass through the
+        command ``through`` (a decompressor, say) on their way to the file.
         """
         target = remote_path(path)
         tmp = remote_path(f"{path}.sky-tmp-{os.getpid()}-{threading.get_ident()}")
         parent = remote_path(os.path.dirname(path) or ".")
-        command = (f"umask 077 && mkdir -p {parent} && cat > {tmp} && chmod {mode:o} {tmp} && "
-                   f"mv -f {tmp} {target}")
+        command = (f"umask 077 && mkdir -p {parent} && {{ {through} > {tmp} && chmod {mode:o} {tmp} && "
+                   f"mv -f {tmp} {target} || {{ r=$?; rm -f {tmp}; exit $r; }}; }}")
         chan = self._session(None)
         try:
             chan.exec_command(command)

@@ -169,6 +169,19 @@ class TestThreeNodes:
         assert warm < pool.cold_seconds, (warm, pool.cold_seconds)
         assert warm < 5.0
 
+    def test_nodes_get_this_clients_uv_and_package_once(self, pool, sshd_cluster, sky_home):
+        from sky_jupyter.providers.ssh import _client_uv, package_digest
+
+        uv = Path(_client_uv())
+        for node in sshd_cluster.nodes:
+            home = node.home / ".sky_jupyter"
+            assert (home / "bin" / "uv").read_bytes() == uv.read_bytes()  # through zstd when both ends have it
+            pkg = home / "pkg"
+            assert [p.name for p in pkg.iterdir()] == [f"sky_jupyter-{package_digest()}"]  # no half-unpacked copy
+            assert (pkg / f"sky_jupyter-{package_digest()}" / "sky_jupyter" / "__pycache__").is_dir()
+        if shutil.which("zstd"):
+            assert list((sky_home / "cache").glob("uv-*.zst")), "the compressed uv is made once and kept"
+
     def test_image_env_reaches_plain_ssh_commands_through_a_0600_file(self, pool, sshd_cluster):
         for node in sshd_cluster.nodes:
             out = sshd_cluster.ssh(node, 'printf %s "$SKY_TEST_GREETING"', check=True).stdout

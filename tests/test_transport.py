@@ -6,9 +6,11 @@ import contextlib
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -96,6 +98,20 @@ def test_put_writes_bytes_and_files_with_their_mode(conn: Connection, sshd_clust
     conn.put(local, "~/blob.bin", 0o755)
     assert (node.home / "blob.bin").read_bytes() == local.read_bytes()
     assert stat.S_IMODE((node.home / "blob.bin").stat().st_mode) == 0o755
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd command")
+def test_put_through_a_decompressor_and_a_failed_put_leaves_nothing(conn: Connection, sshd_cluster: Cluster,
+                                                                     tmp_path) -> None:
+    node = sshd_cluster.nodes[0]
+    original = os.urandom(1 << 20) * 4  # compressible
+    packed = subprocess.run(["zstd", "-q", "-c"], input=original, capture_output=True, check=True).stdout
+    conn.put(packed, "~/unpacked.bin", 0o700, through="zstd -dqc")
+    assert (node.home / "unpacked.bin").read_bytes() == original
+    assert stat.S_IMODE((node.home / "unpacked.bin").stat().st_mode) == 0o700
+    with pytest.raises(RemoteCommandError, match=r"writing ~/broken\.bin failed"):
+        conn.put(b"not zstd at all", "~/broken.bin", through="zstd -dqc")
+    assert not list(node.home.glob("broken.bin*")), "a failed put left a file behind"
 
 
 def test_open_tcp_carries_frames_of_every_size(conn: Connection) -> None:
