@@ -18,23 +18,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .compute import Compute, PendingCompute, PendingGroup, compute, gather
+from .errors import (
+    AuthenticationError,
+    BootstrapError,
+    ConfigError,
+    ConnectionLostError,
+    ProvisionError,
+    RemoteError,
+    SerializationError,
+    SkyError,
+    VersionMismatchError,
+    WorkerLostError,
+)
+from .info import InstanceInfo, instance_info, shard
+
 __version__ = "0.1.0"
 
-# The public names and the modules that define them, imported on first use: a node's worker imports this package
-# before anything else, and needs none of the client's machinery (pool, providers, plugins) to start.
-_PUBLIC = {
-    "compute": "compute", "gather": "compute", "Compute": "compute", "PendingCompute": "compute",
-    "PendingGroup": "compute",
-    "AuthenticationError": "errors", "BootstrapError": "errors", "ConfigError": "errors",
-    "ConnectionLostError": "errors", "ProvisionError": "errors", "RemoteError": "errors",
-    "SerializationError": "errors", "SkyError": "errors", "VersionMismatchError": "errors",
-    "WorkerLostError": "errors",
-    "Image": "image",
-    "InstanceInfo": "info", "instance_info": "info", "shard": "info",
-    "Cluster": "plugin", "Plugin": "plugin",
-    "ComputePool": "pool",
-    "Local": "providers", "SSH": "providers", "AWS": "providers",  # SSH and AWS need paramiko / boto3
-    "panel": "notebook.panel",  # the widget panel needs ipywidgets
+# The client's machinery is imported on first use: a node's worker imports this package before anything else and
+# needs none of it (and the SSH and AWS providers need paramiko and boto3, the panel ipywidgets).
+_LAZY = {
+    "Image": "image", "Cluster": "plugin", "Plugin": "plugin", "ComputePool": "pool",
+    "Local": "providers", "SSH": "providers", "AWS": "providers", "panel": "notebook.panel",
 }
 
 __all__ = [
@@ -46,21 +51,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from . import plugins
-    from .compute import Compute, PendingCompute, PendingGroup, compute, gather
-    from .errors import (
-        AuthenticationError,
-        BootstrapError,
-        ConfigError,
-        ConnectionLostError,
-        ProvisionError,
-        RemoteError,
-        SerializationError,
-        SkyError,
-        VersionMismatchError,
-        WorkerLostError,
-    )
     from .image import Image
-    from .info import InstanceInfo, instance_info, shard
     from .notebook.panel import panel
     from .plugin import Cluster, Plugin
     from .pool import ComputePool
@@ -70,7 +61,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name == "plugins":
         return importlib.import_module(".plugins", __name__)
-    module = _PUBLIC.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sky_jupyter' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)

@@ -16,6 +16,7 @@ with exec/eval of the source the client already transformed.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import linecache
 import os
@@ -207,6 +208,9 @@ def make_shell(namespace: dict[str, Any], send_display: SendDisplay | None) -> A
     # (models, GPU tensors) after the user deleted them.
     config.InteractiveShell.cache_size = 0
     shell = shell_class.instance(config=config, user_ns=namespace)
+    # get_ipython() and friends stay in the builtins: this process exists to run cells (the trap nests, so the
+    # shell's own ``with builtin_trap`` costs nothing more).
+    shell.builtin_trap.activate()
     if send_display is not None:
         shell.send_display = send_display
     if "matplotlib" in sys.modules and os.environ.get("MPLBACKEND") == INLINE_BACKEND:
@@ -232,6 +236,17 @@ def _without_ipython_frames(exc: BaseException) -> BaseException:
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(ipython_dir):
         tb = tb.tb_next
     return exc.with_traceback(tb)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str, filename: str) -> tuple[types.CodeType, types.CodeType | None]:
+    """The cell's statements and its last expression (None when it ends with a statement), compiled once: the
+    client names a cell's file after its content, so a re-run cell finds its code here."""
+    tree = ast.parse(source, filename)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+    return compile(tree, filename, "exec"), last
 
 
 _NO_SHELL = object()
@@ -275,14 +290,11 @@ class CellRunner:
         """Without IPython: exec the statements, eval the last expression."""
         # Tracebacks show the cell's own lines.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        tree = ast.parse(source, filename)
-        last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
-        exec(compile(tree, filename, "exec"), self.namespace)
+        body, last = _compiled(source, filename)
+        exec(body, self.namespace)
         if last is None:
             return False, None
-        return True, eval(compile(last, filename, "eval"), self.namespace)
+        return True, eval(last, self.namespace)
 
     def execute_ipython(self, shell: Any, raw: str, filename: str, display: bool) -> tuple[bool, Any]:
         """Run the raw cell in the shell; its error is raised here with its own type and the cell's frames."""
@@ -308,11 +320,12 @@ class CellRunner:
         return not callbacks.get("pre_run_cell") and not callbacks.get("post_run_cell")
 
     def execute_fast(self, shell: Any, source: str, filename: str, display: bool) -> tuple[bool, Any]:
-        """Plain Python in the shell's context (its builtins, display hook and execute events, so display(),
-        get_ipython() and inline figures behave as in ``run_cell``) at a fifth of its cost."""
+        """Plain Python in the shell's context (its builtins, kept active by make_shell, its display hook and
+        execute events, so display(), get_ipython() and inline figures behave as in ``run_cell``) at a fifth of
+        its cost."""
         shell.want_display = display
         shell.value_bundle = None
-        with shell.builtin_trap, shell.display_trap:
+        with shell.display_trap:
             shell.events.trigger("pre_execute")
             try:
                 has_value, value = self.execute(source, filename)
@@ -339,7 +352,7 @@ class CellRunner:
             if not meta.get("pull", True):
                 continue
             try:
-                frames = P.dumps(value)
+                frames = P.dumps_reply(value)
             except Exception as exc:  # noqa: BLE001 - reported to the user as the reason it stayed here
                 out["remote"][name] = {"type": _type_name(value), "size": None,
                                        "reason": f"not picklable ({type(exc).__name__})"}

@@ -30,12 +30,13 @@ if TYPE_CHECKING:
 
 Sink = Callable[[str, Any], None]  # (frame kind, meta) for STREAM and DISPLAY frames
 _task_ids = itertools.count(1)
+_finishing = threading.Lock()  # a call ends once, whichever thread learns of it first
 
 
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("_done", "_error", "_frames", "_lost", "code", "node", "on_done", "sink", "task_id")
+    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "node", "on_done", "sink", "task_id")
 
     def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
                  on_done: Callable[[], None] | None = None) -> None:
@@ -44,32 +45,48 @@ class Call:
         self.sink = sink
         self.on_done = on_done  # called on the reader thread when the result (or failure) arrives
         self.code = code  # what was shipped, to map remote tracebacks back to the user's lines
-        self._done = threading.Event()
+        # A bare lock, held until the call ends, is a cheaper latch than an Event (a Condition and its lock, made
+        # for every call of every node of every cell).
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._finished = False
         self._frames: list | None = None
         self._error: dict[str, Any] | None = None
         self._lost: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._finished
 
     def failed(self) -> bool:
-        return self._done.is_set() and (self._error is not None or self._lost is not None)
+        return self._finished and (self._error is not None or self._lost is not None)
 
     def _finish(self, frames: list | None = None, error: dict[str, Any] | None = None,
                 lost: BaseException | None = None) -> None:
-        self._frames, self._error, self._lost = frames, error, lost
-        self._done.set()
+        with _finishing:
+            if self._finished:  # the first outcome stands (a result, then the connection dropping)
+                return
+            self._frames, self._error, self._lost = frames, error, lost
+            self._finished = True
+        self._gate.release()
         if self.on_done is not None:
             self.on_done()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the call ends (at most ``timeout`` seconds); whether it has."""
+        if self._finished:
+            return True
+        if self._gate.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            self._gate.release()  # open for every other waiter too
+        return self._finished
 
     def wait(self, timeout: float | None = None) -> Any:
         """The task's value. A KeyboardInterrupt while waiting interrupts the remote code, then propagates."""
         try:
-            if not self._done.wait(timeout):
+            if not self.join(timeout):
                 raise TimeoutError(f"{self.node.label}: no result after {timeout} s")
         except KeyboardInterrupt:
             self.interrupt()
-            self._done.wait(15)
+            self.join(15)
             raise
         if self._lost is not None:
             raise self._lost

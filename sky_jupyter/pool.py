@@ -377,7 +377,7 @@ class ComputePool:
                 if not call.done():
                     call.interrupt()
             for call in calls:
-                call._done.wait(15)
+                call.join(15)
             raise
         if failures:
             first = failures[0][1]

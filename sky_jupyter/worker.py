@@ -423,7 +423,7 @@ class Worker:
                     raise ValueError(f"unknown job {kind!r}")
             self.flush_output()
             try:
-                payload = P.dumps(value)
+                payload = P.dumps_reply(value)
             except Exception as exc:
                 raise TypeError(f"the result ({type(value).__name__}) cannot be pickled: {exc}") from exc
             self.outbox.send(P.RESULT, task_id, None, payload)

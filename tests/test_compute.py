@@ -35,3 +35,26 @@ def test_and_chains_into_one_group_in_order():
 def test_a_compute_travels_as_its_function():
     again = pickle.loads(cloudpickle.dumps(add))
     assert isinstance(again, sky.Compute) and again.local(1, 2) == 3
+
+
+def test_every_public_name_resolves_and_a_worker_imports_only_what_it_needs():
+    """The package imports its client machinery on first use; a node's worker must not pull it in, and importing a
+    submodule named like a public function (``sky_jupyter.compute``) must not hide the function."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import sky_jupyter.worker
+heavy = sorted(m for m in ("sky_jupyter.pool", "sky_jupyter.providers", "paramiko", "boto3", "IPython")
+               if m in sys.modules)
+assert not heavy, heavy
+import sky_jupyter as sky
+import sky_jupyter.compute
+assert callable(sky.compute) and sky.compute.__name__ == "compute", sky.compute
+missing = [n for n in sky.__all__ if n != "panel" and getattr(sky, n, None) is None]
+assert not missing, missing
+assert set(sky.__all__) <= set(dir(sky))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import threading
 import time
 import types
@@ -31,7 +30,6 @@ from .output import CellOutput
 OWN = "<computed on the node>"
 FAILURE_GRACE = 2.0  # seconds the other nodes may keep running after one node's cell failed
 DEFAULT_BUDGET = 64 << 20
-_cell_numbers = itertools.count(1)
 _SKIP = {"In", "Out", "get_ipython", "exit", "quit", "open", "_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih",
          "_dh", "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__", "__loader__", "__package__"}
 
@@ -163,11 +161,10 @@ class DisplayedValue:
 def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: Any, options: CellOptions,
              plain: bool) -> Any:
     """Run ``source`` on ``options.ranks`` of the pool; returns what the cell should display (or None)."""
-    names, python = _analyzed(source)
+    names, python, filename = _analyzed(source)
     pool = npool.pool
     values = select_inputs(names, user_ns, hidden)
     frames, hashes, refs = pickle_inputs(values, pool.name)
-    filename = f"<sky-cell-{next(_cell_numbers)}>"
     binds = sorted(names.binds | names.deletes | set(options.pull_names))
     output = CellOutput(options.ranks, plain)
     calls: list[tuple[int, Call, list[str]]] = []
@@ -222,9 +219,11 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
 
 
 @functools.lru_cache(maxsize=256)
-def _analyzed(source: str) -> tuple[CellNames, str]:
-    """The cell's names and its IPython-transformed source; re-running a cell reuses them."""
-    return analyze(source), transform_cell(source)
+def _analyzed(source: str) -> tuple[CellNames, str, str]:
+    """The cell's names, its IPython-transformed source and the file name its code runs under on the nodes (named
+    after the content, as ipykernel does, so a node compiles a re-run cell once); re-running a cell reuses them."""
+    filename = f"<sky-cell-{hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()[:10]}>"
+    return analyze(source), transform_cell(source), filename
 
 
 def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout: float | None
