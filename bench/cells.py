@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=300)
     parser.add_argument("--mb", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for (c)")
     args = parser.parse_args()
 
     import numpy as np
@@ -77,8 +78,15 @@ def main() -> None:
     second = sorted(seconds)[len(seconds) // 2]
     del shell.user_ns["big"]
 
-    one = summary(timed(cell_timer(shell, "%%sky --pool one\nx = 1\n"), args.n))
-    four = summary(timed(cell_timer(shell, "%%sky --nodes 4 --pool four\nx = 1\n"), args.n))
+    # Interleaved rounds, so that a slow spell of this machine falls on both sides alike.
+    run_one = cell_timer(shell, "%%sky --pool one\nx = 1\n")
+    run_four = cell_timer(shell, "%%sky --nodes 4 --pool four\nx = 1\n")
+    one_samples: list[float] = []
+    four_samples: list[float] = []
+    for _ in range(args.rounds):
+        one_samples += timed(run_one, args.n // args.rounds)
+        four_samples += timed(run_four, args.n // args.rounds)
+    one, four = summary(one_samples), summary(four_samples)
     shell.run_cell("%sky down --all")
 
     report("cells", {

@@ -83,8 +83,12 @@ def loads(frames: Sequence[bytes | bytearray | memoryview]) -> Any:
 
 def read_exact(reader: Reader, n: int) -> bytearray:
     buf = bytearray(n)
+    got = reader.readinto(buf) if n else 0  # usually all of it at once
+    if got == n:
+        return buf
+    if not got:
+        raise EOFError("connection closed")
     view = memoryview(buf)
-    got = 0
     while got < n:
         k = reader.readinto(view[got:])
         if not k:
@@ -125,8 +129,9 @@ class FrameIO:
 
     def _recv_parts(self) -> tuple[bytes, list[bytearray]]:
         head_len, nbufs = _HEAD.unpack(read_exact(self._reader, _HEAD.size))
-        sizes = [_LEN.unpack(read_exact(self._reader, _LEN.size))[0] for _ in range(nbufs)]
-        head = bytes(read_exact(self._reader, head_len))
+        rest = read_exact(self._reader, nbufs * _LEN.size + head_len)  # the buffer sizes and the head, in one read
+        sizes = struct.unpack_from(f"!{nbufs}Q", rest) if nbufs else ()
+        head = bytes(memoryview(rest)[nbufs * _LEN.size:])
         return head, [read_exact(self._reader, s) for s in sizes]
 
     def recv(self) -> tuple[str, int, Any, list[bytearray]]:

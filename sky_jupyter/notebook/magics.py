@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import shlex
 import sys
@@ -15,6 +16,8 @@ from ..errors import ConfigError, SkyError
 from .manager import PROVIDERS, PoolRequest, manager, torch_by_default
 from .output import plain_mode
 from .session import CellOptions, run_cell
+
+_parsed_lines: dict[str, Any] = {}  # %%sky line -> its parsed options
 
 
 def _render_remote_traceback(exc: BaseException) -> list[str]:
@@ -72,12 +75,22 @@ class SkyMagics(Magics):
             print(f"sky: {notice}", file=sys.stderr)
         if cell is None:
             return self._line(line)
-        args = parse_argstring(self.sky, line)
+        args = self._cell_options(line)
         if args.words:
             raise UsageError(f"%%sky takes only options, not {' '.join(args.words)!r}; see %%sky?")
         return self._cell(args, cell)
 
     # -- cells ---------------------------------------------------------------------------------------------
+    def _cell_options(self, line: str) -> Any:
+        """The cell line's options, parsed once per distinct line (a re-run cell has the same line)."""
+        parsed = _parsed_lines.get(line)
+        if parsed is None:
+            parsed = parse_argstring(self.sky, line)
+            if len(_parsed_lines) >= 256:
+                _parsed_lines.clear()
+            _parsed_lines[line] = parsed
+        return copy.copy(parsed)
+
     def _cell(self, args: Any, cell: str) -> Any:
         mgr = manager()
         settings = mgr.settings
