@@ -172,6 +172,9 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
         npool.busy += 1
     try:
         first = options.ranks[0]
+        # Everything prepared before the first frame leaves, so the frames go out back to back: a node that
+        # starts working takes CPU time that a client on the same cores would otherwise lose mid-loop.
+        requests = []
         for rank in options.ranks:
             have = npool.synced.setdefault(rank, {})
             send = [n for n in sorted(frames)
@@ -180,9 +183,11 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
             meta = {"code": source, "python": python, "filename": filename,
                     "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
                     "budget": options.budget, "pull": options.pull and rank == first, "display": rank == first}
+            requests.append((rank, meta, payload, send, output.sink(rank)))
+        for rank, meta, payload, send, sink in requests:
             node = pool.nodes[rank]
             try:
-                call = node.submit(P.CELL, meta, payload, output.sink(rank), on_done=output.wake)
+                call = node.submit(P.CELL, meta, payload, sink, on_done=output.wake)
             except BaseException:
                 # This node cannot take the cell: stop it where it already started, then say why.
                 for _, started, _ in calls:
