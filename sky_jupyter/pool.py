@@ -150,7 +150,7 @@ class ComputePool:
             for plugin in self.plugins:
                 for key in plugin.secrets:
                     register(self.image.environ.get(key))
-            plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
+            plan = self._plan()
             for plugin in self.plugins:
                 if plugin.around_client is not None:
                     self._stack.enter_context(plugin.around_client(self))
@@ -181,7 +181,7 @@ class ComputePool:
         try:
             hosts = self.provider.provision(PoolSpec(self.name, nodes, self.accelerator))
             new_hosts = hosts[old_size:]
-            plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
+            plan = self._plan()
             self.hosts = old_hosts + new_hosts
             new_nodes = self._bring_up(new_hosts, plan)
             self.nodes = old_nodes + new_nodes
@@ -191,6 +191,11 @@ class ComputePool:
             self._parallel([node.close for node in new_nodes], raise_first=False)
             self.size, self.hosts, self.nodes = old_size, old_hosts, old_nodes
             raise
+
+    def _plan(self) -> BootstrapPlan:
+        """The provider's bootstrap plan for this pool's image, told which variables hold secrets."""
+        plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
+        return dataclasses.replace(plan, secrets=tuple(sorted({k for p in self.plugins for k in p.secrets})))
 
     def _bring_up(self, hosts: list[Host], plan: BootstrapPlan) -> list[Node]:
         """Bootstrap each host and start its worker, every node at its own pace (one waiting for the slowest

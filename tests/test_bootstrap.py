@@ -56,6 +56,25 @@ def test_key_changes_with_the_script_not_with_secret_values():
     assert "tok-value-1" not in a.script()
 
 
+def test_secret_values_are_masked_in_the_nodes_log_and_output(tmp_path):
+    """A phase that prints a secret (a tool echoing its config, say): the node's log and what the client reads
+    show it masked, wherever and however often it appears; other output, glob characters included, is intact."""
+    token = "hf_[fake]*token?value"  # glob characters must match literally
+    (tmp_path / ".sky_jupyter").mkdir()
+    (tmp_path / ".sky_jupyter" / "env.sh").write_text(env_file({"HF_TOKEN": token, "SHORT": "abc"}))
+    noisy = Phase("noisy", 'echo "login with $HF_TOKEN"; echo "twice: $HF_TOKEN/$HF_TOKEN" >&2\n'
+                           'printf "no newline at the end $HF_TOKEN"')
+    plan = BootstrapPlan(Image(), (noisy, Phase("quiet", 'echo "a*b \\$x $SHORT"')), secrets=("HF_TOKEN", "UNSET"))
+    assert token not in plan.script()
+    out = "".join(_run(plan.script(), tmp_path))
+    log = (tmp_path / ".sky_jupyter" / "bootstrap.log").read_text()
+    for text in (out, log):
+        assert token not in text and "hf_" not in text
+        assert "login with ***" in text and "twice: ***/***" in text and "no newline at the end ***" in text
+        assert "a*b $x abc" in text
+    assert plan.key != BootstrapPlan(Image(), plan.phases).key
+
+
 def test_env_file_quotes_values(tmp_path):
     text = env_file({"A": "it's $HOME `x`", "B": "plain"})
     path = tmp_path / "env.sh"

@@ -431,6 +431,15 @@ def test_the_hf_token_is_only_in_the_env_file_and_the_token_file(sshd_cluster, h
                                  name="secrets-bad"):
                 pass
         texts = [str(info.value), repr(info.value), info.value.tail]
+        # A tool that prints its credentials as it fails: masked on the node (its log) and here (the error).
+        chatty = sky.Plugin.create("chatty").with_bootstrap(
+            lambda cluster: ['echo "debug: using token $HF_TOKEN"', "exit 3"])
+        with pytest.raises(sky.BootstrapError) as info:
+            with sky.ComputePool(provider=provider(sshd_cluster, [node]), plugins=[hf, chatty], image=image,
+                                 name="secrets-chatty"):
+                pass
+        assert info.value.exit_code == 3 and "debug: using token ***" in info.value.tail
+        texts += [str(info.value), repr(info.value), info.value.tail]
     finally:
         stop.set()
         watcher.join()
