@@ -207,10 +207,24 @@ else echo "this node has no uv, and no pip to install it with; install uv there"
 "$SKY_HOME/bin/uv" --version""")
 
 
+#: Interpreters that machine images ship with torch already installed, tried (in this order) when the venv is to
+#: be made for a Python version rather than a named interpreter: AWS Deep Learning AMIs keep theirs in
+#: /opt/pytorch (current Ubuntu DLAMIs) or /opt/conda (older ones). A node's SKY_PREINSTALLED_PYTHONS (from
+#: ``Image(env=...)``) replaces the list.
+PREINSTALLED_PYTHONS = ("/opt/pytorch/bin/python3", "/opt/conda/bin/python3")
+
+# Exits 0 when this interpreter is Python $SKY_WANT (major.minor) and has torch installed.
+_HAS_TORCH = ('import importlib.util, os, sys; '
+              'sys.exit(not ("%d.%d" % sys.version_info[:2] == os.environ["SKY_WANT"] '
+              'and importlib.util.find_spec("torch")))')
+
+
 def venv_phase(python: str) -> Phase:
-    """``uv venv`` with system site packages (a machine's preinstalled torch stays usable), kept while it was
-    made for the same interpreter request."""
+    """``uv venv`` with system site packages (a machine's preinstalled torch stays usable, and is not downloaded
+    again: asked for a version, the venv is based on a preinstalled interpreter of that version with torch when
+    the machine has one), kept while it was made for the same interpreter request."""
     want = shlex.quote(python)
+    candidates = " ".join(shlex.quote(p) for p in PREINSTALLED_PYTHONS)
     return Phase("venv", f"""\
 want={want}
 venv="$SKY_HOME/venv"
@@ -218,8 +232,17 @@ if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.sky-python" 2>/dev/null)" = "$w
    && "$venv/bin/python" -c pass 2>/dev/null; then
   echo "venv for python $want exists"
 else
+  base="$want"
+  case "$want" in
+    [0-9]*.[0-9]*)
+      for cand in ${{SKY_PREINSTALLED_PYTHONS:-{candidates}}}; do
+        if [ -x "$cand" ] && SKY_WANT="$want" "$cand" -c {shlex.quote(_HAS_TORCH)} 2>/dev/null; then
+          base="$cand"; echo "basing the venv on $cand: its torch is reused"; break
+        fi
+      done;;
+  esac
   rm -rf "$venv"
-  UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" venv --python "$want" --system-site-packages "$venv"
+  UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" venv --python "$base" --system-site-packages "$venv"
   printf '%s' "$want" > "$venv/.sky-python"
 fi
 "$venv/bin/python" -c 'import sys; print("python", sys.version.split()[0], sys.executable)'""")

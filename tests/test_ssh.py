@@ -326,3 +326,44 @@ def test_nodes_bootstrap_in_parallel(sshd_cluster):
     finally:
         ssh.release(hosts)
     assert max(s for s, _ in running.values()) < min(e for _, e in running.values())
+
+
+@sky.compute
+def torch_and_venv() -> tuple[str, str]:
+    import sys
+
+    import torch
+
+    return torch.__file__, sys.prefix
+
+
+@pytest.mark.ssh
+def test_the_venv_reuses_a_preinstalled_torch(sshd_cluster):
+    """As on a Deep Learning AMI: an interpreter of the client's version with torch already installed is the
+    venv's base, so torch is not downloaded again; one without torch is passed over."""
+    import subprocess
+
+    node = sshd_cluster.nodes[2]
+    preinstalled, bare = node.home / "dlami", node.home / "bare"
+    (preinstalled / "bin").mkdir(parents=True, exist_ok=True)
+    target = preinstalled / "bin" / "python3"
+    target.unlink(missing_ok=True)
+    target.symlink_to("/usr/bin/python3.11")  # the node's Python, torch included
+    subprocess.run(["/usr/bin/python3.11", "-m", "venv", "--without-pip", "--clear", str(bare)], check=True)
+    shutil.rmtree(node.home / ".sky_jupyter", ignore_errors=True)
+    lines: list[str] = []
+    image = sky.Image(env={"SKY_PREINSTALLED_PYTHONS": f"{node.home}/missing/python3 {bare}/bin/python3 {target}"})
+    try:
+        with sky.ComputePool(provider=provider(sshd_cluster, [node]), image=image, name="dlami",
+                             progress=lambda rank, phase, line: lines.append(line)) as pool:
+            torch_file, prefix = torch_and_venv() >> pool
+        assert f"basing the venv on {target}: its torch is reused" in lines
+        cfg = (node.home / ".sky_jupyter" / "venv" / "pyvenv.cfg").read_text()
+        assert f"home = {preinstalled / 'bin'}" in cfg and "include-system-site-packages = true" in cfg
+        assert prefix == str(node.home / ".sky_jupyter" / "venv")
+        assert torch_file.startswith("/usr/local/"), torch_file  # the preinstalled one, not a fresh download
+        assert not list((node.home / ".sky_jupyter" / "venv").glob("lib/python3*/site-packages/torch"))
+    finally:
+        shutil.rmtree(node.home / ".sky_jupyter", ignore_errors=True)  # later pools build their own venv again
+        shutil.rmtree(preinstalled, ignore_errors=True)
+        shutil.rmtree(bare, ignore_errors=True)
