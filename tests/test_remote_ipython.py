@@ -315,6 +315,33 @@ def test_display_updates_travel_as_updates_when_live(shell):
     assert second["data"]["text/plain"] == "'b'"
 
 
+def _visible(events: list[tuple[Any, ...]]) -> str:
+    """What a notebook front end shows at the end: everything after the last clear, displays as their text."""
+    last_clear = max((i for i, e in enumerate(events) if e[0] == "clear"), default=-1)
+    return "".join(e[1] if e[0] == "stdout" else e[1]["data"].get("text/plain", "") + "\n"
+                   for e in events[last_clear + 1:] if e[0] in ("stdout", "display"))
+
+
+def test_a_node_clearing_its_output_keeps_the_others_when_live(shell):
+    ran = run(shell, """
+        %%sky --nodes 2
+        import time
+        from IPython.display import clear_output, display
+        import sky_jupyter as sky
+        r = sky.instance_info().rank
+        print(f"step 1 on {r}")
+        display(f"plot {r}.1")
+        time.sleep(0.3)
+        if r == 0:
+            clear_output(wait=True)  # a live plot redrawn: node 0's own earlier output goes
+            display("plot 0.2")
+    """, plain=False)
+    assert ("clear",) in ran.events
+    shown = _visible(ran.events)
+    assert "[node 1] step 1 on 1" in shown and "'plot 1.1'" in shown, shown
+    assert "'plot 0.2'" in shown and "step 1 on 0" not in shown and "'plot 0.1'" not in shown, shown
+
+
 def test_widgets_travel_as_plain_text(shell):
     pytest.importorskip("ipywidgets")
     ran = run(shell, """

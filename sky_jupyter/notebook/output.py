@@ -5,7 +5,8 @@ lands in the cell that started the work (ipykernel ties output to the executing 
 display frames are Jupyter MIME bundles (what the node's IPython shell displayed: rich reprs, figures, HTML), with
 ``transient``/``update`` for ``display_id`` updates, or a ``clear`` request.
 
-Interactive kernels see everything live, lines prefixed ``[node K]`` when several nodes run. Non-interactive runs
+Interactive kernels see everything live, lines prefixed ``[node K]`` when several nodes run; a node clearing its
+output (``clear_output``) clears only its own: the others' is shown again after the clear. Non-interactive runs
 (nbval, ``jupyter execute``, ``SKY_JUPYTER_PLAIN=1``) get each node's output in its final state, grouped per node
 in rank order, so saved notebooks compare exactly: progress bars collapsed to their last update, a display shown
 as its last update (nbval ignores ``update_display_data``), cleared output gone.
@@ -83,7 +84,7 @@ class _Text:
 
 
 class _Transcript:
-    """One node's output in plain mode, kept in its final state."""
+    """One node's output kept in its final state: in plain mode, and in live mode with several nodes."""
 
     def __init__(self) -> None:
         self.items: list[_Text | dict[str, Any]] = []
@@ -151,9 +152,11 @@ class CellOutput:
     def _handle(self, rank: int, kind: str, meta: Any) -> None:
         if rank < 0 or kind not in (P.STREAM, P.DISPLAY):
             return
-        if self.plain:
+        if self.plain or self.prefixed:  # live, several nodes: kept to redraw the others after one node clears
             self._held.setdefault(rank, _Transcript()).add(kind, meta)
-        elif kind == P.STREAM:
+        if self.plain:
+            return
+        if kind == P.STREAM:
             self._write(rank, meta["name"], meta["text"])
         else:
             self._show(rank, meta, live=True)
@@ -182,6 +185,8 @@ class CellOutput:
         if meta.get("clear"):
             clear_output(wait=bool(meta.get("wait")))
             self._line_start.clear()
+            if live and self.prefixed:
+                self._redraw()  # the node cleared its own output, not the other nodes'
             return
         if live and self.prefixed and not meta.get("update"):
             if not self._line_start.get((rank, "stdout"), True):
@@ -195,6 +200,17 @@ class CellOutput:
         if meta.get("update"):
             kwargs["update"] = True
         publish_display_data(meta.get("data", {}), meta.get("metadata") or {}, **kwargs)
+
+    def _redraw(self) -> None:
+        """Show every node's output again as it now stands, in rank order (after a clear)."""
+        for rank in sorted(self._held):
+            for item in self._held[rank].items:
+                if isinstance(item, _Text):
+                    for name in ("stdout", "stderr"):
+                        if final := item.final(name):
+                            self._write(rank, name, final)
+                else:
+                    self._show(rank, item, live=True)
 
     def finish(self) -> None:
         """Drain the queue; in plain mode, write every node's final output grouped per node in rank order."""
