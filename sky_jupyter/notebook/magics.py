@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import html
 import shlex
 import sys
+import threading
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
 
 from ..errors import ConfigError, SkyError
 from .manager import PROVIDERS, PoolRequest, manager, torch_by_default
 from .output import plain_mode
-from .session import CellOptions, run_cell
+from .session import BackgroundCell, CellOptions, NotebookPool, run_cell
 
 _parsed_lines: dict[str, Any] = {}  # %%sky line -> its parsed options
 
@@ -30,6 +34,11 @@ def _render_remote_traceback(exc: BaseException) -> list[str]:
         lines = [f"{type(exc).__name__}: {exc}"]
     lines += [f"  ({note})" for note in getattr(exc, "__notes__", ())]
     return lines
+
+
+def _is_remote(exc: BaseException) -> bool:
+    """An error raised by the user's code on a node (it carries the node's traceback)."""
+    return exc.__cause__ is not None or hasattr(exc, "traceback")
 
 
 @magics_class
@@ -47,8 +56,12 @@ class SkyMagics(Magics):
     @argument("--no-pull", action="store_true", help="bring nothing back; values stay on the nodes")
     @argument("--timeout", type=float, help="interrupt the cell on every node after this many seconds")
     @argument("--pool", help="which pool (default: the configured one, 'default')")
+    @argument("--bg", action="store_true",
+              help="run in the background: the notebook stays usable and the output keeps coming to this cell; "
+                   "names it binds arrive when it ends; %%sky wait [POOL] waits for it (and raises its error). "
+                   "Non-interactive runs (nbval, jupyter execute) run it in the foreground")
     @argument("words", nargs="*", help="for %%sky as a line magic: status | down [NAME|--all] | config "
-                                       "KEY=VALUE... | pull NAME [--all] | logs [NODE] | panel | gc")
+                                       "KEY=VALUE... | pull NAME [--all] | logs [NODE] | wait [POOL] | panel | gc")
     @line_cell_magic
     def sky(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on remote nodes; or manage pools with ``%sky COMMAND``.
@@ -68,6 +81,7 @@ class SkyMagics(Magics):
                                         user, key_file, region, spot, pull_budget)
             %sky pull NAME [--all]      fetch a value left on the nodes (--all: a list, one per rank)
             %sky logs [NODE]            the worker and bootstrap log of a node
+            %sky wait [POOL]            wait for the pool's background cell (%%sky --bg); raises its error
             %sky panel                  the widget panel
             %sky gc                     find and terminate orphaned cloud machines (AWS)
         """
@@ -103,6 +117,10 @@ class SkyMagics(Magics):
             raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
         name = args.pool or settings.pool
         existing = mgr.pools.get(name)
+        if existing is not None and existing.background is not None and existing.background.running:
+            raise UsageError(f"pool {name!r} is still running a background cell (started "
+                             f"{time.monotonic() - existing.background.started:.0f} s ago); %sky wait {name} waits "
+                             f"for it, or give this cell another --pool")
         running = existing is not None and existing.pool.running
         size = max(nodes, (args.rank + 1) if args.rank is not None else 0, existing.pool.size if running else 0)
         if running:
@@ -127,6 +145,8 @@ class SkyMagics(Magics):
         pull_names = tuple(n.strip() for n in (args.pull or "").split(",") if n.strip())
         options = CellOptions(ranks=ranks, pull=not args.no_pull, pull_names=pull_names, timeout=args.timeout,
                               budget=settings.pull_budget)
+        if args.bg and not plain_mode(self.shell):
+            return self._in_background(npool, cell, options)
         try:
             return run_cell(npool, cell, self.shell.user_ns, self.shell.user_ns_hidden, options,
                             plain_mode(self.shell))
@@ -135,15 +155,86 @@ class SkyMagics(Magics):
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - any error of the user's code is re-raised with context
-            if exc.__cause__ is not None or hasattr(exc, "traceback"):
+            if _is_remote(exc):
                 exc._render_traceback_ = lambda e=exc: _render_remote_traceback(e)  # type: ignore[attr-defined]
             raise exc.with_traceback(None) from exc.__cause__
+
+    def _in_background(self, npool: NotebookPool, cell: str, options: CellOptions) -> None:
+        """Run the cell on a thread of its own; return once every node has it (its inputs as they are now).
+
+        The thread runs in a copy of this cell's context: ipykernel keeps the executing cell there, so what the
+        thread prints and displays still goes to this cell while later cells run."""
+        job = BackgroundCell(ranks=list(options.ranks))
+        reached = threading.Event()  # every node has the cell
+        settled = threading.Event()  # reached, or failed before
+
+        def sent() -> None:
+            reached.set()
+            settled.set()
+
+        def body() -> None:
+            try:
+                value = run_cell(npool, cell, self.shell.user_ns, self.shell.user_ns_hidden, options, False,
+                                 on_sent=sent)
+                if value is not None:
+                    display(value)
+            except BaseException as exc:  # noqa: BLE001 - kept for %sky wait
+                job.error = exc
+                if reached.is_set():  # it failed while running in the background: say so in its cell now
+                    lines = _render_remote_traceback(exc) if _is_remote(exc) else [f"{type(exc).__name__}: {exc}"]
+                    print("\n".join(lines), file=sys.stderr)
+            finally:
+                job.done.set()
+                settled.set()
+
+        npool.background = job
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True,
+                                  name=f"sky-background-{npool.name}")
+        thread.start()
+        settled.wait()
+        if not reached.is_set():  # bad input (a variable that cannot travel, a syntax error): nothing ran
+            npool.background = None
+            error = job.error
+            assert error is not None
+            if isinstance(error, (ConfigError, SyntaxError)):
+                raise UsageError(str(error)) from None
+            raise error.with_traceback(None) from error.__cause__  # as in the foreground: the message says it all
+        print(f"sky: running in the background on pool {npool.name!r}; its output comes here. "
+              f"%sky wait {npool.name} waits for it.", file=sys.stderr)
+        return None
+
+    def _wait(self, rest: list[str]) -> None:
+        mgr = manager()
+        name = rest[0] if rest else mgr.settings.pool
+        npool = mgr.get(name)
+        job = npool.background
+        if job is None:
+            print(f"pool {name!r} has no background cell")
+            return
+        try:
+            while not job.done.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            # Stop it where it runs: the nodes' code gets KeyboardInterrupt, as for a foreground cell.
+            for rank in job.ranks:
+                npool.pool.nodes[rank].interrupt()
+            job.done.wait(15)
+            raise
+        finally:
+            if job.done.is_set():
+                npool.background = None
+        if job.error is not None:
+            exc = job.error
+            if _is_remote(exc):
+                exc._render_traceback_ = lambda e=exc: _render_remote_traceback(e)  # type: ignore[attr-defined]
+            raise exc.with_traceback(None) from exc.__cause__
+        print(f"the background cell on pool {name!r} finished")
 
     # -- line commands -------------------------------------------------------------------------------------
     def _line(self, line: str) -> Any:
         words = shlex.split(line)
         if not words:
-            raise UsageError("%sky needs a command: status, down, config, pull, logs, panel or gc; see %sky?")
+            raise UsageError("%sky needs a command: status, down, config, pull, logs, wait, panel or gc; see %sky?")
         command, rest = words[0], words[1:]
         mgr = manager()
         try:
@@ -164,6 +255,8 @@ class SkyMagics(Magics):
                     return self._pull(rest)
                 case "logs":
                     return self._logs(rest)
+                case "wait":
+                    return self._wait(rest)
                 case "panel":
                     from .panel import panel
 
@@ -174,7 +267,7 @@ class SkyMagics(Magics):
                     return gc(interactive=True)
                 case _:
                     raise UsageError(f"unknown %sky command {command!r}; use status, down, config, pull, logs, "
-                                     f"panel or gc")
+                                     f"wait, panel or gc")
         except SkyError as exc:
             raise UsageError(str(exc)) from None
 

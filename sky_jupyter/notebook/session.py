@@ -15,6 +15,7 @@ import hashlib
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,20 @@ class CellOptions:
 
 
 @dataclass
+class BackgroundCell:
+    """A ``%%sky --bg`` cell running on a thread of its own; ``error`` is what it raised, once ``done``."""
+
+    ranks: list[int]
+    started: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self.done.is_set()
+
+
+@dataclass
 class NotebookPool:
     """A running pool as the notebook sees it, with what each node's namespace holds."""
 
@@ -73,6 +88,7 @@ class NotebookPool:
     busy: int = 0
     last_sent: dict[int, list[str]] = field(default_factory=dict)  # rank -> input names the last cell shipped
     lock: threading.Lock = field(default_factory=threading.Lock)
+    background: BackgroundCell | None = None  # the last ``%%sky --bg`` cell, until ``%sky wait`` collects it
 
     @property
     def name(self) -> str:
@@ -159,8 +175,9 @@ class DisplayedValue:
 
 
 def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: Any, options: CellOptions,
-             plain: bool) -> Any:
-    """Run ``source`` on ``options.ranks`` of the pool; returns what the cell should display (or None)."""
+             plain: bool, on_sent: Callable[[], None] | None = None) -> Any:
+    """Run ``source`` on ``options.ranks`` of the pool; returns what the cell should display (or None).
+    ``on_sent`` is called once every node has the cell (its inputs taken from ``user_ns`` as they were then)."""
     names, python, filename = _analyzed(source)
     pool = npool.pool
     values = select_inputs(names, user_ns, hidden)
@@ -196,6 +213,8 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
                 raise
             calls.append((rank, call, send))
         pool.last_used = time.monotonic()
+        if on_sent is not None:
+            on_sent()
         results, failures = _wait(calls, output, options.timeout)
     finally:
         output.finish()
