@@ -22,9 +22,20 @@ POOL = "bg"
 
 @pytest.fixture
 def live(shell, monkeypatch):
-    """The shell as an interactive kernel sees it (--bg runs in the foreground in non-interactive runs)."""
+    """The shell as an interactive kernel sees it (--bg runs in the foreground in non-interactive runs). A test
+    that fails half-way leaves no background cell running for the next one."""
+    from sky_jupyter.notebook.manager import manager
+
     monkeypatch.setenv("SKY_JUPYTER_PLAIN", "0")
-    return shell
+    yield shell
+    npool = manager().pools.get(POOL)
+    job = npool.background if npool is not None else None
+    if job is not None and job.running:
+        for rank in job.ranks:
+            npool.pool.nodes[rank].interrupt()
+        assert job.done.wait(30), "a background cell could not be stopped"
+    if npool is not None:
+        npool.background = None
 
 
 def cell(shell, source: str) -> None:
@@ -35,26 +46,26 @@ def cell(shell, source: str) -> None:
 
 def test_a_background_cell_leaves_the_notebook_usable_and_binds_its_names_when_it_ends(live, tmp_path):
     gate = tmp_path / "go"
-    live.user_ns.update(x=21, gate=str(gate))
+    live.user_ns.update(bg_x=21, bg_gate=str(gate))
     cell(live, f"""%%sky --bg --pool {POOL}
 import os, time
-while not os.path.exists(gate):
+while not os.path.exists(bg_gate):
     time.sleep(0.02)
-y = x * 2
+bg_y = bg_x * 2
 """)
     # Returned while the cell is still waiting for the gate, which only this test opens.
-    assert "y" not in live.user_ns
-    live.user_ns["x"] = 0  # the cell took x as it was when it ran
+    assert "bg_y" not in live.user_ns
+    live.user_ns["bg_x"] = 0  # the cell took bg_x as it was when it ran
     with pytest.raises(UsageError, match=rf"pool '{POOL}' is still running a background cell.*%sky wait {POOL}"):
-        cell(live, f"%%sky --pool {POOL}\nz = 1\n")
-    assert "z" not in live.user_ns
-    cell(live, "%%sky --pool bg-other\nz = 1\n")  # other pools are free
-    assert live.user_ns["z"] == 1
+        cell(live, f"%%sky --pool {POOL}\nbg_z = 1\n")
+    assert "bg_z" not in live.user_ns
+    cell(live, "%%sky --pool bg-other\nbg_z = 1\n")  # other pools are free
+    assert live.user_ns["bg_z"] == 1
     gate.touch()
     cell(live, f"%sky wait {POOL}")
-    assert live.user_ns["y"] == 42
-    cell(live, f"%%sky --pool {POOL}\nz = y + 1\n")  # the pool is free again, its namespace intact
-    assert live.user_ns["z"] == 43
+    assert live.user_ns["bg_y"] == 42
+    cell(live, f"%%sky --pool {POOL}\nbg_z = bg_y + 1\n")  # the pool is free again, its namespace intact
+    assert live.user_ns["bg_z"] == 43
     cell(live, f"%sky wait {POOL}")  # nothing left to wait for: says so
 
 
