@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("IPython")
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
@@ -322,5 +323,100 @@ def test_idle_pool_is_shut_down_with_a_notice(shell):
 
 def test_help_lists_options_and_commands(shell):
     doc = shell.find_cell_magic("sky").__doc__
-    for word in ("--nodes", "--hf", "--no-torch", "--rank", "--pull", "--timeout", "--pool", "%sky down", "%sky pull"):
+    for word in ("--nodes", "--hf", "--no-torch", "--rank", "--pull", "--timeout", "--pool", "--bg", "%sky down",
+                 "%sky pull", "%sky wait [POOL]"):
         assert word in doc, word
+
+
+# -- %%sky --bg and %sky wait ------------------------------------------------------------------------------------
+BG_POOL = "bg"
+
+
+@pytest.fixture
+def live(shell, monkeypatch):
+    """The shell as an interactive kernel sees it (--bg runs in the foreground in non-interactive runs). A test
+    that fails half-way leaves no background cell running for the next one."""
+    from sky_jupyter.notebook.manager import manager
+
+    monkeypatch.setenv("SKY_JUPYTER_PLAIN", "0")
+    yield shell
+    npool = manager().pools.get(BG_POOL)
+    job = npool.background if npool is not None else None
+    if job is not None and job.running:
+        for rank in job.ranks:
+            npool.pool.nodes[rank].interrupt()
+        assert job.done.wait(30), "a background cell could not be stopped"
+    if npool is not None:
+        npool.background = None
+
+
+def cell(shell, source: str) -> None:
+    """Run a cell; raise its error as the notebook would show it."""
+    result = shell.run_cell(source, store_history=False)
+    if not result.success:
+        raise result.error_before_exec or result.error_in_exec
+
+
+def test_a_background_cell_leaves_the_notebook_usable_and_binds_its_names_when_it_ends(live, tmp_path):
+    gate = tmp_path / "go"
+    live.user_ns.update(bg_x=21, bg_gate=str(gate))
+    cell(live, f"""%%sky --bg --pool {BG_POOL}
+import os, time
+while not os.path.exists(bg_gate):
+    time.sleep(0.02)
+bg_y = bg_x * 2
+""")
+    # Returned while the cell is still waiting for the gate, which only this test opens.
+    assert "bg_y" not in live.user_ns
+    live.user_ns["bg_x"] = 0  # the cell took bg_x as it was when it ran
+    busy = rf"pool '{BG_POOL}' is still running a background cell.*%sky wait {BG_POOL}"
+    with pytest.raises(UsageError, match=busy):
+        cell(live, f"%%sky --pool {BG_POOL}\nbg_z = 1\n")
+    assert "bg_z" not in live.user_ns
+    cell(live, "%%sky --pool bg-other\nbg_z = 1\n")  # other pools are free
+    assert live.user_ns["bg_z"] == 1
+    gate.touch()
+    cell(live, f"%sky wait {BG_POOL}")
+    assert live.user_ns["bg_y"] == 42
+    cell(live, f"%%sky --pool {BG_POOL}\nbg_z = bg_y + 1\n")  # the pool is free again, its namespace intact
+    assert live.user_ns["bg_z"] == 43
+    cell(live, f"%sky wait {BG_POOL}")  # nothing left to wait for: says so
+
+
+def test_wait_raises_the_background_cells_error_with_its_type(live):
+    cell(live, f"%%sky --bg --pool {BG_POOL}\nimport time\ntime.sleep(0.2)\n1 / 0\n")
+    with pytest.raises(ZeroDivisionError):
+        cell(live, f"%sky wait {BG_POOL}")
+    cell(live, f"%%sky --pool {BG_POOL}\nok = 'pool still works'\n")
+    assert live.user_ns["ok"] == "pool still works"
+
+
+def test_bad_input_fails_at_once_and_nothing_runs_in_the_background(live):
+    live.user_ns["guard"] = threading.Lock()  # a notebook variable that cannot travel
+    try:
+        with pytest.raises(sky.SerializationError, match="cannot send notebook variable 'guard'.*nothing ran"):
+            cell(live, f"%%sky --bg --pool {BG_POOL}\nheld = guard.locked()\n")
+    finally:
+        live.user_ns.pop("guard")
+    with pytest.raises(UsageError, match="SyntaxError|invalid syntax"):
+        cell(live, f"%%sky --bg --pool {BG_POOL}\ndef broken(:\n    pass\n")
+    cell(live, f"%%sky --pool {BG_POOL}\nfree = True\n")  # not left busy
+    assert live.user_ns["free"] is True
+
+
+def test_interrupting_wait_stops_the_background_cell_on_the_nodes(live):
+    cell(live, f"%%sky --bg --pool {BG_POOL}\nimport time\ntime.sleep(60)\n")
+    timer = threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cell(live, f"%sky wait {BG_POOL}")
+    assert time.monotonic() - started < 30
+    cell(live, f"%%sky --pool {BG_POOL}\nafter = 'usable'\n")
+    assert live.user_ns["after"] == "usable"
+
+
+def test_non_interactive_runs_run_it_in_the_foreground(shell, monkeypatch):
+    monkeypatch.setenv("SKY_JUPYTER_PLAIN", "1")
+    cell(shell, f"%%sky --bg --pool {BG_POOL}\nfg = 'done before the magic returned'\n")
+    assert shell.user_ns["fg"] == "done before the magic returned"

@@ -208,3 +208,48 @@ def test_display_updates_are_saved_in_their_final_state(executed):
     saved = nbformat.read(executed["saved"], as_version=4)
     (update_cell,) = [c for c in saved.cells if c.metadata["tags"] == ["update"]]
     assert "starting" not in json.dumps(update_cell.outputs)
+
+
+# -- %%sky --bg through an interactive client: the output stays with the cell that started it --------------------
+def test_background_output_goes_to_its_own_cell_in_a_kernel(tmp_path, monkeypatch):
+    from jupyter_client.manager import start_new_kernel
+
+    monkeypatch.setenv("JUPYTER_PATH", str(kernelspec(tmp_path)))
+    monkeypatch.setenv("SKY_JUPYTER_PLAIN", "0")
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        def execute(code: str) -> str:
+            msg_id = kc.execute(code, allow_stdin=True)  # an interactive client, as JupyterLab is
+            reply = kc.get_shell_msg(timeout=120)
+            assert reply["parent_header"]["msg_id"] == msg_id
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return msg_id
+
+        execute("%load_ext sky_jupyter\n%sky config pool=bg-kernel torch=false\nx = 21")
+        gate = tmp_path / "gate"
+        background = execute(f"""%%sky --bg
+import os, time
+print("started", flush=True)
+while not os.path.exists({str(gate)!r}):
+    time.sleep(0.02)
+print("finished", x * 2, flush=True)
+y = x * 2""")
+        later = execute("x = 0\nprint('a later cell')")
+        gate.touch()
+        waited = execute("%sky wait\nprint('y is', y)")
+        execute("%sky down --all")
+        streams: dict[str, str] = {}
+        while True:
+            try:
+                msg = kc.get_iopub_msg(timeout=2)
+            except Exception:  # noqa: BLE001 - queue.Empty: everything has arrived
+                break
+            if msg["msg_type"] == "stream":
+                parent = msg["parent_header"].get("msg_id")
+                streams[parent] = streams.get(parent, "") + msg["content"]["text"]
+        assert "started" in streams.get(background, "") and "finished 42" in streams.get(background, ""), streams
+        assert "finished" not in streams.get(later, "") and "a later cell" in streams.get(later, ""), streams
+        assert "y is 42" in streams.get(waited, ""), streams
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
