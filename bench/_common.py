@@ -48,3 +48,24 @@ def report(name: str, figures: dict[str, Any]) -> Path:
     print(json.dumps(data, indent=2))
     print(f"written to {path}")
     return path
+
+
+def paired_comparison(base: str, sky_runs: list[dict[str, Any]], sky_call: list[float], base_runs: list[dict[str, Any]],
+                      base_job: list[float], goal: float) -> dict[str, Any]:
+    """A warm sky call against ``base`` (torchrun, a plain script) over interleaved rounds: the ratio of medians,
+    each round's own ratio (its two jobs ran back to back, so it is immune to load shifts of a shared machine),
+    the training loops alone, and whether both ratios meet ``goal``."""
+    med = statistics.median
+    ratio_job = med(sky_call) / med(base_job)
+    paired = [c / b for c, b in zip(sky_call, base_job)]
+    return {
+        f"ratio_sky_call_over_{base}_job_only": round(ratio_job, 4),
+        f"ratio_sky_call_over_{base}_job_only_per_round": [round(r, 4) for r in paired],
+        f"ratio_sky_call_over_{base}_job_only_paired_median": round(med(paired), 4),
+        f"ratio_train_only_sky_over_{base}": round(
+            med([r["train_s"] for r in sky_runs]) / med([r["train_s"] for r in base_runs]), 4),
+        "goal_ratio_at_most": goal,
+        "goal_met": ratio_job <= goal and med(paired) <= goal,
+        "goal_met_ratio_of_medians": ratio_job <= goal,
+        "goal_met_paired_median": med(paired) <= goal,
+    }
