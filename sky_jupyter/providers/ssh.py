@@ -170,6 +170,11 @@ def _compressed_uv(uv: str) -> str | None:
     return str(cached)
 
 
+def _node_package_dir() -> str:
+    """Where a node keeps this client's package (one folder per content), shell-quoted."""
+    return remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{package_digest()}")
+
+
 def _worker_running(pid: int) -> str:
     """Shell test: is ``pid`` still our worker (not a reused pid)?"""
     return f"kill -0 {pid} 2>/dev/null && grep -qa sky_jupyter.worker /proc/{pid}/cmdline 2>/dev/null"
@@ -390,8 +395,7 @@ class SSH(Provider):
         what is missing and run the script, streaming its phases."""
         conn = self.connection(host)
         label = f"node {host.rank} ({host.display})"
-        digest = package_digest()
-        pkg_dir = remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{digest}")
+        pkg_dir = _node_package_dir()
         home = remote_path(NODE_HOME)
         env_tmp = remote_path(f"{NODE_HOME}/env.sh.tmp")
         probe = f"""umask 077; mkdir -p {home} && chmod 700 {home} && cat > {env_tmp} && chmod 600 {env_tmp} \
@@ -455,8 +459,7 @@ echo "$m $u $z $(uname -s) $(uname -m) $c"
         label = f"node {host.rank} ({host.display})"
         pool = str(config.get("pool") or host.extra.get("pool") or "pool")
         run_dir = f"{NODE_HOME}/run/{pool}-{host.rank}"
-        digest = package_digest()
-        pkg_dir = remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{digest}")
+        pkg_dir = _node_package_dir()
         python = remote_path(NODE_PYTHON)
         config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
         # The worker keeps the user's umask and starts in $HOME.
