@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from .providers.base import Host, WorkerHandle
 
 Sink = Callable[[str, Any], None]  # (frame kind, meta) for STREAM and DISPLAY frames
-_task_ids = itertools.count(1)
+# Task ids continue from the clock (microseconds), so a client that attaches to workers an earlier client started
+# never reuses an id those workers still hold a result for.
+_task_ids = itertools.count(time.time_ns() // 1000)
 _finishing = threading.Lock()  # a call ends once, whichever thread learns of it first
 
 
@@ -39,8 +41,8 @@ class Call:
     __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "node", "on_done", "sink", "task_id")
 
     def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
-                 on_done: Callable[[], None] | None = None) -> None:
-        self.task_id = next(_task_ids)
+                 on_done: Callable[[], None] | None = None, task_id: int | None = None) -> None:
+        self.task_id = next(_task_ids) if task_id is None else task_id
         self.node = node
         self.sink = sink
         self.on_done = on_done  # called on the reader thread when the result (or failure) arrives
@@ -272,7 +274,23 @@ class Node:
             self._setup(self)
             self.state = "ready"
 
-    def _connect(self) -> dict[str, Any]:
+    def attach(self, handle: WorkerHandle, sink: Sink | None = None) -> list[Call]:
+        """Connect to a worker that an earlier client started, its namespace intact. Returns calls for what that
+        client left behind there (a task still running, or a result it never collected): their output goes to
+        ``sink`` and their end can be waited for as usual."""
+        with self._lock:
+            self.handle = handle
+            leftovers: list[Call] = []
+
+            def adopt(task_id: int) -> Call:
+                leftovers.append(Call(self, sink, task_id=task_id))
+                return leftovers[-1]
+
+            hello = self._connect(adopt)
+            self.state = "ready" if hello.get("setup") else "connected"
+            return leftovers
+
+    def _connect(self, adopt: Callable[[int], Call] | None = None) -> dict[str, Any]:
         assert self.handle is not None
         io = self.handle.open()
         try:
@@ -292,6 +310,8 @@ class Node:
                         f"never got it (or its answer was lost on the way); it may not have run. The node is "
                         f"reconnected: run it again."))
             link.adopt(calls)
+        elif adopt is not None:  # before the link reads: the worker's held frames for them come first
+            link.adopt({task_id: adopt(task_id) for task_id in hello.get("tasks", ())})
         self.link = link
         link.start()
         return hello
@@ -424,6 +444,13 @@ class Node:
             if not link.pongs.wait_for(lambda: link.last_pong.get("seq") == seq or not link.alive, timeout):
                 raise ConnectionLostError(f"{self.label}: no heartbeat answer within {timeout} s")
         return link.last_pong
+
+    def detach(self) -> None:
+        """Let go of the worker, leaving it running (an attach that failed part way)."""
+        self.closing = True
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
 
     def close(self, timeout: float = 5.0) -> None:
         self.closing = True

@@ -22,11 +22,57 @@ from .node import Call, Node, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
 from .providers.base import Cost, Host, PoolSpec, Provider, in_parallel
 from .providers.local import Local
-from .redaction import register
+from .redaction import redact, register
 from .shipping import register_user_modules
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
 DEFAULT_GRACE = 10 * 60.0
+
+
+def _plain(value: object) -> bool:
+    """Can this host detail go into the state file (a string, or a list of strings such as key files)?"""
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _detached_state(name: str) -> dict[str, Any]:
+    recorded = state.load(name)
+    if recorded is None:
+        raise ConfigError(f"no pool named {name!r} is recorded in {state.pools_dir()}; `%sky status` lists the "
+                          f"pools that are.")
+    if not state.detached(recorded):
+        raise ConfigError(f"pool {name!r} belongs to a client that is still running (pid "
+                          f"{recorded.get('client_pid')}); use it there, or stop that client first.")
+    return recorded
+
+
+def provider_from_state(recorded: dict[str, Any]) -> Provider:
+    """A provider able to reach a recorded pool's machines again (see ``ComputePool.attach``)."""
+    kind = recorded.get("provider")
+    if kind == "local":
+        return Local()
+    if kind == "ssh":
+        from .providers.ssh import SSH
+
+        hosts = recorded.get("hosts") or [{"addr": "unknown"}]
+        return SSH([f"[{h['addr']}]" if ":" in h["addr"] else h["addr"] for h in hosts])
+    if kind == "aws":
+        from .providers.aws import AWS
+
+        return AWS(region=(recorded.get("cloud") or {}).get("region"))
+    raise ConfigError(f"pool {recorded.get('name')!r} was started by a provider this client does not know "
+                      f"({kind!r}); pass provider=... to attach to it.")
+
+
+def _why_unattached(node: Node, exc: Exception) -> str:
+    """Why a node's worker could not be attached to, in a few words."""
+    handle = node.handle
+    try:
+        alive = handle is not None and handle.alive()
+    except Exception:  # noqa: BLE001 - the node cannot be asked: report the original failure
+        alive = True
+    if not alive:
+        return f"node {node.rank}'s worker {handle.describe_exit() if handle else 'is gone'} (its namespace is lost)"
+    return f"node {node.rank}: {type(exc).__name__}: {redact(str(exc))}"
 
 
 def check_nodes(nodes: object) -> int:
@@ -104,6 +150,7 @@ class ComputePool:
         register(self.secret)
         self.nodes: list[Node] = []
         self.hosts: list[Host] = []
+        self.leftovers: list[Call] = []  # what a dead client left running on the nodes (see attach)
         self.image = image
         self.head_port = 0
         self.started_at: float | None = None
@@ -154,7 +201,7 @@ class ComputePool:
             for plugin in self.plugins:
                 if plugin.around_client is not None:
                     self._stack.enter_context(plugin.around_client(self))
-            self._save_state()
+            self._save_state(fresh=True)  # a record of an earlier pool of the same name is replaced, not merged
             self.hosts = self.provider.provision(spec)
             self._save_state()
             self.nodes = self._bring_up(self.hosts, plan)
@@ -236,16 +283,110 @@ class ComputePool:
         if errors:
             raise errors[0]
 
-    def _save_state(self) -> None:
-        state.save(self.name, {
-            "provider": self.provider.name, "provider_repr": repr(self.provider), "nodes": self.size,
-            "accelerator": self.accelerator, "secret": self.secret,
-            "hosts": [{**dataclasses.asdict(h), "extra": {k: v for k, v in h.extra.items() if isinstance(v, str)}}
-                      for h in self.hosts],
-            "workers": [{"rank": n.rank, "port": getattr(n.handle, "port", None), "pid": getattr(n.handle, "pid", None)}
-                        for n in self.nodes],
-            "cloud": self.provider.pool_state(self.name),
-        })
+    def _save_state(self, fresh: bool = False) -> None:
+        if fresh:
+            state.remove(self.name)
+        state.update(
+            self.name, provider=self.provider.name, provider_repr=repr(self.provider), nodes=self.size,
+            accelerator=self.accelerator, secret=self.secret, idle_timeout=self.idle_timeout, grace=self.grace,
+            interrupt_grace=self.interrupt_grace, head_port=self.head_port,
+            hosts=[{**dataclasses.asdict(h), "extra": {k: v for k, v in h.extra.items() if _plain(v)}}
+                   for h in self.hosts],
+            workers=[{"rank": n.rank, "port": getattr(n.handle, "port", None), "pid": getattr(n.handle, "pid", None)}
+                     for n in self.nodes],
+            cloud=self.provider.pool_state(self.name),
+        )
+
+    # -- attaching to a pool an earlier client left running ------------------------------------------------------
+    @classmethod
+    def attach(cls, name: str, provider: Provider | None = None, *, image: Image | None = None,
+               plugins: Sequence[Plugin] = (), progress: Callable[[int, str, str], None] | None = None,
+               leftover_sink: Callable[[int], Sink] | None = None) -> ComputePool:
+        """Take over pool ``name`` from its state file after the client that started it died (a crashed or
+        killed kernel): the same machines, the same workers, their namespaces intact.
+
+        ``provider`` defaults to one rebuilt from the state file (SSH hosts, or the AWS region); ``plugins`` are
+        only needed if a worker has to be set up again. What the dead client left running on a node (a task, or
+        a result it never collected) is in ``pool.leftovers``, its output going to ``leftover_sink(rank)``
+        (default: printed). If attaching fails, machines and workers are left as they were: attach again, or
+        release them with :meth:`release_detached`.
+        """
+        recorded = _detached_state(name)
+        provider = provider or provider_from_state(recorded)
+        hosts = [Host(**h) for h in recorded.get("hosts") or ()]
+        workers = {w["rank"]: (w["port"], w["pid"]) for w in recorded.get("workers") or () if w.get("pid")}
+        if not hosts or any(h.rank not in workers for h in hosts):
+            raise ConfigError(f"pool {name!r} had not finished starting when its client stopped, so there are no "
+                              f"workers to attach to; `%sky down {name}` (or ComputePool.release_detached("
+                              f"{name!r})) releases what it started.")
+        pool = cls(provider, nodes=len(hosts), accelerator=recorded.get("accelerator"), image=image,
+                   plugins=plugins, idle_timeout=recorded.get("idle_timeout", DEFAULT_IDLE_TIMEOUT), name=name,
+                   grace=recorded.get("grace", DEFAULT_GRACE), interrupt_grace=recorded.get("interrupt_grace", 10.0),
+                   progress=progress)
+        pool.secret = recorded["secret"]
+        register(pool.secret)
+        pool.head_port = int(recorded.get("head_port") or 0)
+        pool._stack = ExitStack()
+        nodes: list[Node] = []
+        try:
+            pool.image = transform_image(pool.base_image, pool.plugins, pool.cluster)
+            pool.hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
+            nodes = [Node(h.rank, h, pool.secret, pool._start_worker, pool._setup_one) for h in pool.hosts]
+            sink_for = leftover_sink or (lambda rank: pool._sink(nodes[rank]))
+            found = in_parallel([lambda n=n: n.attach(provider.worker(n.host, *workers[n.rank]), sink_for(n.rank))
+                                 for n in nodes])
+            failed = [(n, r) for n, r in zip(nodes, found) if isinstance(r, Exception)]
+            if failed:
+                raise ConnectionLostError(
+                    f"pool {name!r}: " + "; ".join(_why_unattached(n, exc) for n, exc in failed)
+                    + f". The nodes are left as they were: `%sky down {name}` (or ComputePool.release_detached("
+                    f"{name!r})) stops what is left and releases the machines.")
+            pool.nodes = nodes
+            pool.leftovers = [call for calls in found for call in calls]  # type: ignore[union-attr]
+            for node in nodes:
+                if node.state != "ready":  # a worker that restarted itself lost its setup: set it up again
+                    pool._setup_one(node)
+                    node.state = "ready"
+            pool.started_at = time.time()
+            pool._save_state()  # this client owns the pool now
+            pool._keeper = threading.Thread(target=pool._keep, daemon=True, name=f"sky-keeper-{name}")
+            pool._keeper.start()
+        except BaseException:
+            for node in nodes:
+                node.detach()
+            provider.disconnect(pool.hosts or hosts)
+            pool._closed = True
+            raise
+        return pool
+
+    @classmethod
+    def release_detached(cls, name: str, provider: Provider | None = None, timeout: float = 5.0) -> None:
+        """Shut down pool ``name`` that a dead client left behind: stop its workers where they still run, give
+        its machines back (AWS: terminate), and forget it."""
+        recorded = _detached_state(name)
+        provider = provider or provider_from_state(recorded)
+        hosts = [Host(**h) for h in recorded.get("hosts") or ()]
+        workers = {w["rank"]: (w["port"], w["pid"]) for w in recorded.get("workers") or () if w.get("pid")}
+        try:
+            try:
+                hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
+            except (SkyError, OSError):
+                pass  # unreachable or gone: the workers' dead-man switch ends them; the machines go below
+            else:
+                def stop(host: Host) -> None:
+                    node = Node(host.rank, host, recorded["secret"], lambda h: None, lambda n: None)
+                    handle = provider.worker(host, *workers[host.rank])
+                    try:
+                        node.attach(handle, lambda kind, meta: None)  # then asked to shut down: its plugins' exits run
+                    except (SkyError, OSError, EOFError):
+                        node.handle = handle
+                    node.close(timeout)
+
+                in_parallel([lambda h=h: stop(h) for h in hosts if h.rank in workers])
+            provider.release(hosts)
+        finally:
+            provider.disconnect(hosts)
+        state.remove(name)
 
     @staticmethod
     def _parallel(fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:

@@ -1,5 +1,6 @@
 """Pool state on disk: ``~/.sky_jupyter/pools/NAME.json`` (0600), written before anything is provisioned and
-updated as it changes, so teardown and ``gc`` always know what exists."""
+updated as it changes, so teardown and ``gc`` always know what exists, and a later client can attach to the
+workers of a pool whose client died (``ComputePool.attach``, ``%sky attach``)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,30 @@ def load(name: str) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def update(name: str, **changes: Any) -> None:
+    """Add or replace some keys of a pool's state file, keeping the rest."""
+    save(name, {**(load(name) or {}), **changes})
+
+
+def pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def detached(recorded: dict[str, Any]) -> bool:
+    """Is this a pool whose client process has gone (a crashed or killed kernel), leaving it to be attached
+    to or shut down?"""
+    pid = recorded.get("client_pid")
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 def remove(name: str) -> None:

@@ -23,6 +23,7 @@ import pytest
 
 import sky_jupyter as sky
 from sky_jupyter import accelerators, state
+from sky_jupyter import protocol as P
 from sky_jupyter.providers.base import PoolSpec
 from tests.fixtures.moto_ec2 import inject_error
 
@@ -422,3 +423,27 @@ def test_growing_adds_instances_in_the_pools_zone(moto_ec2, sshd_cluster, only_t
         launch_of = {i["InstanceId"]: tags(i)[aws.TAG_LAUNCH] for i in running}
         assert [launch_of[h.instance_id] for h in pool.hosts] == [first, second]  # the new node is rank 1
     assert {i["State"]["Name"] for i in moto_ec2.instances("aws-grow")} == {"terminated"}
+
+
+@pytest.mark.ssh
+def test_a_pool_whose_kernel_died_is_attached_to_billed_and_terminated(moto_ec2, sshd_cluster, only_test_nodes):
+    pool = sky.ComputePool(provider=on_cluster(moto_ec2, sshd_cluster), nodes=2, accelerator="A10G",
+                           name="aws-attach").start()
+    pool.nodes[1].submit(P.CELL, {"code": "kept = 'on the GPU node'"}).wait(30)
+    # The kernel dies: no teardown, its connections just drop, and its process id is gone.
+    pool._stop.set()
+    for node in pool.nodes:
+        node.detach()
+    pool.provider.disconnect(pool.hosts)
+    recorded = state.load("aws-attach")
+    state.pools_dir().joinpath("aws-attach.json").write_text(json.dumps({**recorded, "client_pid": 2 ** 22 + 12345}))
+
+    again = sky.ComputePool.attach("aws-attach", provider=make(moto_ec2, str(sshd_cluster.key_file)))
+    try:
+        assert again.nodes[1].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == "on the GPU node"
+        assert again.cost().per_hour == pytest.approx(2 * accelerators.lookup("A10G").price_per_hour)
+        assert len(moto_ec2.alive("aws-attach")) == 2
+    finally:
+        again.close()
+    assert {i["State"]["Name"] for i in moto_ec2.instances("aws-attach")} == {"terminated"}
+    assert moto_ec2.groups("aws-attach") == [] and state.load("aws-attach") is None

@@ -18,8 +18,8 @@ from IPython.display import display
 
 from ..errors import ConfigError, SkyError
 from .manager import PROVIDERS, PoolRequest, manager, torch_by_default
-from .output import plain_mode
-from .session import BackgroundCell, CellOptions, NotebookPool, run_cell
+from .output import CellOutput, plain_mode
+from .session import BackgroundCell, CellOptions, NotebookPool, collect_leftovers, run_cell
 
 _parsed_lines: dict[str, Any] = {}  # %%sky line -> its parsed options
 
@@ -61,7 +61,8 @@ class SkyMagics(Magics):
                    "names it binds arrive when it ends; %%sky wait [POOL] waits for it (and raises its error). "
                    "Non-interactive runs (nbval, jupyter execute) run it in the foreground")
     @argument("words", nargs="*", help="for %%sky as a line magic: status | down [NAME|--all] | config "
-                                       "KEY=VALUE... | pull NAME [--all] | logs [NODE] | wait [POOL] | panel | gc")
+                                       "KEY=VALUE... | pull NAME [--all] | logs [NODE] | wait [POOL] | attach NAME | "
+                                       "panel | gc")
     @line_cell_magic
     def sky(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on remote nodes; or manage pools with ``%sky COMMAND``.
@@ -82,6 +83,8 @@ class SkyMagics(Magics):
             %sky pull NAME [--all]      fetch a value left on the nodes (--all: a list, one per rank)
             %sky logs [NODE]            the worker and bootstrap log of a node
             %sky wait [POOL]            wait for the pool's background cell (%%sky --bg); raises its error
+            %sky attach NAME            take over a pool that a kernel which died left running (SSH, AWS):
+                                        same nodes, same remote namespace
             %sky panel                  the widget panel
             %sky gc                     find and terminate orphaned cloud machines (AWS)
         """
@@ -203,6 +206,45 @@ class SkyMagics(Magics):
               f"%sky wait {npool.name} waits for it.", file=sys.stderr)
         return None
 
+    def _attach(self, rest: list[str]) -> None:
+        """``%sky attach NAME``: take over a pool that a kernel which stopped left running. What that kernel's
+        last cell still runs there keeps writing into this cell, as a background cell that ``%sky wait`` collects."""
+        mgr = manager()
+        detached = {p["name"]: p for p in mgr.detached()}
+        if len(rest) > 1 or (not rest and len(detached) != 1):
+            raise UsageError(f"usage: %sky attach NAME; pools left by kernels that stopped: "
+                             f"{', '.join(detached) or 'none'}")
+        name = rest[0] if rest else next(iter(detached))
+        size = len((detached.get(name) or {}).get("hosts") or ()) or 1
+        plain = plain_mode(self.shell)
+        output = CellOutput(list(range(size)), plain)
+        npool = mgr.attach(name, progress=_progress(plain), leftover_sink=output.sink)
+        print(f"attached to pool {name!r}: {npool.pool.size} node(s), their namespaces as the stopped kernel left "
+              f"them; %%sky --pool {name} runs cells there.")
+        ranks = sorted({call.node.rank for call in npool.pool.leftovers})
+        if not ranks:
+            return
+        if plain:
+            collect_leftovers(npool, output)
+            return
+        job = BackgroundCell(ranks=ranks)
+
+        def body() -> None:
+            try:
+                collect_leftovers(npool, output)
+            except BaseException as exc:  # noqa: BLE001 - kept for %sky wait, and said here now
+                job.error = exc
+                lines = _render_remote_traceback(exc) if _is_remote(exc) else [f"{type(exc).__name__}: {exc}"]
+                print("\n".join(lines), file=sys.stderr)
+            finally:
+                job.done.set()
+
+        npool.background = job
+        threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True,
+                         name=f"sky-leftovers-{name}").start()
+        print(f"sky: node(s) {', '.join(map(str, ranks))} still run what the stopped kernel started; its output "
+              f"comes here. %sky wait {name} waits for it.", file=sys.stderr)
+
     def _wait(self, rest: list[str]) -> None:
         mgr = manager()
         name = rest[0] if rest else mgr.settings.pool
@@ -234,7 +276,8 @@ class SkyMagics(Magics):
     def _line(self, line: str) -> Any:
         words = shlex.split(line)
         if not words:
-            raise UsageError("%sky needs a command: status, down, config, pull, logs, wait, panel or gc; see %sky?")
+            raise UsageError("%sky needs a command: status, down, config, pull, logs, wait, attach, panel or gc; "
+                             "see %sky?")
         command, rest = words[0], words[1:]
         mgr = manager()
         try:
@@ -257,6 +300,8 @@ class SkyMagics(Magics):
                     return self._logs(rest)
                 case "wait":
                     return self._wait(rest)
+                case "attach":
+                    return self._attach(rest)
                 case "panel":
                     from .panel import panel
 
@@ -267,7 +312,7 @@ class SkyMagics(Magics):
                     return gc(interactive=True)
                 case _:
                     raise UsageError(f"unknown %sky command {command!r}; use status, down, config, pull, logs, "
-                                     f"wait, panel or gc")
+                                     f"wait, attach, panel or gc")
         except SkyError as exc:
             raise UsageError(str(exc)) from None
 

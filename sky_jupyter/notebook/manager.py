@@ -9,9 +9,10 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .. import state
 from ..errors import ConfigError
 from ..image import Image
 from ..pool import ComputePool, check_nodes
@@ -195,6 +196,14 @@ class PoolManager:
                     self.requests[request.name] = replace(have, nodes=request.nodes)
                     self._emit("grown", request.name)
                 return current
+            left = state.load(request.name)
+            if left is not None and state.detached(left):
+                if left.get("provider") != "local":
+                    raise ConfigError(
+                        f"pool {request.name!r} was left running by a kernel that stopped (pid "
+                        f"{left.get('client_pid')}); `%sky attach {request.name}` takes it over with its remote "
+                        f"namespace, `%sky down {request.name}` shuts it down, or use --pool NEWNAME.")
+                state.remove(request.name)  # Local workers ended with their kernel: nothing is left of it
             provider = make_provider(self.settings, request.provider)
             pool = ComputePool(provider=provider, nodes=request.nodes, accelerator=request.accelerator,
                                image=NOTEBOOK_IMAGE,
@@ -209,12 +218,38 @@ class PoolManager:
                 raise
             finally:
                 self.starting.pop(request.name, None)
-            npool = NotebookPool(pool, self.settings.public())
-            self.pools[request.name] = npool
-            self.requests[request.name] = request
-            self._ensure_watcher()
-            self._emit("started", request.name)
-            return npool
+            # What the cell asked for, so that a later kernel can attach to this pool as it was (no secrets here).
+            state.update(request.name, request=asdict(request))
+            return self._adopt(pool, request, "started")
+
+    def _adopt(self, pool: ComputePool, request: PoolRequest, event: str) -> NotebookPool:
+        npool = NotebookPool(pool, self.settings.public())
+        self.pools[request.name] = npool
+        self.requests[request.name] = request
+        self._ensure_watcher()
+        self._emit(event, request.name)
+        return npool
+
+    def attach(self, name: str, progress: Any = None, leftover_sink: Any = None) -> NotebookPool:
+        """Take over pool ``name`` that a kernel which died left running (its workers and their namespaces)."""
+        with self._lock:
+            if name in self.pools and self.pools[name].pool.running:
+                raise ConfigError(f"pool {name!r} is already running in this kernel; %%sky --pool {name} uses it.")
+            recorded = state.load(name) or {}
+            fields_ = {f.name for f in fields(PoolRequest)}
+            asked = recorded.get("request") or {}
+            request = PoolRequest(**{**{"name": name, "provider": recorded.get("provider", "local"),
+                                        "nodes": len(recorded.get("hosts") or ()) or 1,
+                                        "accelerator": recorded.get("accelerator"), "hf": False, "torch": False},
+                                     **{k: v for k, v in asked.items() if k in fields_}, "name": name})
+            pool = ComputePool.attach(name, image=NOTEBOOK_IMAGE, plugins=make_plugins(request, self.settings),
+                                      progress=self._progress(name, progress), leftover_sink=leftover_sink)
+            pool.idle_timeout = self.settings.idle_timeout
+            return self._adopt(pool, request, "attached")
+
+    def detached(self) -> list[dict[str, Any]]:
+        """Pools recorded on disk whose kernel is gone: what ``%sky attach`` can take over."""
+        return [p for p in state.all_pools() if p.get("name") not in self.pools and state.detached(p)]
 
     def get(self, name: str) -> NotebookPool:
         npool = self.pools.get(name)
@@ -230,8 +265,14 @@ class PoolManager:
             for n in names:
                 npool = self.pools.get(n)
                 if npool is None:
-                    if not everything:
+                    if everything:
+                        continue
+                    recorded = state.load(n)
+                    if recorded is None or not state.detached(recorded):
                         raise ConfigError(f"no pool named {n!r}; running: {', '.join(self.pools) or 'none'}")
+                    ComputePool.release_detached(n)  # left by a kernel that died
+                    stopped.append(n)
+                    self._emit("stopped", n)
                     continue
                 try:
                     npool.pool.close()
@@ -253,7 +294,10 @@ class PoolManager:
             pass
 
     def status_rows(self) -> list[dict[str, Any]]:
-        rows = []
+        rows = [{"pool": p["name"], "provider": p.get("provider", ""), "rank": "-",
+                 "addr": ", ".join(h.get("addr", "") for h in p.get("hosts") or ()),
+                 "state": f"left by a kernel that stopped (pid {p.get('client_pid')}): %sky attach {p['name']} "
+                          f"or %sky down {p['name']}"} for p in self.detached()]
         for name, npool in self.pools.items():
             pool = npool.pool
             idle = time.monotonic() - pool.last_used

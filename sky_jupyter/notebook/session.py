@@ -300,6 +300,19 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
     return results, failures
 
 
+def collect_leftovers(npool: NotebookPool, output: CellOutput) -> None:
+    """Wait for what a kernel that died left running on the nodes of a pool this kernel attached to, its output
+    written through ``output``; raises its error."""
+    calls = [(call.node.rank, call, []) for call in npool.pool.leftovers]
+    try:
+        _, failures = _wait(calls, output, None)
+    finally:
+        output.finish()
+        npool.pool.leftovers = []
+    if failures:
+        raise failures[0][1]
+
+
 def _drain(calls: list[tuple[int, Call, list[str]]], output: CellOutput, limit: float = 15.0) -> None:
     end = time.monotonic() + limit
     while time.monotonic() < end and not all(call.done() for _, call, _ in calls):

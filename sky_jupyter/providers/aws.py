@@ -135,18 +135,6 @@ def _error_message(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Message", exc))
 
 
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _session(region: str | None, session: boto3.Session | None) -> tuple[boto3.Session, str]:
     session = session or boto3.Session()
     return session, region or session.region_name or DEFAULT_REGION
@@ -154,6 +142,10 @@ def _session(region: str | None, session: boto3.Session | None) -> tuple[boto3.S
 
 def _client(session: boto3.Session, service: str, region: str) -> Any:
     return session.client(service, region_name=region, config=Config(retries={"mode": "standard"}))
+
+
+def _list_price(instance_type: str) -> float | None:
+    return next((a.price_per_hour for a in accelerators.TABLE if a.instance_type == instance_type), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +262,7 @@ class AWS(SSH):
         key = accelerators.canonical(name) if name else "CPU"
         if key in self.instance_types:
             itype = self.instance_types[key]
-            return itype, next((a.price_per_hour for a in accelerators.TABLE if a.instance_type == itype), None)
+            return itype, _list_price(itype)
         return accelerators.instance_for(name)
 
     def check(self, spec: PoolSpec) -> None:
@@ -743,6 +735,43 @@ class AWS(SSH):
             basis += f"; no price known for {', '.join(sorted(set(unknown)))}"
         return Cost(per_hour=round(per_hour, 4), so_far=round(so_far, 4), basis=basis)
 
+    def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
+        """Take over the instances of a pool that an earlier client launched (ids from its state file), so that
+        this provider bills and terminates them, then reconnect to them over SSH."""
+        ids = [h.instance_id for h in hosts if h.instance_id]
+        found = {d["InstanceId"]: d for d in self._describe(ids)}
+        gone = [i for i in ids if found.get(i, {}).get("State", {}).get("Name") != "running"]
+        if gone:
+            raise ProvisionError(f"pool {pool!r}: instances {', '.join(gone)} are no longer running, so the pool "
+                                 f"is gone; `%sky down {pool}` terminates what is left of it.")
+        with self._lock:
+            for instance_id in ids:
+                d = found[instance_id]
+                itype = d.get("InstanceType", "")
+                when = d.get("LaunchTime")
+                launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
+                self._instances[instance_id] = _Instance(
+                    instance_id, pool, _tags(d.get("Tags")).get(TAG_LAUNCH, ""), itype,
+                    d.get("Placement", {}).get("AvailabilityZone", ""),
+                    "spot" if d.get("InstanceLifecycle") == "spot" else "on-demand", launched, _list_price(itype))
+            self._order[pool] = list(ids)
+            self._launches[pool] = list(cloud.get("launches") or ())
+            self._groups[pool] = list(cloud.get("security_groups") or ())
+            _LIVE[id(self)] = self
+        return super().reattach(pool, hosts, cloud)
+
+    def disconnect(self, hosts: list[Host]) -> None:
+        """Close the connections and stop tracking the pools' instances, without terminating them."""
+        super().disconnect(hosts)
+        with self._lock:
+            for pool in {str(h.extra.get("pool", "")) for h in hosts}:
+                for i in self._order.pop(pool, []):
+                    self._instances.pop(i, None)
+                self._launches.pop(pool, None)
+                self._groups.pop(pool, None)
+            if not self._instances:
+                _LIVE.pop(id(self), None)
+
     # -- teardown ---------------------------------------------------------------------------------------------
     def release(self, hosts: list[Host]) -> None:
         """Close the SSH connections, terminate the pools' instances and wait until they are gone, then delete
@@ -852,7 +881,7 @@ def _live_pool_owns(instance: dict[str, Any]) -> bool:
     """Does a live pool of this client (state file + running client process) own the instance?"""
     tags = _tags(instance.get("Tags"))
     recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
-    if not recorded or not _pid_alive(recorded.get("client_pid")):
+    if not recorded or not state.pid_alive(recorded.get("client_pid")):
         return False
     cloud = recorded.get("cloud") or {}
     ids = set(cloud.get("instances") or ()) | {h.get("instance_id") for h in recorded.get("hosts") or ()}
@@ -896,8 +925,11 @@ def gc(region: str | None = None, interactive: bool = False, dry_run: bool = Fal
             launched = inst.get("LaunchTime")
             when = launched.strftime("%Y-%m-%d %H:%M") if isinstance(launched, _dt.datetime) else "?"
             zone = inst.get("Placement", {}).get("AvailabilityZone", "")
+            pool = tags.get(TAG_POOL)
+            attachable = "  (its kernel died: %sky attach " + str(pool) + " would take it over)" \
+                if pool and state.load(pool) is not None else ""
             print(f"  {inst['InstanceId']}  {inst.get('InstanceType', '?'):<14} {inst['State']['Name']:<9} "
-                  f"pool={tags.get(TAG_POOL)}  launched {when}  {zone}")
+                  f"pool={pool}  launched {when}  {zone}{attachable}")
         if others:
             print(f"  ({others} instance(s) of other owners left alone)")
     ids = [i["InstanceId"] for i in orphans]
@@ -925,7 +957,7 @@ def _gc_groups(ec2: Any, owner: str) -> None:
     for group in groups["SecurityGroups"]:
         tags = _tags(group.get("Tags"))
         recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
-        if recorded and _pid_alive(recorded.get("client_pid")) and \
+        if recorded and state.pid_alive(recorded.get("client_pid")) and \
                 group["GroupId"] in ((recorded.get("cloud") or {}).get("security_groups") or ()):
             continue
         users = ec2.describe_instances(Filters=[{"Name": "instance.group-id", "Values": [group["GroupId"]]},

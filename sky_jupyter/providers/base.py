@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from .. import protocol as P
 from ..bootstrap import BootstrapPlan, Phase
+from ..errors import ConfigError
 from ..image import Image
 
 Progress = Callable[[int, str, str], None]  # (rank, phase, line)
@@ -110,6 +111,18 @@ class Provider(abc.ABC):
     def plan(self, image: Image, plugin_phases: list[tuple[str, str]]) -> BootstrapPlan:
         """The bootstrap for this provider's nodes: by default only the plugins' phases."""
         return BootstrapPlan(image, tuple(Phase(name, script) for name, script in plugin_phases))
+
+    def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
+        """Reach again the hosts of a pool that an earlier client started (their state file's ``hosts`` and
+        ``cloud``), so that its workers can be attached to; the hosts as this provider now reaches them."""
+        raise ConfigError(f"{self.name} pools cannot be attached to from another client; start a new pool.")
+
+    def worker(self, host: Host, port: int, pid: int) -> WorkerHandle:
+        """A handle on the worker that an earlier client started on ``host`` (see :meth:`reattach`)."""
+        raise ConfigError(f"{self.name} workers cannot be attached to from another client; start a new pool.")
+
+    def disconnect(self, hosts: list[Host]) -> None:  # noqa: B027 - providers without connections have nothing to do
+        """Let go of the hosts without giving them back: close connections, forget them (an attach that failed)."""
 
     def read_log(self, host: Host) -> str:
         """The node's worker and bootstrap logs, for ``%sky logs``."""

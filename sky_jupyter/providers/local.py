@@ -118,6 +118,11 @@ class Local(Provider):
             warnings.warn(f"the Local provider runs on this machine; accelerator {spec.accelerator!r} is only "
                           f"recorded, not provided", stacklevel=4)
 
+    def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
+        raise ConfigError(f"pool {pool!r} ran on the Local provider, whose workers end with the client that "
+                          f"started them: nothing is left to attach to. `%sky down {pool}` forgets it; a new "
+                          f"%%sky cell starts it again.")
+
     def provision(self, spec: PoolSpec) -> list[Host]:
         hosts = []
         for rank in range(spec.nodes):

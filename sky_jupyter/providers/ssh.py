@@ -19,6 +19,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,6 +174,11 @@ def _compressed_uv(uv: str) -> str | None:
 def _node_package_dir() -> str:
     """Where a node keeps this client's package (one folder per content), shell-quoted."""
     return remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{package_digest()}")
+
+
+def _run_dir(pool: str, rank: int) -> str:
+    """Where a pool's worker on a node keeps its log (removed when the worker stops)."""
+    return f"{NODE_HOME}/run/{pool}-{rank}"
 
 
 def _worker_running(pid: int) -> str:
@@ -368,7 +374,29 @@ class SSH(Provider):
                 self._conns[(spec.name, rank)] = conn
         return hosts
 
+    def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
+        """Connect again to a pool's recorded hosts, each still held to the host key it was pinned to."""
+        hosts = [replace(h, extra={**h.extra, "pool": pool}) for h in hosts]
+        conns = [self.connection(h) for h in hosts]
+        results = in_parallel([conn.connect for conn in conns])
+        failed = [(h, r) for h, r in zip(hosts, results) if isinstance(r, BaseException)]
+        if failed:
+            self.release(hosts)
+            listing = "; ".join(f"node {h.rank} ({h.display}): {r}" for h, r in failed)
+            raise ProvisionError(f"pool {pool!r}: {len(failed)} of {len(hosts)} nodes cannot be reached ({listing}).")
+        return hosts
+
+    def worker(self, host: Host, port: int, pid: int) -> WorkerHandle:
+        return SSHWorker(self.connection(host), port, pid, host.display,
+                         _run_dir(str(host.extra.get("pool", "")), host.rank))
+
     def release(self, hosts: list[Host]) -> None:
+        self._close_connections(hosts)
+
+    def disconnect(self, hosts: list[Host]) -> None:
+        self._close_connections(hosts)
+
+    def _close_connections(self, hosts: list[Host]) -> None:
         for host in hosts:
             with self._conns_lock:
                 conn = self._conns.pop((str(host.extra.get("pool", "")), host.rank), None)
@@ -378,7 +406,7 @@ class SSH(Provider):
     def read_log(self, host: Host) -> str:
         """The end of the node's bootstrap log and of this pool's worker log there, for ``%sky logs``."""
         pool = str(host.extra.get("pool", ""))
-        logs = [f"{NODE_HOME}/bootstrap.log", f"{NODE_HOME}/run/{pool}-{host.rank}/worker.log"]
+        logs = [f"{NODE_HOME}/bootstrap.log", f"{_run_dir(pool, host.rank)}/worker.log"]
         script = "".join(f"p={remote_path(p)}; if [ -f \"$p\" ]; then echo \"==> {p} <==\"; tail -n 200 \"$p\"; fi\n"
                          for p in logs)
         _, out, _ = self.connection(host).run(script, timeout=30)
@@ -458,7 +486,7 @@ echo "$m $u $z $(uname -s) $(uname -m) $c"
         conn = self.connection(host)
         label = f"node {host.rank} ({host.display})"
         pool = str(config.get("pool") or host.extra.get("pool") or "pool")
-        run_dir = f"{NODE_HOME}/run/{pool}-{host.rank}"
+        run_dir = _run_dir(pool, host.rank)
         pkg_dir = _node_package_dir()
         python = remote_path(NODE_PYTHON)
         config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
