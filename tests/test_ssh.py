@@ -10,6 +10,8 @@ import pwd
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -367,3 +369,21 @@ def test_the_venv_reuses_a_preinstalled_torch(sshd_cluster):
         shutil.rmtree(node.home / ".sky_jupyter", ignore_errors=True)  # later pools build their own venv again
         shutil.rmtree(preinstalled, ignore_errors=True)
         shutil.rmtree(bare, ignore_errors=True)
+
+
+def test_nodes_bootstrapping_at_once_all_find_this_clients_uv():
+    """The first lookup of uv in a process, from several node threads at once (sysconfig's first use is not
+    thread-safe: unguarded, some threads failed with a TypeError)."""
+    code = f"""
+import sys, threading
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from sky_jupyter.providers.ssh import _client_uv
+found = []
+threads = [threading.Thread(target=lambda: found.append(_client_uv())) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(found), len(set(found)))
+"""
+    for _ in range(3):  # a fresh process each time: only the first use races
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.stdout.split() == ["8", "1"], done.stderr

@@ -132,18 +132,26 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _client_uv() -> str | None:
-    """The uv binary of this client (the ``uv`` package), to upload to nodes of the same platform."""
-    try:
-        from uv import find_uv_bin
-    except ImportError:
-        import shutil
+_uv_lock = threading.Lock()
 
-        return shutil.which("uv")
-    try:
-        return find_uv_bin()
-    except FileNotFoundError:
-        return None
+
+def _client_uv() -> str | None:
+    """The uv binary of this client (the ``uv`` package), to upload to nodes of the same platform.
+
+    One thread at a time: the nodes of a pool bootstrap in parallel, and uv's lookup reads ``sysconfig``, whose
+    first use in a process is not thread-safe (a second thread can see its variables half-filled, and uv then
+    fails on a missing ``EXE``)."""
+    with _uv_lock:
+        try:
+            from uv import find_uv_bin
+        except ImportError:
+            import shutil
+
+            return shutil.which("uv")
+        try:
+            return find_uv_bin()
+        except FileNotFoundError:
+            return None
 
 
 def _compressed_uv(uv: str) -> str | None:
