@@ -38,7 +38,8 @@ _finishing = threading.Lock()  # a call ends once, whichever thread learns of it
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "node", "on_done", "sink", "task_id")
+    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "node", "on_done", "request", "sink",
+                 "task_id")
 
     def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
                  on_done: Callable[[], None] | None = None, task_id: int | None = None) -> None:
@@ -55,6 +56,8 @@ class Call:
         self._frames: list | None = None
         self._error: dict[str, Any] | None = None
         self._lost: BaseException | None = None
+        # What was sent (kind, meta, payload), kept until the call ends: sent again if the worker never got it.
+        self.request: tuple[str, Any, list | tuple] | None = None
 
     def done(self) -> bool:
         return self._finished
@@ -69,6 +72,7 @@ class Call:
                 return
             self._frames, self._error, self._lost = frames, error, lost
             self._finished = True
+            self.request = None
         self._gate.release()
         if self.on_done is not None:
             self.on_done()
@@ -127,10 +131,17 @@ def remote_exception(meta: dict[str, Any], frames: list, label: str, code: tuple
 class WorkerLink:
     """One authenticated connection to a worker. A reader thread routes each frame to its call."""
 
-    def __init__(self, io: P.FrameIO, label: str, on_drop: Callable[[WorkerLink], None]) -> None:
+    #: A result this large is acknowledged at once, so the worker lets go of it now rather than at the next frame.
+    ACK_AT_ONCE = 1 << 20
+    KEEP_FOR_RESEND = 64 << 20
+
+    def __init__(self, io: P.FrameIO, label: str, on_drop: Callable[[WorkerLink], None],
+                 hello: dict[str, Any] | None = None) -> None:
         self.io = io
         self.label = label
+        self.hello = hello or {}  # what the worker said when this link connected (its pid and generation)
         self.calls: dict[int, Call] = {}
+        self._acks: list[int] = []  # tasks whose result arrived, to acknowledge with the next frame sent
         self.alive = True
         self._on_drop = on_drop
         self._lock = threading.Lock()
@@ -166,19 +177,29 @@ class WorkerLink:
             if not self.alive:
                 raise ConnectionLostError(f"{self.label}: connection lost")
             self.calls[call.task_id] = call
-        try:
-            self.io.send(kind, call.task_id, meta, payload)
-        except OSError as exc:
-            self._drop(exc)
+            # Kept for a resend unless that would hold a large pickle here (buffers of the caller's own arrays
+            # cost nothing to keep); without it, a task lost with its connection is reported, not sent again.
+            if sum(len(p) for p in payload if isinstance(p, bytes)) <= self.KEEP_FOR_RESEND:
+                call.request = (kind, meta, payload)
+        self.send(kind, call.task_id, meta, payload)
 
     def adopt(self, calls: dict[int, Call]) -> None:
         """Take over calls from a dropped link to the same worker (its outbox resends their results)."""
         with self._lock:
             self.calls.update(calls)
 
-    def send(self, kind: str, task_id: int = 0, meta: Any = None) -> None:
+    def resend(self, call: Call) -> None:
+        """Send a call again that the worker never received (the frame was lost with a dropped connection)."""
+        if call.request is not None:
+            kind, meta, payload = call.request
+            self.send(kind, call.task_id, meta, payload)
+
+    def send(self, kind: str, task_id: int = 0, meta: Any = None, payload: list | tuple = ()) -> None:
+        """Send a frame, with the acknowledgement of the results that arrived since the last one in front."""
+        with self._lock:
+            acks, self._acks = self._acks, []
         try:
-            self.io.send(kind, task_id, meta)
+            self.io.send(kind, task_id, meta, payload, before=P.frame(P.ACK, 0, acks) if acks else b"")
         except OSError as exc:
             self._drop(exc)
 
@@ -189,6 +210,9 @@ class WorkerLink:
                 if kind in (P.RESULT, P.ERROR):
                     with self._lock:
                         call = self.calls.pop(task_id, None)
+                        self._acks.append(task_id)  # even for no call of ours: a result sent again after a drop
+                    if sum(len(f) for f in frames) >= self.ACK_AT_ONCE:
+                        self.send(P.ACK)  # the acknowledgement travels in front of this empty one
                     if call is not None:
                         call._finish(frames=frames, error=meta if kind == P.ERROR else None)
                     if kind == P.ERROR and meta.get("restarted"):
@@ -298,22 +322,31 @@ class Node:
         except BaseException:
             io.close()
             raise
-        link = WorkerLink(io, self.label, self._dropped)
+        link = WorkerLink(io, self.label, self._dropped, hello)
         old = self.link
+        unsent: list[Call] = []
         if old is not None:
             calls = old.take_calls()
-            if "tasks" in hello:  # calls the worker does not know would wait forever: fail them now
-                known = set(hello["tasks"])
-                for task_id in [t for t in calls if t not in known]:
+            # The worker holds every task it got until we acknowledge its answer, so one it does not know never
+            # reached it: the same worker process gets it again. A different one (restarted, replaced) must not:
+            # those calls fail, as the namespace they ran against is gone.
+            same = all(old.hello.get(k) == hello.get(k) for k in ("pid", "generation"))
+            known = set(hello.get("tasks", ()))
+            for task_id in [t for t in calls if t not in known]:
+                if same and calls[task_id].request is not None:
+                    unsent.append(calls[task_id])
+                else:
                     calls.pop(task_id)._finish(lost=ConnectionLostError(
-                        f"{self.label}: the connection dropped while this task was in flight, and the worker "
-                        f"never got it (or its answer was lost on the way); it may not have run. The node is "
-                        f"reconnected: run it again."))
+                        f"{self.label}: the connection dropped while this task was on its way, and the worker "
+                        f"never got it; it did not run. The node is reconnected: run it again."))
             link.adopt(calls)
         elif adopt is not None:  # before the link reads: the worker's held frames for them come first
-            link.adopt({task_id: adopt(task_id) for task_id in hello.get("tasks", ())})
+            # Results the dead client was sent come again too; with no call here they are only acknowledged.
+            link.adopt({task_id: adopt(task_id) for task_id in hello.get("undelivered", ())})
         self.link = link
         link.start()
+        for call in unsent:
+            link.resend(call)
         return hello
 
     def _dropped(self, link: WorkerLink) -> None:

@@ -39,6 +39,7 @@ PULL = "pull"            # send back named values from the namespace
 INTERRUPT = "interrupt"  # raise KeyboardInterrupt in the running task
 PING = "ping"            # heartbeat; answered with PONG
 SHUTDOWN = "shutdown"    # exit (and clean up)
+ACK = "ack"              # meta: ids of tasks whose result or error arrived; the worker stops holding them
 # Worker -> client:
 RESULT = "result"
 ERROR = "error"
@@ -109,21 +110,22 @@ class FrameIO:
         self.closed = False
 
     def send(self, kind: str, task_id: int = 0, meta: Any = None,
-             payload: Sequence[bytes | memoryview] = ()) -> None:
+             payload: Sequence[bytes | memoryview] = (), before: bytes = b"") -> None:
+        """Send one frame; ``before`` (whole frames from :func:`frame`) goes out first, in the same write."""
         head = pickle.dumps((kind, task_id, meta), protocol=5)
-        self._send_parts(head, payload)
+        self._send_parts(head, payload, before)
 
     def send_json(self, obj: dict[str, Any]) -> None:
         self._send_parts(json.dumps(obj).encode(), ())
 
-    def _send_parts(self, head: bytes, payload: Sequence[bytes | memoryview]) -> None:
+    def _send_parts(self, head: bytes, payload: Sequence[bytes | memoryview], before: bytes = b"") -> None:
         sizes = [memoryview(p).nbytes for p in payload]
         prefix = _HEAD.pack(len(head), len(payload)) + b"".join(_LEN.pack(s) for s in sizes)
         with self._lock:
             if sum(sizes) + len(head) <= _SMALL:
-                self._sendall(b"".join([prefix, head, *payload]))
+                self._sendall(b"".join([before, prefix, head, *payload]))
             else:
-                self._sendall(prefix + head)
+                self._sendall(before + prefix + head)
                 for part in payload:
                     self._sendall(part)
 
@@ -152,6 +154,12 @@ class FrameIO:
                 self._close()
             except OSError:
                 pass
+
+
+def frame(kind: str, task_id: int = 0, meta: Any = None) -> bytes:
+    """A whole frame without buffers, as bytes (to go out with another frame: ``FrameIO.send(before=...)``)."""
+    head = pickle.dumps((kind, task_id, meta), protocol=5)
+    return _HEAD.pack(len(head), 0) + head
 
 
 def mac(secret: str, nonce: str) -> str:

@@ -50,26 +50,43 @@ def log(msg: str) -> None:
 
 
 class Outbox:
-    """Frames for the client. Held while no client is connected; delivered to the newest connection."""
+    """Frames for the client. Held while no client is connected; delivered to the newest connection.
+
+    A result (or error) is kept even after it was sent, until the client acknowledges it: one written into a
+    connection that was dropping would otherwise be lost, and the client could not tell a task that never arrived
+    (safe to send again) from one whose answer went missing (which must not run twice).
+    """
 
     def __init__(self) -> None:
         self._conn: P.FrameIO | None = None
         self._pending: collections.deque[tuple[str, int, Any, list]] = collections.deque()
+        self._unacked: dict[int, tuple[str, int, Any, list]] = {}  # sent results, by task id, until acknowledged
         self._lock = threading.Lock()
 
     def attach(self, conn: P.FrameIO) -> None:
         with self._lock:
             self._conn = conn
+            for frame in list(self._unacked.values()):  # sent before, maybe lost on the way: again
+                if not self._try_send(*frame):
+                    return
             while self._pending and self._conn is not None:
                 frame = self._pending[0]
                 if not self._try_send(*frame):
                     break
                 self._pending.popleft()
+                if frame[0] in (P.RESULT, P.ERROR):
+                    self._unacked[frame[1]] = frame
 
-    def pending_tasks(self) -> set[int]:
-        """Tasks whose result or error waits here for a client."""
+    def ack(self, task_ids: Any) -> None:
         with self._lock:
-            return {frame[1] for frame in self._pending if frame[0] in (P.RESULT, P.ERROR)}
+            for task_id in task_ids or ():
+                self._unacked.pop(task_id, None)
+
+    def held_tasks(self) -> tuple[set[int], set[int]]:
+        """Tasks whose result or error waits here: (never sent, because no client was connected; sent, and not
+        yet acknowledged)."""
+        with self._lock:
+            return {frame[1] for frame in self._pending if frame[0] in (P.RESULT, P.ERROR)}, set(self._unacked)
 
     def detach(self, conn: P.FrameIO) -> None:
         with self._lock:
@@ -78,7 +95,10 @@ class Outbox:
 
     def send(self, kind: str, task_id: int, meta: Any = None, payload: list | tuple = ()) -> None:
         with self._lock:
-            if self._conn is None or not self._try_send(kind, task_id, meta, payload):
+            if self._conn is not None and self._try_send(kind, task_id, meta, payload):
+                if kind in (P.RESULT, P.ERROR):
+                    self._unacked[task_id] = (kind, task_id, meta, list(payload))
+            else:
                 if len(self._pending) >= _MAX_PENDING:  # a client gone for long: keep results, drop old output
                     for i, frame in enumerate(self._pending):
                         if frame[0] == P.STREAM:
@@ -254,6 +274,9 @@ class Worker:
         # SimpleQueue hands a job to the main thread faster than Queue; ``queued`` says what waits in it.
         self.jobs: queue.SimpleQueue[tuple[str, int, Any, list]] = queue.SimpleQueue()
         self.queued: set[int] = set()
+        self._seen: set[int] = set()  # ids of the tasks received lately (a bounded window), to drop duplicates
+        self._seen_order: collections.deque[int] = collections.deque(maxlen=100_000)
+        self._seen_lock = threading.Lock()
         self.current_task = 0
         self.last_seen = time.monotonic()
         self.grace = float(config.get("grace", 600.0))
@@ -282,17 +305,34 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self.serve_connection, args=(sock,), daemon=True).start()
 
-    def known_tasks(self) -> list[int]:
-        """Tasks this worker will still answer (queued, running, or with an undelivered result): a client that
-        reconnects learns which of its calls in flight never arrived, or lost their answer on the way."""
+    def first_time(self, task_id: int) -> bool:
+        """Whether this task is new here. A client sends a task again when the worker did not know it after a
+        reconnect; should the first copy still arrive late (from a connection that was dying), it is dropped."""
+        with self._seen_lock:
+            if task_id in self._seen:
+                log(f"task {task_id} arrived twice; the second copy is ignored")
+                return False
+            if len(self._seen_order) == self._seen_order.maxlen:
+                self._seen.discard(self._seen_order[0])
+            self._seen_order.append(task_id)
+            self._seen.add(task_id)
+            return True
+
+    def known_tasks(self) -> tuple[list[int], list[int]]:
+        """Tasks this worker will still answer: all of them (queued, running, or with a result not yet
+        acknowledged), so a reconnecting client learns which of its calls never arrived; and those no client can
+        have seen the end of (queued, running, or finished while none was connected), for one that attaches."""
         running = {self.current_task} - {0}
-        return sorted(set(self.queued) | running | self.outbox.pending_tasks())
+        unsent, unacked = self.outbox.held_tasks()
+        undelivered = set(self.queued) | running | unsent
+        return sorted(undelivered | unacked), sorted(undelivered)
 
     def handshake(self, conn: P.FrameIO, sock: socket.socket) -> bool:
         nonce = secrets.token_hex(16)
+        tasks, undelivered = self.known_tasks()
         conn.send_json({"sky": P.PROTOCOL_VERSION, "nonce": nonce, **P.versions(), "pid": os.getpid(),
                         "generation": self.generation, "setup": self.setup_done,
-                        "rank": self.config.get("rank", 0), "tasks": self.known_tasks()})
+                        "rank": self.config.get("rank", 0), "tasks": tasks, "undelivered": undelivered})
         sock.settimeout(15)
         answer = conn.recv_json()
         if not P.check_mac(self.secret, nonce, answer.get("mac", "")):
@@ -325,13 +365,16 @@ class Worker:
                 match kind:
                     case P.PING:
                         conn.send(P.PONG, task_id, {"busy": self.current_task, "pid": os.getpid()})
+                    case P.ACK:
+                        self.outbox.ack(meta)
                     case P.INTERRUPT:
                         self.interrupt(task_id)
                     case P.SHUTDOWN:
                         self.shutdown("the client asked")
                     case P.TASK | P.CELL | P.SETUP | P.PULL:
-                        self.queued.add(task_id)
-                        self.jobs.put((kind, task_id, meta, frames))
+                        if self.first_time(task_id):
+                            self.queued.add(task_id)
+                            self.jobs.put((kind, task_id, meta, frames))
                     case _:
                         log(f"unknown frame kind {kind!r} ignored")
         except (EOFError, OSError):

@@ -302,7 +302,7 @@ def _slow_value(seconds: float) -> str:
 
 
 @pytest.mark.ssh
-def test_ssh_cut_mid_task_delivers_the_result_or_reports_it_lost(sshd_cluster):
+def test_ssh_cut_mid_task_delivers_the_result(sshd_cluster):
     from sky_jupyter import protocol as P
     from tests.test_ssh import drop_user_sessions, provider
 
@@ -312,12 +312,7 @@ def test_ssh_cut_mid_task_delivers_the_result_or_reports_it_lost(sshd_cluster):
         call = pool.submit(sky.compute(_slow_value)(2.0))
         time.sleep(0.5)
         assert drop_user_sessions(node) > 0  # the SSH connection dies while the task runs
-        start = time.monotonic()
-        try:
-            assert call.wait(60) == "slept"  # delivered after the reconnect
-        except sky.ConnectionLostError as exc:  # or reported lost, naming the node: never a hang
-            assert "node 0" in str(exc)
-        assert time.monotonic() - start < 60
+        assert call.wait(60) == "slept"  # delivered after the reconnect: the worker held it until acknowledged
         assert pool.nodes[0].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == 7
 
 

@@ -87,3 +87,68 @@ def test_worker_config_never_on_command_line(local_pool):
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
     assert local_pool.secret not in cmdline
     assert local_pool.secret not in json.dumps(dict(os.environ))
+
+
+@pytest.fixture
+def lone_worker():
+    """A Local worker whose pool let go of it: the test's raw connections are its only clients."""
+    with sky.ComputePool(nodes=1, name="lone-worker") as pool:
+        pool.nodes[0].detach()
+        yield pool
+
+
+def _authenticated(pool: sky.ComputePool) -> tuple[dict, socket.socket, P.FrameIO]:
+    sock, io = _raw(pool.nodes[0].handle.port)
+    hello = sky.node.WorkerLink.handshake(io, pool.secret, "node 0")
+    return hello, sock, io
+
+
+def _recv_for(io: P.FrameIO, task_id: int) -> tuple:
+    """The next frame about ``task_id`` (the pool's own unacknowledged answers come first)."""
+    while True:
+        frame = io.recv()
+        if frame[1] == task_id:
+            return frame
+
+
+def test_a_result_is_held_until_acknowledged_and_sent_again_to_the_next_connection(lone_worker):
+    """An answer written into a connection that then drops is not lost: the worker sends it again to the next
+    one, and names the task in its greeting, until the client acknowledges it."""
+    task_id = 2 ** 62 + 1
+    _, sock, io = _authenticated(lone_worker)
+    io.send(P.TASK, task_id, None, P.dumps((int, ("41",), {})))
+    assert _recv_for(io, task_id)[0] == P.RESULT
+    sock.close()  # gone before acknowledging
+    hello, sock, io = _authenticated(lone_worker)
+    assert task_id in hello["tasks"] and task_id not in hello["undelivered"]  # it was sent once
+    kind, _, _, frames = _recv_for(io, task_id)
+    assert (kind, P.loads(frames)) == (P.RESULT, 41)
+    io.send(P.PING, 5, None, before=P.frame(P.ACK, 0, [task_id]))  # the acknowledgement rides in front
+    assert _recv_for(io, 5)[0] == P.PONG
+    sock.close()
+    hello, sock, io = _authenticated(lone_worker)
+    assert task_id not in hello["tasks"]
+    sock.close()
+
+
+def test_a_task_that_arrives_twice_runs_once(lone_worker, tmp_path):
+    counter = tmp_path / "runs"
+    task_id = 2 ** 62 + 2
+
+    def count() -> int:
+        with open(counter, "a") as f:
+            f.write("x")
+        return counter.stat().st_size
+
+    _, sock, io = _authenticated(lone_worker)
+    payload = P.dumps((count, (), {}))
+    io.send(P.TASK, task_id, None, payload)
+    io.send(P.TASK, task_id, None, payload)  # a late copy of a task the client sent again
+    io.send(P.TASK, task_id + 1, None, payload)  # tasks run in order: had the copy run, this would count 3
+    answers = []
+    while len(answers) < 2:
+        kind, got, _, frames = io.recv()
+        if got in (task_id, task_id + 1):
+            answers.append((kind, got, P.loads(frames)))
+    assert answers == [(P.RESULT, task_id, 1), (P.RESULT, task_id + 1, 2)]
+    sock.close()
