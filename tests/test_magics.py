@@ -420,3 +420,19 @@ def test_non_interactive_runs_run_it_in_the_foreground(shell, monkeypatch):
     monkeypatch.setenv("SKY_JUPYTER_PLAIN", "1")
     cell(shell, f"%%sky --bg --pool {BG_POOL}\nfg = 'done before the magic returned'\n")
     assert shell.user_ns["fg"] == "done before the magic returned"
+
+
+def test_show_all_displays_every_nodes_value_labelled(shell):
+    result, _, _ = ok(shell, """
+        %%sky --nodes 2 --pool show-all --show-all --no-torch
+        import sky_jupyter as sky
+        ["value of rank", sky.instance_info().rank]
+    """)
+    assert repr(result.result) == "[node 0] ['value of rank', 0]\n[node 1] ['value of rank', 1]"
+    assert result.result._repr_html_().count("<th") == 2
+    result, _, _ = ok(shell, """
+        %%sky --nodes 2 --pool show-all --no-torch
+        sky.instance_info().rank
+    """)
+    assert repr(result.result) == "0"  # without it, rank 0's only
+    ok(shell, "%sky down show-all")

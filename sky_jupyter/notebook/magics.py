@@ -54,6 +54,8 @@ class SkyMagics(Magics):
     @argument("--rank", type=int, help="run on this one node of the pool only")
     @argument("--pull", metavar="NAMES", help="comma-separated extra names to bring back from rank 0")
     @argument("--no-pull", action="store_true", help="bring nothing back; values stay on the nodes")
+    @argument("--show-all", action="store_true",
+              help="display the last expression's value from every node (labelled), not only the first's")
     @argument("--timeout", type=float, help="interrupt the cell on every node after this many seconds")
     @argument("--pool", help="which pool (default: the configured one, 'default')")
     @argument("--bg", action="store_true",
@@ -147,7 +149,7 @@ class SkyMagics(Magics):
         ranks = [args.rank] if args.rank is not None else list(range(nodes))
         pull_names = tuple(n.strip() for n in (args.pull or "").split(",") if n.strip())
         options = CellOptions(ranks=ranks, pull=not args.no_pull, pull_names=pull_names, timeout=args.timeout,
-                              budget=settings.pull_budget)
+                              budget=settings.pull_budget, show_all=args.show_all)
         if args.bg and not plain_mode(self.shell):
             return self._in_background(npool, cell, options)
         try:

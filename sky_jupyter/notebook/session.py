@@ -61,6 +61,7 @@ class CellOptions:
     pull_names: tuple[str, ...] = ()
     timeout: float | None = None
     budget: int = DEFAULT_BUDGET
+    show_all: bool = False  # display the last expression's value from every node, not only the first's
 
 
 @dataclass
@@ -174,6 +175,30 @@ class DisplayedValue:
         return str(self.bundle.get("data", {}).get("text/plain", ""))
 
 
+class DisplayedValues:
+    """The last expression's value of every node of a cell (``--show-all``), labelled with its rank."""
+
+    def __init__(self, bundles: dict[int, dict[str, Any] | None]) -> None:
+        self.bundles = bundles
+
+    def _text(self, rank: int) -> str:
+        bundle = self.bundles[rank]
+        return str(bundle.get("data", {}).get("text/plain", "")) if bundle else "(no value)"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = []
+        for rank, bundle in sorted(self.bundles.items()):
+            data = (bundle or {}).get("data", {})
+            cell = data.get("text/html") or f"<pre>{html.escape(self._text(rank))}</pre>"
+            rows.append(f"<tr><th style='vertical-align:top'>node {rank}</th><td>{cell}</td></tr>")
+        return f"<table>{''.join(rows)}</table>"
+
+    def __repr__(self) -> str:
+        return "\n".join(f"[node {rank}] {self._text(rank)}" for rank in sorted(self.bundles))
+
+
 def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: Any, options: CellOptions,
              plain: bool, on_sent: Callable[[], None] | None = None) -> Any:
     """Run ``source`` on ``options.ranks`` of the pool; returns what the cell should display (or None).
@@ -199,7 +224,8 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
             payload = [f for n in send for f in frames[n]]
             meta = {"code": source, "python": python, "filename": filename,
                     "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
-                    "budget": options.budget, "pull": options.pull and rank == first, "display": rank == first}
+                    "budget": options.budget, "pull": options.pull and rank == first,
+                    "display": rank == first or options.show_all}
             requests.append((rank, meta, payload, send, output.sink(rank)))
         for rank, meta, payload, send, sink in requests:
             node = pool.nodes[rank]
@@ -239,7 +265,10 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
         npool.client_hash[n] = hashes[n]
     if failures:
         raise failures[0][1]
-    return _bring_back(npool, results[first], names, user_ns, first, options)
+    shown = _bring_back(npool, results[first], names, user_ns, first, options)
+    if options.show_all and len(options.ranks) > 1:
+        return DisplayedValues({rank: results[rank].get("display") for rank in options.ranks})
+    return shown
 
 
 @functools.lru_cache(maxsize=256)
