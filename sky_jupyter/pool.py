@@ -193,14 +193,8 @@ class ComputePool:
         self.provider.check(spec)
         self._stack = ExitStack()
         try:
-            self.image = transform_image(self.base_image, self.plugins, self.cluster)
-            for plugin in self.plugins:
-                for key in plugin.secrets:
-                    register(self.image.environ.get(key))
+            self._prepare_client()
             plan = self._plan()
-            for plugin in self.plugins:
-                if plugin.around_client is not None:
-                    self._stack.enter_context(plugin.around_client(self))
             self._save_state(fresh=True)  # a record of an earlier pool of the same name is replaced, not merged
             self.hosts = self.provider.provision(spec)
             self._save_state()
@@ -215,6 +209,17 @@ class ComputePool:
             self.close()
             raise
         return self
+
+    def _prepare_client(self) -> None:
+        """The final image (its secret values known to the redactor) and the plugins' client hooks entered."""
+        assert self._stack is not None
+        self.image = transform_image(self.base_image, self.plugins, self.cluster)
+        for plugin in self.plugins:
+            for key in plugin.secrets:
+                register(self.image.environ.get(key))
+        for plugin in self.plugins:
+            if plugin.around_client is not None:
+                self._stack.enter_context(plugin.around_client(self))
 
     def grow(self, nodes: int) -> None:
         """Add nodes to a running pool; every node then learns the new world size (setup runs again)."""
@@ -329,7 +334,7 @@ class ComputePool:
         pool._stack = ExitStack()
         nodes: list[Node] = []
         try:
-            pool.image = transform_image(pool.base_image, pool.plugins, pool.cluster)
+            pool._prepare_client()
             pool.hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
             nodes = [Node(h.rank, h, pool.secret, pool._start_worker, pool._setup_one) for h in pool.hosts]
             sink_for = leftover_sink or (lambda rank: pool._sink(nodes[rank]))
@@ -356,6 +361,7 @@ class ComputePool:
                 node.detach()
             provider.disconnect(pool.hosts or hosts)
             pool._closed = True
+            pool._stack.close()
             raise
         return pool
 
