@@ -43,6 +43,7 @@ def update(name: str, **changes: Any) -> None:
 
 
 def pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` runs. A killed kernel its parent has not reaped yet (a zombie) does not."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -51,7 +52,11 @@ def pid_alive(pid: object) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: the signal check is all there is
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X")  # the state field follows the command's ")"
 
 
 def detached(recorded: dict[str, Any]) -> bool:

@@ -17,3 +17,23 @@ def test_state_files_are_private_and_round_trip(sky_home):
     state.remove("state-test")
     assert state.load("state-test") is None
     state.remove("state-test")  # removing twice is fine
+
+
+def test_a_killed_client_counts_as_gone_before_it_is_reaped():
+    """A kernel killed by the OOM killer stays a zombie until Jupyter reaps it: its pools are detached already."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert state.pid_alive(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while state.pid_alive(proc.pid) and time.monotonic() < deadline:  # not waited for: a zombie
+            time.sleep(0.01)
+        assert not state.pid_alive(proc.pid)
+        assert state.detached({"client_pid": proc.pid})
+        assert not state.detached({"client_pid": os.getpid()})
+    finally:
+        proc.wait()
