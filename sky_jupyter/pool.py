@@ -430,14 +430,16 @@ class ComputePool:
 
     def _setup_all(self) -> None:
         payload = self._setup_payload()
-        calls = [n.submit(P.SETUP, self._setup_meta(n), payload) for n in self.nodes]
+        # What plugins print while setting up (a warning from torch.distributed, say) is shown like a task's output.
+        calls = [n.submit(P.SETUP, self._setup_meta(n), payload, sink=self._sink(n)) for n in self.nodes]
         self._wait_all(calls, timeout=600)
         for node, call in zip(self.nodes, calls):
             node.hostname = call.wait()["hostname"]
             node.state = "ready"
 
     def _setup_one(self, node: Node) -> None:
-        node.hostname = node.submit(P.SETUP, self._setup_meta(node), self._setup_payload()).wait(600)["hostname"]
+        node.hostname = node.submit(P.SETUP, self._setup_meta(node), self._setup_payload(),
+                                    sink=self._sink(node)).wait(600)["hostname"]
 
     def _keep(self) -> None:
         """Heartbeats keep the workers' dead-man switch quiet and find broken links early."""

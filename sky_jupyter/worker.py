@@ -357,6 +357,7 @@ class Worker:
             conn.close()
             return
         self.last_seen = time.monotonic()
+        log("a client connected")
         self.outbox.attach(conn)
         try:
             while True:
@@ -377,8 +378,8 @@ class Worker:
                             self.jobs.put((kind, task_id, meta, frames))
                     case _:
                         log(f"unknown frame kind {kind!r} ignored")
-        except (EOFError, OSError):
-            pass
+        except (EOFError, OSError) as exc:
+            log(f"the client's connection ended ({type(exc).__name__})")
         finally:
             self.outbox.detach(conn)
             conn.close()

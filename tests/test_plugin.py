@@ -89,3 +89,17 @@ def test_local_provider_requires_image_packages_installed():
     with pytest.raises(sky.ConfigError, match="surely-not-installed-package-xyz.*pip install"):
         with sky.ComputePool(image=image, name="missing-pkg"):
             pass
+
+
+def test_what_a_plugin_prints_while_setting_up_shows_as_node_output(tmp_path, capfd):
+    @contextlib.contextmanager
+    def around_app(info):
+        print(f"warming up rank {info.rank}")
+        yield
+
+    plugin = sky.Plugin.create("chatty").with_around_app(around_app)
+    with sky.ComputePool(provider=sky.Local(root=tmp_path), nodes=2, plugins=[plugin], name="chatty"):
+        pass
+    out, err = capfd.readouterr()
+    assert "[node 0] warming up rank 0" in out and "[node 1] warming up rank 1" in out
+    assert "warming up" not in err  # not the unclaimed-output path, which writes to the process's stderr

@@ -118,7 +118,8 @@ def test_a_result_is_held_until_acknowledged_and_sent_again_to_the_next_connecti
     _, sock, io = _authenticated(lone_worker)
     io.send(P.TASK, task_id, None, P.dumps((int, ("41",), {})))
     assert _recv_for(io, task_id)[0] == P.RESULT
-    sock.close()  # gone before acknowledging
+    sock.shutdown(socket.SHUT_RDWR)  # gone before acknowledging
+    sock.close()
     hello, sock, io = _authenticated(lone_worker)
     assert task_id in hello["tasks"] and task_id not in hello["undelivered"]  # it was sent once
     kind, _, _, frames = _recv_for(io, task_id)
