@@ -253,3 +253,36 @@ y = x * 2""")
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+# -- a kernel that shuts down or restarts tears its pools down ------------------------------------------------------
+@pytest.mark.ssh
+@pytest.mark.parametrize("how", ["restart", "shutdown"])
+def test_restarting_or_shutting_down_the_kernel_stops_its_workers_at_once(tmp_path, monkeypatch, sshd_cluster, how):
+    from jupyter_client.manager import start_new_kernel
+
+    from sky_jupyter import state
+    from tests.test_ssh import workers_on
+
+    monkeypatch.setenv("JUPYTER_PATH", str(kernelspec(tmp_path)))
+    nodes = sshd_cluster.nodes[:2]
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        kc.execute_interactive(f"%load_ext sky_jupyter\n%sky config provider=ssh torch=false "
+                               f"hosts={','.join(n.host_string for n in nodes)} key_file={sshd_cluster.key_file}",
+                               timeout=60)
+        reply = kc.execute_interactive(f"%%sky --nodes 2 --pool kernel-{how}\nx = 1", timeout=300)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert all(workers_on(sshd_cluster, n) for n in nodes)
+        assert state.load(f"kernel-{how}") is not None
+        if how == "restart":
+            km.restart_kernel()  # what the notebook's Restart does: the old kernel exits cleanly first
+        else:
+            km.shutdown_kernel()
+        # Not the dead-man switch (minutes later): the kernel stopped them on its way out.
+        assert not any(workers_on(sshd_cluster, n) for n in nodes)
+        assert state.load(f"kernel-{how}") is None
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)

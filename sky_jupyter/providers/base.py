@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,24 +18,28 @@ T = TypeVar("T")
 
 
 def in_parallel(fns: Sequence[Callable[[], T]]) -> list[T | Exception]:
-    """Run each function in its own thread (one node each); its value, or the exception it raised, in order."""
-    if len(fns) <= 1:
-        out: list[T | Exception] = []
-        for fn in fns:
-            try:
-                out.append(fn())
-            except Exception as exc:  # noqa: BLE001 - returned to the caller
-                out.append(exc)
-        return out
-    with ThreadPoolExecutor(max_workers=min(32, len(fns))) as ex:
-        futures = [ex.submit(fn) for fn in fns]
-        results: list[T | Exception] = []
-        for fut in futures:
-            try:
-                results.append(fut.result())
-            except Exception as exc:  # noqa: BLE001 - returned to the caller
-                results.append(exc)
+    """Run each function in its own thread (one node each); its value, or the exception it raised, in order.
+
+    Plain threads, not a ``concurrent.futures`` pool: teardown at interpreter exit (a kernel shutting down or
+    restarting) runs here too, and by then such pools refuse new work."""
+    results: list[T | Exception] = [RuntimeError("not run")] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except Exception as exc:  # noqa: BLE001 - returned to the caller
+            results[i] = exc
+
+    if len(fns) == 1:
+        run(0)
         return results
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name=f"sky-parallel-{i}")
+               for i in range(len(fns))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 @dataclass(frozen=True, slots=True)
