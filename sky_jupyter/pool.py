@@ -3,6 +3,7 @@ and dispatches work: ``>>`` to the least busy node, ``@`` to every node in paral
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import secrets
 import sys
@@ -27,6 +28,30 @@ from .shipping import register_user_modules
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
 DEFAULT_GRACE = 10 * 60.0
+
+_open_pools: set[ComputePool] = set()  # started and not closed: shut down at interpreter exit
+_open_lock = threading.Lock()
+
+
+def _close_open_pools() -> None:
+    """At interpreter exit, shut down the pools a program started and never closed."""
+    with _open_lock:
+        pools = list(_open_pools)
+    for pool in pools:
+        try:
+            pool.close()
+        except Exception as exc:  # noqa: BLE001 - at exit, say what is left and go on with the others
+            print(f"sky_jupyter: pool {pool.name!r} could not be shut down at exit ({exc}); the nodes' dead-man "
+                  f"switch ends its workers, and `%sky gc` finds cloud machines left behind.", file=sys.stderr)
+
+
+def _track(pool: ComputePool) -> None:
+    with _open_lock:
+        _open_pools.add(pool)
+    # Exit handlers run newest first; paramiko's, registered when a pool first used SSH, stops every SSH
+    # connection, so this one must be registered after it to run before it.
+    atexit.unregister(_close_open_pools)
+    atexit.register(_close_open_pools)
 
 
 def _plain(value: object) -> bool:
@@ -205,6 +230,7 @@ class ComputePool:
             self._save_state()
             self._keeper = threading.Thread(target=self._keep, daemon=True, name=f"sky-keeper-{self.name}")
             self._keeper.start()
+            _track(self)
         except BaseException:
             self.close()
             raise
@@ -273,6 +299,8 @@ class ComputePool:
                 return
             self._closed = True
         self._stop.set()
+        with _open_lock:
+            _open_pools.discard(self)
         errors: list[BaseException] = []
         try:
             self._parallel([node.close for node in self.nodes], raise_first=False)
@@ -356,6 +384,7 @@ class ComputePool:
             pool._save_state()  # this client owns the pool now
             pool._keeper = threading.Thread(target=pool._keep, daemon=True, name=f"sky-keeper-{name}")
             pool._keeper.start()
+            _track(pool)
         except BaseException:
             for node in nodes:
                 node.detach()

@@ -368,6 +368,28 @@ def test_a_killed_client_leaves_no_worker_on_ssh_nodes(sshd_cluster, tmp_path):
 
 
 @pytest.mark.ssh
+def test_a_program_that_exits_without_closing_its_pool_shuts_it_down(sshd_cluster, tmp_path):
+    from sky_jupyter import state
+    from tests.test_ssh import workers_on
+
+    nodes = sshd_cluster.nodes[:2]
+    script = tmp_path / "forgetful.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import sky_jupyter as sky
+        pool = sky.ComputePool(provider=sky.SSH({[n.host_string for n in nodes]!r},
+                                                key_file={str(sshd_cluster.key_file)!r}), nodes=2,
+                               name="forgotten").start()
+        print(sky.compute(lambda: "ran")() >> pool)
+    """))  # ends without pool.close(): the exit handler must close it, before paramiko's closes the connections
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ran", done.stderr
+    assert not any(workers_on(sshd_cluster, n) for n in nodes), "workers outlived a program that exited"
+    assert state.load("forgotten") is None
+
+
+@pytest.mark.ssh
 def test_ssh_workers_listen_on_localhost_only(sshd_cluster):
     from tests.test_ssh import provider
 
