@@ -312,6 +312,7 @@ class Node:
 
             hello = self._connect(adopt)
             self.state = "ready" if hello.get("setup") else "connected"
+            self.hostname = self.hostname or self.host.hostname
             return leftovers
 
     def _connect(self, adopt: Callable[[int], Call] | None = None) -> dict[str, Any]:

@@ -84,6 +84,7 @@ def test_a_pool_outlives_its_killed_client_and_another_client_takes_it_over(sshd
         # The namespaces are as the dead client left them, in the same worker processes.
         assert [n.submit(P.CELL, {"code": "x + 1"}).wait(30)["value"] for n in pool.nodes] == [41, 42]
         assert [n.handle.pid for n in pool.nodes] == pids
+        assert [row["hostname"] for row in pool.status()] == [h.hostname for h in pool.hosts] != ["", ""]
         assert state.load(name)["client_pid"] == os.getpid()
         with pytest.raises(sky.ConfigError, match="belongs to a client that is still running"):
             sky.ComputePool.attach(name)
