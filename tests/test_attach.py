@@ -3,6 +3,7 @@ killed with its pool running on real sshd nodes, and this process takes the pool
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -109,14 +110,25 @@ def test_a_pool_with_a_dead_worker_is_left_as_it_was_and_can_be_released(sshd_cl
     assert state.load(name) is None
 
 
-def test_local_pools_end_with_their_client(tmp_path):
+def test_local_pools_end_with_their_client(tmp_path, shell, monkeypatch):
     abandon("""
         import sky_jupyter as sky
         sky.ComputePool(nodes=1, name="attach-local").start()
     """, tmp_path)
     with pytest.raises(sky.ConfigError, match="Local provider, whose workers end with the client"):
         sky.ComputePool.attach("attach-local")
-    sky.ComputePool.release_detached("attach-local")
+    # Through the notebook, for a pool started with --hf: no Hub token is needed to attach (the nodes keep
+    # theirs), so the error is the real one.
+    path = state.pools_dir() / "attach-local.json"
+    recorded = json.loads(path.read_text())
+    recorded["request"] = {"name": "attach-local", "provider": "local", "nodes": 1, "accelerator": None,
+                           "hf": True, "torch": False}
+    path.write_text(json.dumps(recorded))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hf-login"))
+    with pytest.raises(UsageError, match="Local provider, whose workers end with the client"):
+        shell.run_cell("%sky attach attach-local", store_history=False).raise_error()
+    shell.run_cell("%sky down attach-local", store_history=False).raise_error()  # forgets it
     assert state.load("attach-local") is None
     with pytest.raises(sky.ConfigError, match="no pool named 'attach-local' is recorded"):
         sky.ComputePool.attach("attach-local")

@@ -247,7 +247,11 @@ class PoolManager:
                                         "nodes": len(recorded.get("hosts") or ()) or 1,
                                         "accelerator": recorded.get("accelerator"), "hf": False, "torch": False},
                                      **{k: v for k, v in asked.items() if k in fields_}, "name": name})
-            pool = ComputePool.attach(name, image=NOTEBOOK_IMAGE, plugins=make_plugins(request, self.settings),
+            try:
+                plugins = make_plugins(request, self.settings)
+            except ConfigError:  # no Hub token here: the nodes logged in when the pool started, and keep it
+                plugins = make_plugins(replace(request, hf=False), self.settings)
+            pool = ComputePool.attach(name, image=NOTEBOOK_IMAGE, plugins=plugins,
                                       progress=self._progress(name, progress), leftover_sink=leftover_sink)
             pool.idle_timeout = self.settings.idle_timeout
             return self._adopt(pool, request, "attached")
