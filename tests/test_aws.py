@@ -426,17 +426,27 @@ def test_growing_adds_instances_in_the_pools_zone(moto_ec2, sshd_cluster, only_t
 
 
 @pytest.mark.ssh
-def test_a_pool_whose_kernel_died_is_attached_to_billed_and_terminated(moto_ec2, sshd_cluster, only_test_nodes):
-    pool = sky.ComputePool(provider=on_cluster(moto_ec2, sshd_cluster), nodes=2, accelerator="A10G",
-                           name="aws-attach").start()
-    pool.nodes[1].submit(P.CELL, {"code": "kept = 'on the GPU node'"}).wait(30)
-    # The kernel dies: no teardown, its connections just drop, and its process id is gone.
-    pool._stop.set()
-    for node in pool.nodes:
-        node.detach()
-    pool.provider.disconnect(pool.hosts)
-    recorded = state.load("aws-attach")
-    state.pools_dir().joinpath("aws-attach.json").write_text(json.dumps({**recorded, "client_pid": 2 ** 22 + 12345}))
+def test_a_pool_whose_kernel_died_is_attached_to_billed_and_terminated(moto_ec2, sshd_cluster, only_test_nodes,
+                                                                     tmp_path):
+    from tests.test_attach import abandon
+
+    assert os.environ["AWS_ENDPOINT_URL"] == moto_ec2.endpoint  # the client process inherits the fixture's environment
+    targets = [n.host_string for n in sshd_cluster.nodes[:2]]
+    abandon(f"""
+        import boto3
+        import sky_jupyter as sky
+        from sky_jupyter import protocol as P
+        from tests.fixtures.moto_ec2 import only_loopback
+        session = boto3.Session()
+        session.events.register("before-send", only_loopback)
+        targets = {targets!r}
+        provider = sky.AWS(ami={moto_ec2.image_id()!r}, ssh_cidr={CIDR!r}, key_file={str(sshd_cluster.key_file)!r},
+                           owner={OWNER!r}, poll=0.1, poweroff_command={HARMLESS!r}, session=session,
+                           connect_via=lambda description, rank: targets[rank])
+        pool = sky.ComputePool(provider=provider, nodes=2, accelerator="A10G", name="aws-attach").start()
+        pool.nodes[1].submit(P.CELL, {{"code": "kept = 'on the GPU node'"}}).wait(30)
+    """, tmp_path)  # the client dies (SIGKILL): nothing tears the pool down
+    assert len(moto_ec2.alive("aws-attach")) == 2
 
     again = sky.ComputePool.attach("aws-attach", provider=make(moto_ec2, str(sshd_cluster.key_file)))
     try:
