@@ -241,12 +241,11 @@ class PoolManager:
             if name in self.pools and self.pools[name].pool.running:
                 raise ConfigError(f"pool {name!r} is already running in this kernel; %%sky --pool {name} uses it.")
             recorded = state.load(name) or {}
-            fields_ = {f.name for f in fields(PoolRequest)}
-            asked = recorded.get("request") or {}
-            request = PoolRequest(**{**{"name": name, "provider": recorded.get("provider", "local"),
-                                        "nodes": len(recorded.get("hosts") or ()) or 1,
-                                        "accelerator": recorded.get("accelerator"), "hf": False, "torch": False},
-                                     **{k: v for k, v in asked.items() if k in fields_}, "name": name})
+            known = {f.name for f in fields(PoolRequest)}
+            asked = {k: v for k, v in (recorded.get("request") or {}).items() if k in known}
+            request = PoolRequest(**{"provider": recorded.get("provider", "local"), "hf": False, "torch": False,
+                                     "nodes": len(recorded.get("hosts") or ()) or 1,
+                                     "accelerator": recorded.get("accelerator"), **asked, "name": name})
             try:
                 plugins = make_plugins(request, self.settings)
             except ConfigError:  # no Hub token here: the nodes logged in when the pool started, and keep it
