@@ -318,3 +318,44 @@ def test_launch_on_the_ssh_test_nodes_shows_real_bootstrap_phases(panel, sshd_cl
     panel.down_button.click()
     panel.wait(60)
     assert panel.rows() == []
+
+
+def test_a_pool_left_by_a_dead_kernel_is_offered_for_attach_and_shut_down(panel, sshd_cluster: Cluster, tmp_path):
+    from sky_jupyter import protocol as P
+    from tests.test_attach import abandon, api_client
+    from tests.test_ssh import workers_on
+
+    abandon(api_client(sshd_cluster, "panel-left") + """
+        @sky.compute
+        def slow():
+            import time
+            time.sleep(0.5)
+            print("still going", flush=True)
+            return 1
+
+        pool.submit(slow(), node=pool.nodes[0])
+    """, tmp_path)
+    panel.refresh()
+    assert panel.attach_button.layout.display == "none"  # the configured pool is another one
+    manager().configure(pool="panel-left", provider="ssh", hosts=tuple(sshd_cluster.host_strings()[:2]),
+                        key_file=str(sshd_cluster.key_file))
+    panel.refresh()
+    assert panel.attach_button.layout.display == "" and "left running by a kernel" in panel.detached_note.value
+    panel.launch_button.click()  # a new pool over its record is refused, and the log says what to do
+    panel.wait(60)
+    assert "(or click Attach, or Shut down)" in panel.messages[-1]
+    panel.attach_button.click()
+    panel.wait(60)
+    deadline = time.monotonic() + 15
+    while not any("[node 0] still going" in m for m in panel.messages) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the task it left behind is still running
+    log = "\n".join(panel.messages)
+    assert "attached to pool 'panel-left': 2 nodes" in log and "node 0 still runs" in log, log
+    assert "[node 0] still going" in log, log
+    npool = manager().pools["panel-left"]
+    assert [n.submit(P.CELL, {"code": "x"}).wait(30)["value"] for n in npool.pool.nodes] == [40, 41]
+    assert panel.attach_button.layout.display == "none"
+    assert [r["state"] for r in panel.rows()] == ["ready", "ready"]
+    panel.down_button.click()
+    panel.wait(60)
+    assert not any(workers_on(sshd_cluster, n) for n in sshd_cluster.nodes[:2])

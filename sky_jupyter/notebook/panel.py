@@ -151,6 +151,10 @@ class Panel:
                                             tooltip="start the pool with these settings").add_class("sky-launch")
         self.down_button = widgets.Button(description="Shut down", button_style="warning", icon="stop",
                                           tooltip="stop the pool; its remote namespace is lost").add_class("sky-down")
+        self.attach_button = widgets.Button(description="Attach", icon="link", layout=widgets.Layout(display="none"),
+                                            tooltip="take over the pool a kernel that stopped left running, with "
+                                                    "its remote namespace").add_class("sky-attach")
+        self.detached_note = widgets.HTML("").add_class("sky-detached-note")
         self.state = widgets.HTML("").add_class("sky-state")
         self.table = widgets.HTML("").add_class("sky-table")
         self.log = widgets.Output(layout=widgets.Layout(max_height="160px", overflow="auto",
@@ -172,9 +176,9 @@ class Panel:
                           .add_class("sky-label"), self.hf, widgets.HTML("torch.distributed&nbsp;"), self.torch],
                          layout=widgets.Layout(align_items="center")),
             row(self.idle, "idle"),
-            widgets.HBox([self.launch_button, self.down_button, self.state],
+            widgets.HBox([self.launch_button, self.attach_button, self.down_button, self.state],
                          layout=widgets.Layout(align_items="center", margin="6px 0")),
-            self.table, self.log,
+            self.detached_note, self.table, self.log,
         ]).add_class("sky-panel")
 
         self.provider.observe(self._on_provider, "value")
@@ -188,6 +192,7 @@ class Panel:
         self.idle.observe(self._on_idle, "value")
         self.launch_button.on_click(self._guarded(self.launch))
         self.down_button.on_click(self._guarded(self.shut_down))
+        self.attach_button.on_click(self._guarded(self.attach))
 
     @staticmethod
     def _known_accelerators() -> list[str]:
@@ -390,7 +395,8 @@ class Panel:
                 self.say(f"pool {request.name!r} ready: {npool.pool.size} nodes in "
                          f"{time.monotonic() - started:.1f} s; bare %%sky cells run there")
         except SkyError as exc:
-            hint = " (or click Shut down)" if "%sky down" in str(exc) else ""
+            hint = (" (or click Attach, or Shut down)" if "%sky attach" in str(exc)
+                    else " (or click Shut down)" if "%sky down" in str(exc) else "")
             self.say(f"launch failed: {exc}{hint}", error=True)
         except Exception as exc:  # noqa: BLE001 - on a background thread: the log is the only place to report it
             self.say(f"launch failed: {type(exc).__name__}: {exc}", error=True)
@@ -412,8 +418,41 @@ class Panel:
             self.say(f"pool {self._launching!r} is still starting; it is shut down as soon as it is up")
         return self._work.submit(self._shut_down, name)
 
+    def attach(self) -> Any:
+        """Take over the configured pool that a kernel which stopped left running, on the background thread.
+        What that kernel's last cell still runs there writes into the log."""
+        return self._work.submit(self._attach, self.manager.settings.pool)
+
+    def _attach(self, name: str) -> None:
+        def sink(rank: int) -> Any:
+            def write(kind: str, meta: Any) -> None:
+                text = meta.get("text") if kind == "stream" else meta.get("data", {}).get("text/plain")
+                if text:
+                    self.say(f"[node {rank}] {str(text).rstrip()}")
+            return write
+
+        try:
+            npool = self.manager.attach(name, leftover_sink=sink)
+        except Exception as exc:  # noqa: BLE001 - on a background thread: the log is the only place to report it
+            self.say(f"attaching to {name!r} failed: {exc}", error=True)
+        else:
+            self.say(f"attached to pool {name!r}: {npool.pool.size} node{'s' if npool.pool.size != 1 else ''}, "
+                     f"their namespaces as the stopped kernel left them")
+            ranks = sorted({call.node.rank for call in npool.pool.leftovers})
+            if ranks:
+                several = len(ranks) > 1
+                self.say(f"node{'s' if several else ''} {', '.join(map(str, ranks))} still run{'' if several else 's'} "
+                         f"what the stopped kernel started; its output comes here")
+        self.refresh()
+        self._wake()
+
+    def _detached(self) -> dict[str, Any] | None:
+        """The record of the configured pool when a kernel that stopped left it running."""
+        name = self.manager.settings.pool
+        return next((p for p in self.manager.detached() if p.get("name") == name), None)
+
     def _shut_down(self, name: str) -> None:
-        if name not in self.manager.pools:
+        if name not in self.manager.pools and self._detached() is None:
             self.say(f"no pool {name!r} is running; nothing to shut down")
             return
         try:
@@ -546,6 +585,13 @@ class Panel:
             else:
                 state = "no pool running"
             self.state.value = f"<span style='{_MUTED}; margin-left: 10px'>{state}</span>"
+            left = self._detached()
+            self.attach_button.layout.display = "" if left else "none"
+            self.detached_note.value = "" if not left else (
+                f"<span style='color: var(--jp-warn-color1, #b36b00)'>Pool {html.escape(str(left['name']))} "
+                f"({html.escape(str(left.get('provider', '')))}, {len(left.get('hosts') or ())} nodes) was left "
+                f"running by a kernel that stopped. Attach takes it over with its remote namespace; Shut down "
+                f"stops it.</span>")
 
     @staticmethod
     def _render(rows: list[dict[str, Any]]) -> str:
