@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def abandon(code: str, tmp_path: Path) -> None:
                       + "\nprint('ready', flush=True)\ntime.sleep(300)\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "SKY_JUPYTER_PLAIN": "0"})
+    guard = threading.Timer(300, proc.kill)  # a client that hangs is killed: its output ends, the test fails
+    guard.start()
     try:
         lines = []
         for line in proc.stdout:
@@ -39,6 +42,7 @@ def abandon(code: str, tmp_path: Path) -> None:
         else:
             pytest.fail("the client process ended before it was ready:\n" + "".join(lines))
     finally:
+        guard.cancel()
         proc.kill()
         proc.wait()
 
