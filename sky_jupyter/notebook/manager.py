@@ -226,11 +226,6 @@ class PoolManager:
         npool = NotebookPool(pool, self.settings.public())
         self.pools[request.name] = npool
         self.requests[request.name] = request
-        # Exit handlers run newest first, and paramiko's (registered when a pool first used SSH) stops every SSH
-        # connection: ours must come before it, or the teardown finds its nodes unreachable and the kernel is
-        # killed while it waits. (Pools also close themselves at exit; this also tells the panel.)
-        atexit.unregister(self.shutdown_all)
-        atexit.register(self.shutdown_all)
         self._ensure_watcher()
         self._emit(event, request.name)
         return npool
