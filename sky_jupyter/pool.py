@@ -70,6 +70,13 @@ def _detached_state(name: str) -> dict[str, Any]:
     return recorded
 
 
+def _recorded_nodes(recorded: dict[str, Any]) -> tuple[list[Host], dict[int, tuple[int, int]]]:
+    """A state file's hosts, and its workers' (port, pid) by rank."""
+    hosts = [Host(**h) for h in recorded.get("hosts") or ()]
+    workers = {w["rank"]: (w["port"], w["pid"]) for w in recorded.get("workers") or () if w.get("pid")}
+    return hosts, workers
+
+
 def provider_from_state(recorded: dict[str, Any]) -> Provider:
     """A provider able to reach a recorded pool's machines again (see ``ComputePool.attach``)."""
     kind = recorded.get("provider")
@@ -346,8 +353,7 @@ class ComputePool:
         """
         recorded = _detached_state(name)
         provider = provider or provider_from_state(recorded)
-        hosts = [Host(**h) for h in recorded.get("hosts") or ()]
-        workers = {w["rank"]: (w["port"], w["pid"]) for w in recorded.get("workers") or () if w.get("pid")}
+        hosts, workers = _recorded_nodes(recorded)
         if not hosts or any(h.rank not in workers for h in hosts):
             raise ConfigError(f"pool {name!r} had not finished starting when its client stopped, so there are no "
                               f"workers to attach to; `%sky down {name}` (or ComputePool.release_detached("
@@ -400,8 +406,7 @@ class ComputePool:
         its machines back (AWS: terminate), and forget it."""
         recorded = _detached_state(name)
         provider = provider or provider_from_state(recorded)
-        hosts = [Host(**h) for h in recorded.get("hosts") or ()]
-        workers = {w["rank"]: (w["port"], w["pid"]) for w in recorded.get("workers") or () if w.get("pid")}
+        hosts, workers = _recorded_nodes(recorded)
         try:
             try:
                 hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
