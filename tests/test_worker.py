@@ -7,8 +7,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import struct
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -152,4 +154,67 @@ def test_a_task_that_arrives_twice_runs_once(lone_worker, tmp_path):
         if got in (task_id, task_id + 1):
             answers.append((kind, got, P.loads(frames)))
     assert answers == [(P.RESULT, task_id, 1), (P.RESULT, task_id + 1, 2)]
+    sock.close()
+
+
+def _answer(io: P.FrameIO, task_id: int, timeout: float = 10.0) -> tuple:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        frame = io.recv()
+        if frame[1] == task_id and frame[0] in (P.RESULT, P.ERROR, P.PONG):
+            return frame
+    raise AssertionError(f"no answer for {task_id}")
+
+
+def test_a_running_task_leaves_heartbeats_interrupts_and_queued_tasks_to_the_connection_thread(lone_worker):
+    """Between tasks the main thread reads the connection itself; once a task runs, the connection's thread
+    takes over: a heartbeat is answered and an interrupt stops the task while it runs, and a task sent meanwhile
+    runs next."""
+    _, sock, io = _authenticated(lone_worker)
+    busy, after = 2 ** 62 + 10, 2 ** 62 + 11
+    io.send(P.TASK, busy, None, P.dumps((time.sleep, (30,), {})))
+    io.send(P.TASK, after, None, P.dumps((int, ("5",), {})))
+    time.sleep(0.3)
+    started = time.monotonic()
+    io.send(P.PING, 7)
+    kind, _, meta, _ = _answer(io, 7)
+    assert (kind, meta["busy"]) == (P.PONG, busy)
+    io.send(P.INTERRUPT, busy)
+    kind, _, meta, _ = _answer(io, busy)
+    assert (kind, meta["type"]) == (P.ERROR, "KeyboardInterrupt")
+    assert time.monotonic() - started < 5  # not the 30 s the task would have slept
+    kind, _, _, frames = _answer(io, after)
+    assert (kind, P.loads(frames)) == (P.RESULT, 5)
+    sock.close()
+
+
+def test_a_late_interrupt_or_stray_sigint_between_tasks_hits_nothing(lone_worker):
+    """An interrupt for a task that already ended, and a SIGINT while the main thread waits for the next frame,
+    neither break the connection nor stop the next task."""
+    _, sock, io = _authenticated(lone_worker)
+    first, second = 2 ** 62 + 20, 2 ** 62 + 21
+    io.send(P.TASK, first, None, P.dumps((int, ("1",), {})))
+    assert _answer(io, first)[0] == P.RESULT
+    io.send(P.INTERRUPT, first)
+    os.kill(lone_worker.nodes[0].handle.pid, signal.SIGINT)
+    time.sleep(0.2)
+    io.send(P.TASK, second, None, P.dumps((time.sleep, (0.3,), {})))
+    kind, _, _, frames = _answer(io, second)
+    assert (kind, P.loads(frames)) == (P.RESULT, None)
+    sock.close()
+
+
+def test_a_newer_connection_replaces_the_older_one(lone_worker):
+    """The worker serves one client: once a second connection authenticates, the first is closed (a reader
+    blocked on it learns at once), and the second gets the answers."""
+    _, old_sock, old_io = _authenticated(lone_worker)
+    old_sock.settimeout(10)
+    _, sock, io = _authenticated(lone_worker)
+    with pytest.raises(EOFError):
+        while True:
+            old_io.recv()
+    task_id = 2 ** 62 + 30
+    io.send(P.TASK, task_id, None, P.dumps((int, ("9",), {})))
+    kind, _, _, frames = _answer(io, task_id)
+    assert (kind, P.loads(frames)) == (P.RESULT, 9)
     sock.close()
