@@ -24,7 +24,7 @@ import pytest
 import sky_jupyter as sky
 from sky_jupyter import accelerators, state
 from sky_jupyter import protocol as P
-from sky_jupyter.providers.base import PoolSpec
+from sky_jupyter.providers.base import Host, PoolSpec
 from tests.fixtures.moto_ec2 import inject_error
 
 if TYPE_CHECKING:
@@ -202,14 +202,39 @@ def test_spot_without_fallback_gives_up_naming_the_options(moto_ec2, key_file):
     assert moto_ec2.alive("aws-spot-only") == [] and moto_ec2.groups("aws-spot-only") == []
 
 
-def test_spot_launches_spot_instances(moto_ec2, key_file):
+def _hosts(instances: list[dict[str, Any]]) -> list[Host]:
+    return [Host(rank=r, addr="127.0.0.1", private_addr="127.0.0.1", instance_id=i["InstanceId"])
+            for r, i in enumerate(instances)]
+
+
+def test_spot_launches_spot_instances_and_counts_their_spot_price(moto_ec2, key_file):
     provider = make(moto_ec2, key_file, spot=True)
-    provider.launch(PoolSpec("aws-spot-ok", 1, "L4"))
+    provider.launch(PoolSpec("aws-spot-ok", 2, "L4"))
     try:
-        (instance,) = moto_ec2.alive("aws-spot-ok")
-        assert instance["InstanceLifecycle"] == "spot" and instance["InstanceType"] == "g6.xlarge"
+        instances = moto_ec2.alive("aws-spot-ok")
+        assert {(i["InstanceLifecycle"], i["InstanceType"]) for i in instances} == {("spot", "g6.xlarge")}
+        zone = instances[0]["Placement"]["AvailabilityZone"]
+        (quote,) = [h for h in moto_ec2.client().describe_spot_price_history(InstanceTypes=["g6.xlarge"])[
+            "SpotPriceHistory"] if h["AvailabilityZone"] == zone]
+        cost = provider.cost(_hosts(instances))
+        assert cost.per_hour == pytest.approx(2 * float(quote["SpotPrice"]))
+        assert cost.per_hour < accelerators.lookup("L4").price_per_hour  # not the on-demand list price
+        assert cost.basis == f"spot prices EC2 gave for {zone}"
     finally:
         provider.terminate("aws-spot-ok")
+
+
+def test_a_spot_price_ec2_does_not_give_is_counted_at_the_list_price_and_said_so(moto_ec2, key_file):
+    session = moto_ec2.session()
+    inject_error(session, "DescribeSpotPriceHistory", "UnauthorizedOperation")
+    provider = make(moto_ec2, key_file, session=session, spot=True)
+    provider.launch(PoolSpec("aws-spot-noprice", 1, "L4"))
+    try:
+        cost = provider.cost(_hosts(moto_ec2.alive("aws-spot-noprice")))
+        assert cost.per_hour == pytest.approx(accelerators.lookup("L4").price_per_hour)
+        assert accelerators.PRICES_DATE in cost.basis and "spot price EC2 did not give" in cost.basis
+    finally:
+        provider.terminate("aws-spot-noprice")
 
 
 @pytest.mark.parametrize("spot, code, quota, quota_code", [

@@ -159,7 +159,10 @@ class _Instance:
     az: str
     market: str  # "spot" or "on-demand"
     launched: float  # epoch seconds
-    price: float | None  # on-demand list price per hour, when the table knows the type
+    # Per hour: a spot instance's spot price in its zone (read when it was launched or adopted), else the on-demand
+    # list price from the table; None when neither is known.
+    price: float | None
+    spot_priced: bool = False  # ``price`` is the spot price (False for a spot instance whose price was not readable)
 
 
 class AWS(SSH):
@@ -571,12 +574,14 @@ class AWS(SSH):
                price: float | None) -> None:
         """Remember instances (and write their ids to the pool's state file) before anything waits on them."""
         started = sorted(started, key=lambda i: i.get("AmiLaunchIndex", 0))
+        spot_price = self._spot_price(itype, zone) if market == "spot" else None
         with self._lock:
             for inst in started:
                 when = inst.get("LaunchTime")
                 launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
-                self._instances[inst["InstanceId"]] = _Instance(inst["InstanceId"], pool, launch, itype, zone,
-                                                                market, launched, price)
+                self._instances[inst["InstanceId"]] = _Instance(
+                    inst["InstanceId"], pool, launch, itype, zone, market, launched,
+                    spot_price if spot_price is not None else price, spot_priced=spot_price is not None)
                 self._order.setdefault(pool, []).append(inst["InstanceId"])
             self._zone.setdefault(pool, zone)
             _LIVE[id(self)] = self
@@ -597,6 +602,24 @@ class AWS(SSH):
                                                                                           else ""))
             raise ProvisionError(f"pool {pool!r}: instances did not reach 'running' ({'; '.join(reasons) or exc}); "
                                  f"they are being terminated.") from None
+
+    def _spot_price(self, itype: str, zone: str) -> float | None:
+        """The spot price per hour of ``itype`` in ``zone`` now (Linux), or None when EC2 does not say (no
+        permission for DescribeSpotPriceHistory, no history): its cost is then counted at the list price."""
+        try:
+            history = self.ec2.describe_spot_price_history(
+                InstanceTypes=[itype], AvailabilityZone=zone, StartTime=_dt.datetime.now(_dt.UTC),
+                ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"])["SpotPriceHistory"]
+        except (ClientError, BotoCoreError):
+            return None
+        prices = [h for h in history if h.get("AvailabilityZone") == zone and h.get("InstanceType") == itype]
+        if not prices:
+            return None
+        latest = max(prices, key=lambda h: str(h.get("Timestamp", "")))
+        try:
+            return float(latest["SpotPrice"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def _describe(self, ids: list[str]) -> list[dict[str, Any]]:
         if not ids:
@@ -716,7 +739,9 @@ class AWS(SSH):
     def cost(self, hosts: list[Host]) -> Cost | None:
         now = time.time()
         per_hour = so_far = 0.0
-        unknown, spot = [], False
+        unknown: list[str] = []
+        spot_zones: set[str] = set()
+        listed = unpriced_spot = 0
         with self._lock:
             for host in hosts:
                 inst = self._instances.get(host.instance_id or "")
@@ -725,15 +750,25 @@ class AWS(SSH):
                 if inst.price is None:
                     unknown.append(inst.instance_type)
                     continue
-                spot = spot or inst.market == "spot"
+                if inst.spot_priced:
+                    spot_zones.add(inst.az)
+                else:
+                    listed += 1
+                    unpriced_spot += inst.market == "spot"
                 per_hour += inst.price
                 so_far += inst.price * max(0.0, now - inst.launched) / 3600.0
-        basis = f"on-demand list prices, {accelerators.PRICES_REGION}, {accelerators.PRICES_DATE}"
-        if spot:
-            basis += "; spot nodes bill less (the spot price)"
+        parts = []
+        if spot_zones:
+            parts.append(f"spot prices EC2 gave for {', '.join(sorted(spot_zones))}")
+        if listed:
+            parts.append(f"on-demand list prices, {accelerators.PRICES_REGION}, {accelerators.PRICES_DATE}")
+        if unpriced_spot:
+            parts.append("spot nodes whose spot price EC2 did not give are counted at the list price (they bill "
+                         "less)")
         if unknown:
-            basis += f"; no price known for {', '.join(sorted(set(unknown)))}"
-        return Cost(per_hour=round(per_hour, 4), so_far=round(so_far, 4), basis=basis)
+            parts.append(f"no price known for {', '.join(sorted(set(unknown)))}")
+        basis = "; ".join(parts)
+        return Cost(per_hour=per_hour, so_far=so_far, basis=basis)
 
     def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
         """Take over the instances of a pool that an earlier client launched (ids from its state file), so that
@@ -750,10 +785,12 @@ class AWS(SSH):
                 itype = d.get("InstanceType", "")
                 when = d.get("LaunchTime")
                 launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
+                zone = d.get("Placement", {}).get("AvailabilityZone", "")
+                spot_price = self._spot_price(itype, zone) if d.get("InstanceLifecycle") == "spot" else None
                 self._instances[instance_id] = _Instance(
-                    instance_id, pool, _tags(d.get("Tags")).get(TAG_LAUNCH, ""), itype,
-                    d.get("Placement", {}).get("AvailabilityZone", ""),
-                    "spot" if d.get("InstanceLifecycle") == "spot" else "on-demand", launched, _list_price(itype))
+                    instance_id, pool, _tags(d.get("Tags")).get(TAG_LAUNCH, ""), itype, zone,
+                    "spot" if d.get("InstanceLifecycle") == "spot" else "on-demand", launched,
+                    spot_price if spot_price is not None else _list_price(itype), spot_priced=spot_price is not None)
             self._order[pool] = list(ids)
             self._launches[pool] = list(cloud.get("launches") or ())
             self._groups[pool] = list(cloud.get("security_groups") or ())
