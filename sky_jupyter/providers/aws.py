@@ -493,7 +493,7 @@ class AWS(SSH):
 
     def _launch(self, spec: PoolSpec, launch: str, count: int) -> None:
         pool = spec.name
-        itype, price = self.accelerator(spec.accelerator)
+        itype, _ = self.accelerator(spec.accelerator)
         public_line, self._private_key = self.key_material()
         row = next((a for a in accelerators.TABLE if a.instance_type == itype), None)
         ami = self.image_id(gpu=row is None or row.gpus > 0)
@@ -549,7 +549,7 @@ class AWS(SSH):
                         continue
                     raise ProvisionError(f"EC2 refused to start {count}x {itype} in {zone} ({code}: {message}).") \
                         from None
-                self._adopt(pool, launch, started, itype, zone, market, price)
+                self._adopt(pool, launch, started, itype, zone, market)
                 self._wait_running(pool, [i["InstanceId"] for i in started])
                 return
         raise CapacityError(
@@ -570,18 +570,17 @@ class AWS(SSH):
             f"{count}x {itype} ({need}): {code}: {message} Raise it in the Service Quotas console (Amazon EC2, "
             f"{quota!r}) or with `{how}`; or ask for fewer nodes or a smaller accelerator.", quota, quota_code)
 
-    def _adopt(self, pool: str, launch: str, started: list[dict[str, Any]], itype: str, zone: str, market: str,
-               price: float | None) -> None:
+    def _adopt(self, pool: str, launch: str, started: list[dict[str, Any]], itype: str, zone: str, market: str
+               ) -> None:
         """Remember instances (and write their ids to the pool's state file) before anything waits on them."""
         started = sorted(started, key=lambda i: i.get("AmiLaunchIndex", 0))
-        spot_price = self._spot_price(itype, zone) if market == "spot" else None
+        price, spot_priced = self._hourly_price(itype, zone, market)
         with self._lock:
             for inst in started:
                 when = inst.get("LaunchTime")
                 launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
-                self._instances[inst["InstanceId"]] = _Instance(
-                    inst["InstanceId"], pool, launch, itype, zone, market, launched,
-                    spot_price if spot_price is not None else price, spot_priced=spot_price is not None)
+                self._instances[inst["InstanceId"]] = _Instance(inst["InstanceId"], pool, launch, itype, zone,
+                                                                market, launched, price, spot_priced)
                 self._order.setdefault(pool, []).append(inst["InstanceId"])
             self._zone.setdefault(pool, zone)
             _LIVE[id(self)] = self
@@ -602,6 +601,12 @@ class AWS(SSH):
                                                                                           else ""))
             raise ProvisionError(f"pool {pool!r}: instances did not reach 'running' ({'; '.join(reasons) or exc}); "
                                  f"they are being terminated.") from None
+
+    def _hourly_price(self, itype: str, zone: str, market: str) -> tuple[float | None, bool]:
+        """What an instance costs per hour, and whether that is its spot price: a spot instance's spot price in its
+        zone when EC2 gives it, else the table's on-demand list price (None for a type the table lacks)."""
+        spot_price = self._spot_price(itype, zone) if market == "spot" else None
+        return (_list_price(itype), False) if spot_price is None else (spot_price, True)
 
     def _spot_price(self, itype: str, zone: str) -> float | None:
         """The spot price per hour of ``itype`` in ``zone`` now (Linux), or None when EC2 does not say (no
@@ -779,18 +784,18 @@ class AWS(SSH):
         if gone:
             raise ProvisionError(f"pool {pool!r}: instances {', '.join(gone)} are no longer running, so the pool "
                                  f"is gone; `%sky down {pool}` terminates what is left of it.")
+        adopted = {}
+        for instance_id in ids:  # prices asked of EC2 before the lock is taken
+            d = found[instance_id]
+            itype = d.get("InstanceType", "")
+            when = d.get("LaunchTime")
+            launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
+            zone = d.get("Placement", {}).get("AvailabilityZone", "")
+            market = "spot" if d.get("InstanceLifecycle") == "spot" else "on-demand"
+            adopted[instance_id] = _Instance(instance_id, pool, _tags(d.get("Tags")).get(TAG_LAUNCH, ""), itype,
+                                             zone, market, launched, *self._hourly_price(itype, zone, market))
         with self._lock:
-            for instance_id in ids:
-                d = found[instance_id]
-                itype = d.get("InstanceType", "")
-                when = d.get("LaunchTime")
-                launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
-                zone = d.get("Placement", {}).get("AvailabilityZone", "")
-                spot_price = self._spot_price(itype, zone) if d.get("InstanceLifecycle") == "spot" else None
-                self._instances[instance_id] = _Instance(
-                    instance_id, pool, _tags(d.get("Tags")).get(TAG_LAUNCH, ""), itype, zone,
-                    "spot" if d.get("InstanceLifecycle") == "spot" else "on-demand", launched,
-                    spot_price if spot_price is not None else _list_price(itype), spot_priced=spot_price is not None)
+            self._instances.update(adopted)
             self._order[pool] = list(ids)
             self._launches[pool] = list(cloud.get("launches") or ())
             self._groups[pool] = list(cloud.get("security_groups") or ())
