@@ -296,12 +296,12 @@ class Worker:
         self.capture: OutputCapture | None = None
         self._cells: Any = None
         self._shutdown_lock = threading.Lock()
-        # The client's connection (the newest authenticated one), and who reads it: the main thread while it has
-        # nothing to run, the connection's own thread while a task runs ("main", "helper" or None, under
-        # ``_reading``). ``_help_wanted``: set by the tick while a task runs, cleared when it ends.
+        # The client's connection (the newest authenticated one), and whether a thread is reading it now: the main
+        # thread while it has nothing to run, the connection's own thread while a task runs (under ``_reading``).
+        # ``_help_wanted``: set by the tick while a task runs, cleared when it ends.
         self._reading = threading.Condition()
         self.conn: P.FrameIO | None = None
-        self._reader: str | None = None
+        self._read_taken = False
         self._help_wanted = False
 
     # -- connections -------------------------------------------------------------------------------------
@@ -395,17 +395,17 @@ class Worker:
         a while, so short tasks cost no thread switch."""
         while True:
             with self._reading:
-                while self.conn is conn and not (self._reader is None and self._help_wanted):
+                while self.conn is conn and not (self._help_wanted and not self._read_taken):
                     self._reading.wait()
                 if self.conn is not conn:
                     return
-                self._reader = "helper"
+                self._read_taken = True
             job = self._read_one(conn)
             if job is not None:
                 self.queued.add(job[1])
                 self.jobs.put(job)
             with self._reading:  # a job is queued before the main thread may read on: tasks keep their order
-                self._reader = None
+                self._read_taken = False
                 self._reading.notify_all()
 
     def _read_one(self, conn: P.FrameIO) -> tuple[str, int, Any, list] | None:
@@ -448,15 +448,15 @@ class Worker:
                 except queue.Empty:
                     pass
                 conn = self.conn
-                if conn is not None and self._reader is None:
-                    self._reader = "main"
+                if conn is not None and not self._read_taken:
+                    self._read_taken = True
                     break
                 self._reading.wait()
         try:
             return self._read_one(conn)
         finally:
             with self._reading:
-                self._reader = None
+                self._read_taken = False
                 if self._help_wanted:  # only then may a connection thread be waiting for its turn
                     self._reading.notify_all()
 
