@@ -38,20 +38,20 @@ __version__ = "0.1.0"
 # The client's machinery is imported on first use: a node's worker imports this package before anything else and
 # needs none of it (and the SSH and AWS providers need paramiko and boto3, the panel ipywidgets).
 _LAZY = {
-    "Image": "image", "Cluster": "plugin", "Plugin": "plugin", "ComputePool": "pool",
+    "Image": "image", "PipIndex": "image", "Cluster": "plugin", "Plugin": "plugin", "ComputePool": "pool",
     "Local": "providers", "SSH": "providers", "AWS": "providers", "panel": "notebook.panel",
 }
 
 __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
-    "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "Plugin",
+    "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
     "ProvisionError", "RemoteError", "SerializationError", "SkyError", "VersionMismatchError", "WorkerLostError",
     "compute", "gather", "instance_info", "panel", "plugins", "shard",
 ]
 
 if TYPE_CHECKING:
     from . import plugins
-    from .image import Image
+    from .image import Image, PipIndex
     from .notebook.panel import panel
     from .plugin import Cluster, Plugin
     from .pool import ComputePool

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import BootstrapError
-from .image import Image
+from .image import Image, shown_url
 from .redaction import MASK, MIN_SECRET_LENGTH, redact
 
 PHASE_START = "::sky-phase-start "
@@ -49,12 +49,22 @@ class BootstrapPlan:
     @property
     def key(self) -> str:
         """Hash of everything the script does (not of secret values: those live in the env file)."""
-        text = render(self.phases, self.home, marker="", secrets=self.secrets)
+        text = render(self.phases, self.home, marker="", secrets=self.masked)
         names = ",".join(k for k, _ in self.image.env)
         return hashlib.sha256(f"{text}\n{names}".encode()).hexdigest()[:16]
 
+    @property
+    def environ(self) -> dict[str, str]:
+        """What the node's env file holds: the image's variables over its package index settings."""
+        return {**index_environ(self.image)[0], **self.image.environ}
+
+    @property
+    def masked(self) -> tuple[str, ...]:
+        """The variables whose values the node masks: the plugins' secrets and index URLs with credentials."""
+        return tuple(sorted({*self.secrets, *index_environ(self.image)[1]}))
+
     def script(self) -> str:
-        return render(self.phases, self.home, marker=f"{self.home}/bootstrap-{self.key}.done", secrets=self.secrets)
+        return render(self.phases, self.home, marker=f"{self.home}/bootstrap-{self.key}.done", secrets=self.masked)
 
 
 def _ident(name: str) -> str:
@@ -194,16 +204,33 @@ export DEBIAN_FRONTEND=noninteractive
 """)
 
 
+def _fetch_uv_source() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).with_name("fetch_uv.py")).read_text()
+
+
 def uv_phase() -> Phase:
-    """Make ``$SKY_HOME/bin/uv`` exist: the client uploads its own uv when the node has none (before this
-    phase); else the node's uv is linked; else pip installs one for the user."""
-    return Phase("uv", """\
+    """Make ``$SKY_HOME/bin/uv`` exist: the client uploads its own uv when the node has none and runs the same
+    platform (before this phase); else the node's uv is linked; else the node's python3 downloads the uv wheel
+    for its own platform from the pool's package index (:mod:`sky_jupyter.fetch_uv`: no pip needed)."""
+    source = _fetch_uv_source()
+    assert "\nSKY_FETCH_UV\n" not in source
+    return Phase("uv", f"""\
 mkdir -p "$SKY_HOME/bin"
 if [ -x "$SKY_HOME/bin/uv" ]; then :
 elif command -v uv >/dev/null; then ln -sf "$(command -v uv)" "$SKY_HOME/bin/uv"
-elif python3 -m pip --version >/dev/null 2>&1; then
-  python3 -m pip install --user -q uv && ln -sf "$HOME/.local/bin/uv" "$SKY_HOME/bin/uv"
-else echo "this node has no uv, and no pip to install it with; install uv there"; return 1; fi
+else
+  py=$(command -v python3 || true)
+  if [ -z "$py" ]; then
+    echo "this node has no uv, and no python3 to fetch one with: install python3 on it (apt-get install python3;" \
+         "or Image(apt=['python3']) where the node's apt works) or install uv there"
+    return 1
+  fi
+  "$py" - "$SKY_HOME/bin/uv" <<'SKY_FETCH_UV'
+{source.rstrip()}
+SKY_FETCH_UV
+fi
 "$SKY_HOME/bin/uv" --version""")
 
 
@@ -222,12 +249,17 @@ _HAS_TORCH = ('import importlib.util, os, sys; '
 def venv_phase(python: str) -> Phase:
     """``uv venv`` with system site packages (a machine's preinstalled torch stays usable, and is not downloaded
     again: asked for a version, the venv is based on a preinstalled interpreter of that version with torch when
-    the machine has one), kept while it was made for the same interpreter request."""
+    the machine has one), kept while it was made for the same interpreter request.
+
+    Asked for a version the node lacks, uv installs that Python (from ``UV_PYTHON_INSTALL_MIRROR`` when set);
+    when that fails too, one line names both versions and the ways out: the worker must run the client's
+    major.minor (cloudpickle)."""
     want = shlex.quote(python)
     candidates = " ".join(shlex.quote(p) for p in PREINSTALLED_PYTHONS)
     return Phase("venv", f"""\
 want={want}
 venv="$SKY_HOME/venv"
+uv="$SKY_HOME/bin/uv"
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.sky-python" 2>/dev/null)" = "$want" ] \\
    && "$venv/bin/python" -c pass 2>/dev/null; then
   echo "venv for python $want exists"
@@ -235,14 +267,31 @@ else
   base="$want"
   case "$want" in
     [0-9]*.[0-9]*)
+      base=""
       for cand in ${{SKY_PREINSTALLED_PYTHONS:-{candidates}}}; do
         if [ -x "$cand" ] && SKY_WANT="$want" "$cand" -c {shlex.quote(_HAS_TORCH)} 2>/dev/null; then
           base="$cand"; echo "basing the venv on $cand: its torch is reused"; break
         fi
-      done;;
+      done
+      if [ -z "$base" ]; then
+        base=$(UV_PYTHON_DOWNLOADS=never "$uv" python find "$want" 2>/dev/null) || base=""
+      fi
+      if [ -z "$base" ]; then
+        have=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || have=""
+        mirror="${{SKY_PYTHON_MIRROR_SHOWN:-${{UV_PYTHON_INSTALL_MIRROR:-the default Python downloads of uv}}}}"
+        echo "this node has no Python $want (its python3: ${{have:-none}}); installing Python $want with uv from" \
+             "$mirror (torch and the other packages will then be installed, not reused)"
+        if ! "$uv" python install "$want"; then
+          echo "the client runs Python $want but this node has ${{have:+Python }}${{have:-no python3}}, and uv could" \
+               "not install Python $want from $mirror; name a Python $want on the node with Image(python=...)," \
+               "install python$want there${{have:+, or run the notebook on Python $have}}"
+          return 1
+        fi
+        base=$(UV_PYTHON_DOWNLOADS=never "$uv" python find "$want")
+      fi;;
   esac
   rm -rf "$venv"
-  UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" venv --python "$base" --system-site-packages "$venv"
+  UV_PYTHON_DOWNLOADS=never "$uv" venv --python "$base" --system-site-packages "$venv"
   printf '%s' "$want" > "$venv/.sky-python"
 fi
 "$venv/bin/python" -c 'import sys; print("python", sys.version.split()[0], sys.executable)'""")
@@ -325,21 +374,85 @@ for text in json.loads(sys.argv[1]):
 '''
 
 
-def pip_phase(requirements: tuple[str, ...]) -> Phase:
-    """Install, with uv, the requirements the venv's interpreter does not already satisfy."""
-    reqs = shlex.quote(json.dumps(list(requirements)))
+def pip_phase(groups: Iterable[tuple[str, str, tuple[str, ...]]]) -> Phase:
+    """Install, with uv, the requirements the venv's interpreter does not already satisfy.
+
+    ``groups`` are (variable, shown URL, requirements): a group's packages come first from the index whose URL
+    the node's env file holds in ``variable`` (a ``PipIndex``), the rest from the pool's own index settings
+    (``UV_DEFAULT_INDEX``/``UV_INDEX`` in the env file, else uv's default); "" for no index of its own.
+    """
     check = shlex.quote(_UNSATISFIED)
+    calls = "\n".join(f"install {shlex.quote(var)} {shlex.quote(shown)} {shlex.quote(json.dumps(list(reqs)))}"
+                      for var, shown, reqs in groups)
     return Phase("pip", f"""\
 py="$SKY_HOME/venv/bin/python"
-missing_text=$("$py" -c {check} {reqs})
-if [ -z "$missing_text" ]; then echo "all requirements already satisfied"; return 0; fi
-mapfile -t missing <<< "$missing_text"
-echo "installing: ${{missing[*]}}"
 if [ -z "${{SSL_CERT_FILE:-}}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt   # uv's own roots miss re-signing proxies
 fi
-UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" pip install --python "$py" "${{missing[@]}}"
+installed=0
+install() {{
+  local var=$1 shown=$2 missing_text
+  missing_text=$("$py" -c {check} "$3")
+  if [ -z "$missing_text" ]; then return 0; fi
+  mapfile -t missing <<< "$missing_text"
+  installed=1
+  if [ -n "$var" ]; then
+    echo "installing from $shown: ${{missing[*]}}"
+    UV_INDEX="${{!var}}${{UV_INDEX:+ $UV_INDEX}}" UV_PYTHON_DOWNLOADS=never \\
+      "$SKY_HOME/bin/uv" pip install --python "$py" -- "${{missing[@]}}"
+  else
+    echo "installing: ${{missing[*]}}"
+    UV_PYTHON_DOWNLOADS=never "$SKY_HOME/bin/uv" pip install --python "$py" -- "${{missing[@]}}"
+  fi
+}}
+{calls}
+if [ "$installed" = 0 ]; then echo "all requirements already satisfied"; fi
 """)
+
+
+def default_index() -> str | None:
+    """The package index nodes fetch uv from when the image names none: pip's own default, read from the
+    client's pip rather than written here (None when this client has no pip)."""
+    try:
+        from pip._internal.models.index import PyPI
+    except Exception:  # pip missing, or its internals moved: the image must then name an index
+        return None
+    return str(PyPI.simple_url)
+
+
+def _client_uv_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("uv")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def index_environ(image: Image) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The node environment that points every install at the image's package indexes (uv, pip, the uv download),
+    and the names of the variables whose values hold credentials (masked in the node's output)."""
+    from urllib.parse import urlsplit
+
+    env: dict[str, str] = {}
+    if image.index_url:
+        env["UV_DEFAULT_INDEX"] = env["PIP_INDEX_URL"] = image.index_url
+    if image.extra_index_urls:
+        env["UV_INDEX"] = env["PIP_EXTRA_INDEX_URL"] = " ".join(image.extra_index_urls)
+    for i, index in enumerate(image.pip_indexes):
+        env[f"SKY_PIP_INDEX_{i}"] = index.url
+    if image.python_mirror:
+        env["UV_PYTHON_INSTALL_MIRROR"] = image.python_mirror
+        env["SKY_PYTHON_MIRROR_SHOWN"] = shown_url(image.python_mirror)
+    uv_sources = [u for u in (image.index_url or default_index(), *image.extra_index_urls) if u]
+    if uv_sources:
+        env["SKY_UV_INDEXES"] = " ".join(uv_sources)
+    version = _client_uv_version()
+    if version:
+        env["SKY_UV_VERSION"] = version
+    secret = tuple(sorted(k for k, v in env.items() if any(urlsplit(u).password not in (None, "", MASK)
+                                                          for u in v.split())))
+    return env, secret
 
 
 def _requirement_name(spec: str) -> str:
@@ -354,11 +467,19 @@ def remote_plan(image: Image, plugin_phases: Iterable[tuple[str, str]], python: 
     requirements whose version must equal the client's (cloudpickle), replacing any the image names.
     """
     pinned = {_requirement_name(name) for name in pins}
-    requirements = tuple(r for r in image.pip if _requirement_name(r) not in pinned)
-    requirements += tuple(f"{name}=={version}" for name, version in pins.items())
+    requirements = [r for r in image.pip if _requirement_name(r) not in pinned]
+    requirements += [f"{name}=={version}" for name, version in pins.items()]
+    groups: list[tuple[str, str, tuple[str, ...]]] = []
+    for i, index in enumerate(image.pip_indexes):
+        names = {_requirement_name(p) for p in index.packages}
+        mine = [r for r in requirements if _requirement_name(r) in names]
+        mine += [p for p in index.packages if _requirement_name(p) not in {_requirement_name(r) for r in mine}]
+        requirements = [r for r in requirements if _requirement_name(r) not in names]
+        groups.append((f"SKY_PIP_INDEX_{i}", shown_url(index.url), tuple(mine)))
+    groups.insert(0, ("", "", tuple(requirements)))
     phases = [env_phase()]
     if image.apt:
         phases.append(apt_phase(image.apt))
-    phases += [uv_phase(), venv_phase(python), pip_phase(requirements)]
+    phases += [uv_phase(), venv_phase(python), pip_phase(groups)]
     phases += [Phase(name, script) for name, script in plugin_phases]
     return BootstrapPlan(image, tuple(phases), home=REMOTE_HOME)

@@ -6,10 +6,55 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .redaction import register
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be shown: the password of ``https://user:password@host/...`` replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _index_url(url: object, what: str) -> str:
+    """Check a package index URL, and make its credentials (if any) secrets the redactor hides."""
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https", "file") or " " in url:
+        shown = shown_url(url) if isinstance(url, str) else repr(url)
+        raise ConfigError(f"{what} {shown!r} is not a package index URL; give one like "
+                          f"'https://user:token@packages.example.com/simple'.")
+    parts = urlsplit(url)
+    if parts.password:
+        register(parts.password)
+    return url
+
+
+@dataclass(frozen=True, slots=True)
+class PipIndex:
+    """A package index that some packages come from (Skyward's name): ``PipIndex(url, ["torch"])`` installs torch
+    from ``url`` first, its dependencies from there or the pool's own index. Credentials in ``url`` never show."""
+
+    url: str
+    packages: tuple[str, ...] = ()
+
+    def __init__(self, url: str, packages: Iterable[str] = ()) -> None:
+        if isinstance(packages, str):
+            raise ConfigError(f"PipIndex(packages=...) takes a list of package names, not {packages!r}; "
+                              f"write packages=[{packages!r}].")
+        object.__setattr__(self, "url", _index_url(url, "PipIndex url"))
+        object.__setattr__(self, "packages", tuple(dict.fromkeys(str(p) for p in packages)))
+
+    def __repr__(self) -> str:
+        return f"PipIndex({shown_url(self.url)!r}, packages={list(self.packages)})"
 
 
 def _frozen_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -24,25 +69,50 @@ def _frozen_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """What every node of a pool gets: pip packages, apt packages, environment variables, interpreter.
+    """What every node of a pool gets: pip packages, apt packages, environment variables, interpreter, and
+    where its packages come from.
 
-    ``env`` is stored as sorted pairs so the value stays hashable; read it with :attr:`environ`.
+    ``env`` is stored as sorted pairs so the value stays hashable; read it with :attr:`environ`. ``index_url``
+    replaces the default package index for every install on the node (uv, pip, the node's own uv download);
+    ``extra_index_urls`` are searched too; ``pip_indexes`` name indexes that given packages come from.
+    ``python_mirror`` is where ``uv python install`` downloads a Python when the node has none of the client's
+    version (uv's ``UV_PYTHON_INSTALL_MIRROR``).
     """
 
     pip: tuple[str, ...] = ()
     apt: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default=())
     python: str | None = None
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    pip_indexes: tuple[PipIndex, ...] = ()
+    python_mirror: str | None = None
 
     def __init__(self, pip: Iterable[str] = (), apt: Iterable[str] = (),
-                 env: Mapping[str, str] | Iterable[tuple[str, str]] = (), python: str | None = None) -> None:
+                 env: Mapping[str, str] | Iterable[tuple[str, str]] = (), python: str | None = None,
+                 index_url: str | None = None, extra_index_urls: Iterable[str] = (),
+                 pip_indexes: Iterable[PipIndex] = (), python_mirror: str | None = None) -> None:
         if isinstance(pip, str) or isinstance(apt, str):
             raise ConfigError("Image(pip=..., apt=...) takes a list of package names, not one string; "
                               "write pip=['numpy'].")
+        if isinstance(extra_index_urls, str):
+            raise ConfigError("Image(extra_index_urls=...) takes a list of URLs, not one string; "
+                              "write extra_index_urls=['https://...'].")
+        indexes = tuple(pip_indexes)
+        for index in indexes:
+            if not isinstance(index, PipIndex):
+                raise ConfigError(f"Image(pip_indexes=...) takes sky.PipIndex(url, packages) values, not "
+                                  f"{type(index).__name__}.")
         object.__setattr__(self, "pip", tuple(dict.fromkeys(str(p) for p in pip)))
         object.__setattr__(self, "apt", tuple(dict.fromkeys(str(p) for p in apt)))
         object.__setattr__(self, "env", _frozen_env(dict(env)))
         object.__setattr__(self, "python", python)
+        object.__setattr__(self, "index_url", None if index_url is None else _index_url(index_url, "Image index_url"))
+        object.__setattr__(self, "extra_index_urls",
+                           tuple(_index_url(u, "Image extra_index_urls entry") for u in extra_index_urls))
+        object.__setattr__(self, "pip_indexes", indexes)
+        object.__setattr__(self, "python_mirror",
+                           None if python_mirror is None else _index_url(python_mirror, "Image python_mirror"))
 
     @property
     def environ(self) -> dict[str, str]:
@@ -60,4 +130,13 @@ class Image:
     def __repr__(self) -> str:
         # Values may be secrets (HF_TOKEN): show names only.
         names = ", ".join(k for k, _ in self.env)
-        return f"Image(pip={list(self.pip)}, apt={list(self.apt)}, env=[{names}], python={self.python!r})"
+        text = f"Image(pip={list(self.pip)}, apt={list(self.apt)}, env=[{names}], python={self.python!r}"
+        if self.index_url:
+            text += f", index_url={shown_url(self.index_url)!r}"
+        if self.extra_index_urls:
+            text += f", extra_index_urls={[shown_url(u) for u in self.extra_index_urls]!r}"
+        if self.pip_indexes:
+            text += f", pip_indexes={list(self.pip_indexes)!r}"
+        if self.python_mirror:
+            text += f", python_mirror={shown_url(self.python_mirror)!r}"
+        return text + ")"

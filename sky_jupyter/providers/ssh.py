@@ -443,7 +443,7 @@ m=no; u=no; z=no; c=no
 command -v zstd >/dev/null && c=yes
 echo "$m $u $z $(uname -s) $(uname -m) $c"
 """
-        code, out, err = conn.run(probe, input=env_file(plan.image.environ), timeout=60)
+        code, out, err = conn.run(probe, input=env_file(plan.environ), timeout=60)
         if code != 0 or len(out.split()) < 6:
             raise ProvisionError(f"{label}: preparing ~/.sky_jupyter failed (exit code {code}): "
                                  f"{redact(err.strip() or out.strip())}")
