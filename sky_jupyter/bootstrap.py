@@ -415,7 +415,7 @@ def default_index() -> str | None:
     client's pip rather than written here (None when this client has no pip)."""
     try:
         from pip._internal.models.index import PyPI
-    except Exception:  # pip missing, or its internals moved: the image must then name an index
+    except (ImportError, AttributeError):  # pip missing, or its internals moved: the image must name an index
         return None
     return str(PyPI.simple_url)
 

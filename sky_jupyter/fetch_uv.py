@@ -32,7 +32,8 @@ import zipfile
 
 TIMEOUT_S = 60
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
-_WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+_WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)"
+                    r"-(?P<plat>[^-]+)\.whl$")
 _LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 #: ``uname -m`` spellings to the architecture names in wheel tags.
 _ARCH = {"arm64": "aarch64", "amd64": "x86_64", "i386": "i686", "armv8l": "aarch64"}

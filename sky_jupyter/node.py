@@ -284,10 +284,11 @@ class Node:
         return len(link.calls) if link is not None else 0
 
     # -- connecting ----------------------------------------------------------------------------------------
-    def start_worker(self) -> None:
-        """Start the worker and connect to it (the pool runs setup on all nodes together afterwards)."""
+    def start_worker(self, start: Callable[[Host], WorkerHandle] | None = None) -> None:
+        """Start the worker (with ``start`` when given: a bring-up that bootstraps first) and connect to it (the
+        pool runs setup on all nodes together afterwards)."""
         with self._lock:
-            self.handle = self._start_worker(self.host)
+            self.handle = (start or self._start_worker)(self.host)
             self._connect()
             self.state = "connected"
 

@@ -289,8 +289,8 @@ class ComputePool:
         nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in hosts]
 
         def one(node: Node) -> None:
-            self.provider.bootstrap(node.host, plan, self.progress)
-            node.start_worker()
+            node.start_worker(lambda host: self.provider.bring_up(host, plan, self._worker_config(host),
+                                                                  self.progress))
 
         results = in_parallel([lambda n=n: one(n) for n in nodes])
         failures = [r for r in results if isinstance(r, Exception)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sky_jupyter import fetch_uv as F
@@ -67,7 +69,7 @@ def test_index_pages_parse_as_html_and_json():
     files = F.parse_page(html, "text/html", "http://127.0.0.1:8/simple/uv/")
     assert files[0] == {"filename": X86, "url": f"http://127.0.0.1:8/files/{X86}", "sha256": "abc", "yanked": False}
     assert files[1]["yanked"] is True
-    body = ('{"files": [{"filename": "%s", "url": "/f/%s", "hashes": {"sha256": "def"}}]}' % (X86, X86)).encode()
+    body = json.dumps({"files": [{"filename": X86, "url": f"/f/{X86}", "hashes": {"sha256": "def"}}]}).encode()
     files = F.parse_page(body, F.JSON_TYPE, "http://127.0.0.1:8/simple/uv/")
     assert files == [{"filename": X86, "url": f"http://127.0.0.1:8/f/{X86}", "sha256": "def", "yanked": False}]
 

@@ -112,6 +112,11 @@ class Provider(abc.ABC):
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
         """Start a worker on the host with ``config`` (which holds the pool secret: never on a command line)."""
 
+    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> WorkerHandle:
+        """Bootstrap the host, then start its worker: providers with slow links do both in fewer round trips."""
+        self.bootstrap(host, plan, progress)
+        return self.start_worker(host, config)
+
     def plan(self, image: Image, plugin_phases: list[tuple[str, str]]) -> BootstrapPlan:
         """The bootstrap for this provider's nodes: by default only the plugins' phases."""
         return BootstrapPlan(image, tuple(Phase(name, script) for name, script in plugin_phases))

@@ -18,7 +18,7 @@ import re
 import tarfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from ..transport import (
     KEEPALIVE_S,
     Connection,
     KnownHosts,
+    RemoteProcess,
     SSHConnectError,
     Target,
     load_key,
@@ -192,6 +193,44 @@ def _run_dir(pool: str, rank: int) -> str:
 def _worker_running(pid: int) -> str:
     """Shell test: is ``pid`` still our worker (not a reused pid)?"""
     return f"kill -0 {pid} 2>/dev/null && grep -qa sky_jupyter.worker /proc/{pid}/cmdline 2>/dev/null"
+
+
+_NEED = "::sky-need"
+
+# The node's side of a bring-up (the command line: paths only, no secrets). stdin brings: the env file and the
+# bootstrap script, each as a length line and its bytes, then the worker's config as one JSON line (held in a
+# shell variable: its secret never touches the disk or a command line). The node asks for what it lacks with one
+# ``::sky-need`` line and reads the answers in order (a length line each, 0 for none). Then the script runs (it
+# exits at once when its marker exists) and, when asked, the worker starts with its config on stdin.
+_BRING_UP = """umask 077; H={home}; mkdir -p "$H" && chmod 700 "$H" || exit 1
+IFS= read -r n && head -c "$n" > "$H/env.sh.tmp" && chmod 600 "$H/env.sh.tmp" && mv -f "$H/env.sh.tmp" "$H/env.sh" \
+  || exit 1
+IFS= read -r n && head -c "$n" > {script} || exit 1
+IFS= read -r config || exit 1
+need=""
+[ -d {pkg} ] || need="$need pkg"
+if [ ! -f {marker} ] && [ ! -x {uv} ] && ! command -v uv >/dev/null; then need="$need uv"; fi
+if [ -n "$need" ]; then
+  echo "::sky-need$need $(uname -s) $(uname -m) $(command -v zstd >/dev/null && echo zstd || echo -)"
+  for item in $need; do
+    IFS=' ' read -r n how || exit 1
+    case $item in
+      pkg) t={pkg}.$$; mkdir -p "$t" && head -c "$n" | tar -xzf - -C "$t" \
+             && {{ mv -T "$t" {pkg} 2>/dev/null || [ -d {pkg} ]; }}; r=$?; rm -rf "$t"
+           [ $r -eq 0 ] || {{ echo "unpacking the sky_jupyter package failed"; exit 1; }};;
+      uv) if [ "$n" -gt 0 ]; then
+            mkdir -p "$H/bin"; t={uv}.$$
+            if [ "$how" = zstd ]; then head -c "$n" | zstd -dqc > "$t"; else head -c "$n" > "$t"; fi \
+              && chmod 755 "$t" && mv -f "$t" {uv} || {{ rm -f "$t"; echo "receiving uv failed"; exit 1; }}
+          fi;;
+    esac
+  done
+fi
+bash {script} < /dev/null || exit $?
+[ -n "{start}" ] || exit 0
+mkdir -p {run} || exit 1
+cd && printf '%s\\n' "$config" | PYTHONPATH={pkg}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker
+"""
 
 
 class SSHWorker(WorkerHandle):
@@ -427,66 +466,98 @@ class SSH(Provider):
         return remote_plan(image, plugin_phases, python, {"cloudpickle": cloudpickle.__version__})
 
     def bootstrap(self, host: Host, plan: BootstrapPlan, progress: Progress) -> None:
-        """One round trip when the node is ready (env file written, marker and package found); otherwise upload
-        what is missing and run the script, streaming its phases."""
+        """Make the node match ``plan`` (one SSH command; see :meth:`bring_up`), without starting a worker."""
+        self._drive(host, plan, None, progress)
+
+    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> WorkerHandle:
+        """Bootstrap the node and start its worker in one SSH command, so that a link's latency is paid a few
+        times per node, not once per step: what every node needs (env file, script, worker config) goes out with
+        the command; the node asks for what it lacks (this client's package, its uv) in one more exchange."""
+        handle = self._drive(host, plan, config, progress)
+        assert handle is not None
+        return handle
+
+    def _drive(self, host: Host, plan: BootstrapPlan, config: dict[str, Any] | None,
+               progress: Progress) -> WorkerHandle | None:
         conn = self.connection(host)
         label = f"node {host.rank} ({host.display})"
+        pool = str((config or {}).get("pool") or host.extra.get("pool") or "pool")
+        run_dir = _run_dir(pool, host.rank)
         pkg_dir = _node_package_dir()
-        home = remote_path(NODE_HOME)
-        env_tmp = remote_path(f"{NODE_HOME}/env.sh.tmp")
-        probe = f"""umask 077; mkdir -p {home} && chmod 700 {home} && cat > {env_tmp} && chmod 600 {env_tmp} \
-&& mv -f {env_tmp} {remote_path(NODE_HOME + '/env.sh')} || exit 1
-m=no; u=no; z=no; c=no
-[ -f {remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.done")} ] && m=yes
-{{ [ -x {remote_path(NODE_UV)} ] || command -v uv >/dev/null; }} && u=yes
-[ -d {pkg_dir} ] && z=yes
-command -v zstd >/dev/null && c=yes
-echo "$m $u $z $(uname -s) $(uname -m) $c"
-"""
-        code, out, err = conn.run(probe, input=env_file(plan.environ), timeout=60)
-        if code != 0 or len(out.split()) < 6:
-            raise ProvisionError(f"{label}: preparing ~/.sky_jupyter failed (exit code {code}): "
-                                 f"{redact(err.strip() or out.strip())}")
-        marker, has_uv, has_package, system, machine, has_zstd = out.split()[:6]
-        if marker != "yes" and has_uv != "yes":
-            self._upload_uv(conn, system, machine, has_zstd == "yes")
-        if has_package != "yes":
-            self._upload_package(conn, label, pkg_dir)
-        if marker == "yes":
-            progress(host.rank, "cached", "")
-            return
-        script = remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh")
-        with conn.start(f"umask 077; cat > {script} && exec bash {script} < /dev/null") as proc:
-            proc.write(plan.script())
-            proc.close_stdin()
-            follow(iter(proc), label, lambda phase, line: progress(host.rank, phase, line))
-            code = proc.wait(60)
-        if code != 0:
-            raise ProvisionError(f"{label}: the bootstrap script ended with exit code {code} after finishing")
+        script = plan.script().encode()
+        env = env_file(plan.environ).encode()
+        command = _BRING_UP.format(
+            home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"),
+            marker=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.done"), pkg=pkg_dir, uv=remote_path(NODE_UV),
+            run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "")
+        if config is not None:
+            config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
+        payload = (b"%d\n" % len(env) + env + b"%d\n" % len(script) + script
+                   + json.dumps(config or {}).encode() + b"\n")
+        lines: list[str] = []
+        deadline = None
+        with conn.start(command, timeout=None) as proc:
+            proc.write(payload)
+
+            def answered() -> Iterator[str]:
+                for line in proc:
+                    if line.startswith(_NEED):
+                        self._send_needs(proc, line[len(_NEED):].split(), label)
+                    else:
+                        yield line
+
+            output = answered()
+            follow(output, label, lambda phase, line: progress(host.rank, phase, line))
+            if config is None:
+                code = proc.wait(60)
+                if code != 0:
+                    raise ProvisionError(f"{label}: the bootstrap ended with exit code {code} after finishing")
+                return None
+            proc.channel.settimeout(60)
+            deadline = time.monotonic() + 60
+            try:
+                for line in output:
+                    if line.startswith(P.READY):
+                        ready = json.loads(line[len(P.READY):])
+                        return SSHWorker(conn, int(ready["port"]), int(ready["pid"]), host.display, run_dir)
+                    lines.append(line)
+                    if time.monotonic() > deadline:
+                        break
+            except TimeoutError:
+                pass
+        tail = redact("".join(lines[-20:]).strip()) or "(no output)"
+        raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
+                             f"Its log is {run_dir}/worker.log on the node.")
+
+    def _send_needs(self, proc: RemoteProcess, words: list[str], label: str) -> None:
+        """Answer the node's ``::sky-need`` line: ``pkg`` and/or ``uv``, then its ``uname -s -m`` and whether it has
+        zstd. Each item goes as a length line (0: not sent) and its bytes."""
+        wanted, system, machine, zstd = words[:-3], words[-3], words[-2], words[-1] == "zstd"
+        for item in wanted:
+            if item == "pkg":
+                data = package_archive()[1]
+                proc.write(b"%d\n" % len(data) + data)
+            elif item == "uv":
+                path, packed = self._uv_for(system, machine, zstd)
+                if path is None:
+                    proc.write(b"0 -\n")  # the node fetches one for its platform from the index
+                else:
+                    proc.write(f"{os.path.getsize(path)} {'zstd' if packed else 'raw'}\n".encode())
+                    with open(path, "rb") as f:
+                        while chunk := f.read(4 << 20):
+                            proc.write(chunk)
+            else:
+                raise ProvisionError(f"{label}: the node asked for {item!r}, which this client does not know")
 
     @staticmethod
-    def _upload_package(conn: Connection, label: str, pkg_dir: str) -> None:
-        """Unpack this client's package into ``pkg_dir`` (under a temporary name first: a crash leaves nothing
-        half-written where the worker looks for it, and two pools racing for one node both succeed)."""
-        command = f"""umask 077; d={pkg_dir}; t="$d.$$"; mkdir -p "$t" && tar -xzf - -C "$t" \
-&& {{ mv -T "$t" "$d" 2>/dev/null || [ -d "$d" ]; }}; r=$?; rm -rf "$t"; exit $r"""
-        code, out, err = conn.run(command, input=package_archive()[1], timeout=60)
-        if code != 0:
-            raise ProvisionError(f"{label}: unpacking the sky_jupyter package on the node failed (exit code {code}): "
-                                 f"{redact(err.strip() or out.strip())}")
-
-    @staticmethod
-    def _upload_uv(conn: Connection, system: str, machine: str, node_has_zstd: bool) -> None:
-        """Give the node this client's uv when both run the same platform (else the uv phase finds another);
-        compressed when both ends have ``zstd``: 14 MB instead of 38 MB for each node over the client's uplink."""
+    def _uv_for(system: str, machine: str, node_has_zstd: bool) -> tuple[str | None, bool]:
+        """This client's uv for a node of that platform (compressed when both ends have zstd: 14 MB instead of
+        38 MB over the client's uplink), or None when the platforms differ or this client has no uv."""
         uv = _client_uv()
         if uv is None or (system, machine) != (platform.system(), platform.machine()):
-            return
+            return None, False
         packed = _compressed_uv(uv) if node_has_zstd else None
-        if packed is not None:
-            conn.put(Path(packed), NODE_UV, 0o755, through="zstd -dqc")
-        else:
-            conn.put(Path(uv), NODE_UV, 0o755)
+        return (packed, True) if packed is not None else (uv, False)
 
     # -- workers ---------------------------------------------------------------------------------------------
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
