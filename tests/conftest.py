@@ -12,7 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `tests.fixtures...` importable
 
 # The sshd test cluster (session scope, started on first use): real OpenSSH nodes in network namespaces.
-pytest_plugins = ["tests.fixtures.sshd_cluster", "tests.fixtures.hub", "tests.fixtures.moto_ec2"]
+pytest_plugins = [
+    "tests.fixtures.sshd_cluster",
+    "tests.fixtures.hub",
+    "tests.fixtures.moto_ec2",
+    "tests.fixtures.pkg_index",
+    "tests.fixtures.rootfs",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
