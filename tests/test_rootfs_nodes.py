@@ -157,11 +157,23 @@ def test_kill_sessions_and_restart_with_new_host_key(trixie_cluster: Cluster) ->
         assert session.stdout is not None and session.stdout.readline() == "up\n"
         assert trixie_cluster.kill_sessions(node) >= 1
         assert session.wait(timeout=10) == 255
-    # OpenSSH 10 would penalise the client's address for the "crashed" sessions unless told not to.
     assert trixie_cluster.ssh(node, "true").returncode == 0
     new = trixie_cluster.restart_sshd(node, new_host_key=True)
     assert new.host_key_line != node.host_key_line
     assert trixie_cluster.ssh(new, "whoami", check=True).stdout.strip() == new.user
+
+
+def test_failed_logins_do_not_lock_the_client_out(trixie_cluster: Cluster, tmp_path: Path) -> None:
+    """OpenSSH 10 penalises an address after failed logins unless told not to: every node shares one."""
+    from tests.fixtures.sshd_cluster import _keygen
+
+    node = trixie_cluster.nodes[0]
+    _keygen(tmp_path / "stranger", "not authorized")
+    argv = trixie_cluster.ssh_argv(node, "true")
+    argv[argv.index("-i") + 1] = str(tmp_path / "stranger")
+    for _ in range(3):
+        assert subprocess.run(argv, capture_output=True, timeout=30).returncode == 255
+    assert trixie_cluster.ssh(node, "true").returncode == 0
 
 
 def test_leftovers_of_a_killed_run_are_cleaned(tmp_path: Path) -> None:
