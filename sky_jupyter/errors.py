@@ -20,10 +20,12 @@ class BootstrapError(SkyError):
 
     def __init__(self, node: str, phase: str, exit_code: int, tail: str) -> None:
         self.node, self.phase, self.exit_code, self.tail = node, phase, exit_code, tail
+        # The core phases say what to do in their own last line; a plugin's phase or an image's package may not.
+        advice = ("" if phase in ("env", "uv", "venv")
+                  else "Fix the image or plugin that adds this phase, then run the pool again ")
         super().__init__(
             f"bootstrap phase {phase!r} failed on {node} (exit code {exit_code}); last lines:\n{tail}\n"
-            f"Fix the image or plugin that adds this phase, then run the pool again "
-            f"(the full log is ~/.sky_jupyter/bootstrap.log on the node)."
+            f"{advice}(the full log is ~/.sky_jupyter/bootstrap.log on the node)."
         )
 
 
