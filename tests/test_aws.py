@@ -352,7 +352,17 @@ def test_gc_terminates_orphans_and_leaves_live_pools_alone(moto_ec2):
 @pytest.fixture
 def only_test_nodes(monkeypatch, sshd_cluster: Cluster):
     """Refuse TCP connections to anything but loopback and the test nodes (moto's addresses included)."""
-    allowed = {node.addr for node in sshd_cluster.nodes}
+    _only(monkeypatch, sshd_cluster)
+
+
+@pytest.fixture
+def only_fresh_nodes(monkeypatch, bookworm_cluster: Cluster):
+    """The same guard for the fresh Debian nodes (their own root filesystem: bootstrap from nothing)."""
+    _only(monkeypatch, bookworm_cluster)
+
+
+def _only(monkeypatch: pytest.MonkeyPatch, cluster: Cluster) -> None:
+    allowed = {node.addr for node in cluster.nodes}
     original = socket.create_connection
 
     def guarded(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
@@ -371,10 +381,16 @@ def on_cluster(moto: MotoEC2, cluster: Cluster, **kw: Any) -> aws.AWS:
 
 
 @pytest.mark.ssh
-def test_two_node_a100_pool_runs_on_the_nodes_and_terminates_on_exit(moto_ec2, sshd_cluster, only_test_nodes):
+def test_two_node_a100_pool_runs_on_the_nodes_and_terminates_on_exit(moto_ec2, bookworm_cluster, only_fresh_nodes):
+    """Instances stood in for by fresh Debian machines (no pip, no uv): bootstrapped from nothing."""
+    sshd_cluster = bookworm_cluster
+    for node in sshd_cluster.nodes:
+        sshd_cluster.reset_home(node)
     image = moto_ec2.image_id()
     provider = on_cluster(moto_ec2, sshd_cluster, ami=image)
-    with sky.ComputePool(provider=provider, nodes=2, accelerator="A100", name="aws-a100") as pool:
+    with sky.ComputePool(provider=provider, nodes=2, accelerator="A100", name="aws-a100",
+                         image=sky.Image(index_url=sshd_cluster.index_url)) as pool:
+        assert all((n.home / ".sky_jupyter" / "venv" / "bin" / "python").exists() for n in sshd_cluster.nodes)
         running = moto_ec2.alive("aws-a100")
         assert len(running) == 2
         for instance in running:
