@@ -13,6 +13,10 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The benchmarks' test nodes never reach for the public package index: a node without uv gets this client's (or
+# fetches it from a test index the pool's image names).
+os.environ.setdefault("SKY_JUPYTER_DEFAULT_INDEX", "")
+
 
 def timed(fn: Callable[[], Any], n: int, warmup: int = 20) -> list[float]:
     """Seconds per call for ``n`` calls after ``warmup`` unmeasured ones."""

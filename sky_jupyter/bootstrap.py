@@ -210,28 +210,50 @@ def _fetch_uv_source() -> str:
     return (Path(__file__).with_name("fetch_uv.py")).read_text()
 
 
+#: The line a bootstrap prints to ask the client for something it lacks (see :mod:`sky_jupyter.providers.ssh`).
+NEED = "::sky-need"
+
+
 def uv_phase() -> Phase:
-    """Make ``$SKY_HOME/bin/uv`` exist: the client uploads its own uv when the node has none and runs the same
-    platform (before this phase); else the node's uv is linked; else the node's python3 downloads the uv wheel
-    for its own platform from the pool's package index (:mod:`sky_jupyter.fetch_uv`: no pip needed)."""
+    """Make ``$SKY_HOME/bin/uv`` exist. In order: the node's own uv; else the node's python3 downloads the uv wheel
+    for its own platform from the pool's package index (:mod:`sky_jupyter.fetch_uv`: no pip needed, and the bytes
+    cross the node's network, not the client's uplink); else, when the script can ask its client (``SKY_ASK_CLIENT``
+    set, answers on fd 3), the client uploads its own uv if it runs the same platform."""
     source = _fetch_uv_source()
     assert "\nSKY_FETCH_UV\n" not in source
     return Phase("uv", f"""\
 mkdir -p "$SKY_HOME/bin"
-if [ -x "$SKY_HOME/bin/uv" ]; then :
-elif command -v uv >/dev/null; then ln -sf "$(command -v uv)" "$SKY_HOME/bin/uv"
+uv="$SKY_HOME/bin/uv"
+if [ -x "$uv" ]; then :
+elif command -v uv >/dev/null; then ln -sf "$(command -v uv)" "$uv"
 else
   py=$(command -v python3 || true)
-  if [ -z "$py" ]; then
-    echo "this node has no uv, and no python3 to fetch one with: install python3 on it (apt-get install python3;" \
-         "or Image(apt=['python3']) where the node's apt works) or install uv there"
-    return 1
-  fi
-  "$py" - "$SKY_HOME/bin/uv" <<'SKY_FETCH_UV'
+  if [ -n "$py" ] && [ -n "${{SKY_UV_INDEXES:-}}" ]; then
+    "$py" - "$uv" <<'SKY_FETCH_UV' || true
 {source.rstrip()}
 SKY_FETCH_UV
+  fi
+  if [ ! -x "$uv" ] && [ -n "${{SKY_ASK_CLIENT:-}}" ]; then
+    z=-; if command -v zstd >/dev/null; then z=zstd; fi
+    echo "{NEED} uv $(uname -s) $(uname -m) $z"
+    IFS=' ' read -r n how <&3
+    if [ "${{n:-0}}" -gt 0 ]; then
+      if [ "$how" = zstd ]; then head -c "$n" <&3 | zstd -dqc > "$uv.tmp"; else head -c "$n" <&3 > "$uv.tmp"; fi
+      chmod 755 "$uv.tmp" && mv -f "$uv.tmp" "$uv" && echo "uv from the client ($n bytes)"
+    fi
+  fi
+  if [ ! -x "$uv" ]; then
+    if [ -z "$py" ]; then
+      echo "this node has no uv, and no python3 to fetch one with: install python3 on it (apt-get install python3;" \
+           "or Image(apt=['python3']) where the node's apt works) or install uv there"
+    else
+      echo "this node has no uv and could not get one (see above): set Image(index_url=...) to an index it reaches," \
+           "or install uv there"
+    fi
+    return 1
+  fi
 fi
-"$SKY_HOME/bin/uv" --version""")
+"$uv" --version""")
 
 
 #: Interpreters that machine images ship with torch already installed, tried (in this order) when the venv is to
@@ -410,9 +432,18 @@ if [ "$installed" = 0 ]; then echo "all requirements already satisfied"; fi
 """)
 
 
+#: Names the index nodes fetch uv from when an image names none; set but empty: none (a node without uv then gets
+#: this client's, when they share a platform). Unset: pip's default index.
+DEFAULT_INDEX_ENV = "SKY_JUPYTER_DEFAULT_INDEX"
+
+
 def default_index() -> str | None:
-    """The package index nodes fetch uv from when the image names none: pip's own default, read from the
-    client's pip rather than written here (None when this client has no pip)."""
+    """The package index nodes fetch uv from when the image names none: ``$SKY_JUPYTER_DEFAULT_INDEX``, else pip's
+    own default, read from the client's pip rather than written here (None when this client has no pip)."""
+    import os
+
+    if DEFAULT_INDEX_ENV in os.environ:
+        return os.environ[DEFAULT_INDEX_ENV].strip() or None
     try:
         from pip._internal.models.index import PyPI
     except (ImportError, AttributeError):  # pip missing, or its internals moved: the image must name an index

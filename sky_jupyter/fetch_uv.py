@@ -11,7 +11,8 @@ environment, so no URL (credentials included) is on a command line:
 - ``SKY_UV_INDEXES``: index URLs to try in order, space-separated (the pool's index first).
 - ``SKY_UV_VERSION``: the uv version to take when the index has it (the client's own), else the newest release.
 
-It prints one line naming what it installed, or one line saying what failed and exits 1.
+It prints one line naming what it installed, or one line saying what failed and exits 1 (the bootstrap then asks
+the client for its own uv, or says what to do).
 """
 
 from __future__ import annotations
@@ -216,8 +217,7 @@ def main(argv: list[str]) -> int:
             continue
         print(f"uv {version} for {uname} ({kind} {arch}) from {shown(index)}")
         return 0
-    print(f"could not download uv for this node ({uname}): {'; '.join(reasons)}; make the index reachable from "
-          f"the node, set Image(index_url=...) to one it reaches, or install uv on the node", file=sys.stderr)
+    print(f"could not download uv for this node ({uname}): {'; '.join(reasons)}", file=sys.stderr)
     return 1
 
 

@@ -26,6 +26,9 @@ def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test session gets its own ~/.sky_jupyter, so nothing touches the real one."""
     home = tmp_path_factory.mktemp("sky_home")
     os.environ["SKY_JUPYTER_HOME"] = str(home)
+    # Nodes never reach for the public index: those that need uv get this client's, or fetch it from the test
+    # index an image names.
+    os.environ["SKY_JUPYTER_DEFAULT_INDEX"] = ""
     return home
 
 

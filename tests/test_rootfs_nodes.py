@@ -65,7 +65,7 @@ def test_node_is_a_bare_debian_with_its_own_python(rootfs_cluster: Cluster) -> N
 
 
 def test_bookworm_nodes_reach_each_other_by_name(bookworm_cluster: Cluster) -> None:
-    first, second = bookworm_cluster.nodes
+    first, second = bookworm_cluster.nodes[:2]
     # node1 reads node0's sshd banner, found by name through the node's /etc/hosts.
     probe = (
         "import socket\n"
@@ -115,7 +115,7 @@ def test_reset_home_gives_a_cold_home(bookworm_cluster: Cluster) -> None:
 
 
 def test_remove_paths_takes_python_from_one_node_only(bookworm_cluster: Cluster) -> None:
-    first, second = bookworm_cluster.nodes
+    first, second = bookworm_cluster.nodes[:2]
     removed = bookworm_cluster.remove_paths(second, ["usr/bin/python3*"])
     try:
         assert "usr/bin/python3" in removed and "usr/bin/python3.11" in removed

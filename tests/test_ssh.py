@@ -5,6 +5,7 @@ Host-string and key-file validation needs no cluster and runs everywhere; the re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import shutil
@@ -56,9 +57,11 @@ def provider(cluster: Cluster, nodes: list[SshNode] | None = None, **kw) -> SSH:
 
 
 def workers_on(cluster: Cluster, node: SshNode) -> list[str]:
-    """Worker processes of the node's user, as ``pgrep`` lists them."""
-    out = cluster.ssh(node, "pgrep -u \"$(id -u)\" -f 'sky_jupyter[.]worker' || true", check=True).stdout
-    return out.split()
+    """Pids of the node user's worker processes (read from /proc: fresh images have no pgrep)."""
+    script = ("me=$(id -u); for p in /proc/[0-9]*; do [ \"$(stat -c %u \"$p\" 2>/dev/null)\" = \"$me\" ] && "
+              "tr '\\0' ' ' < \"$p/cmdline\" 2>/dev/null | grep -q 'sky_jupyter[.]worker' && echo \"${p#/proc/}\"; "
+              "done; true")
+    return cluster.ssh(node, script, check=True).stdout.split()
 
 
 def drop_user_sessions(node: SshNode) -> int:
@@ -129,17 +132,24 @@ def test_more_nodes_than_hosts_is_refused_before_anything_starts(tmp_path):
 
 # -- on the cluster ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="class")
-def pool(sshd_cluster: Cluster):
-    """One pool over the three session nodes, bootstrapped cold (their ~/.sky_jupyter wiped first)."""
+def pool(bookworm_cluster: Cluster):
+    """One pool over three fresh Debian nodes (their own Python 3.11; no pip, no uv), bootstrapped cold (their
+    homes reset first): packages come from the test index."""
+    sshd_cluster = bookworm_cluster
     for node in sshd_cluster.nodes:
-        shutil.rmtree(node.home / ".sky_jupyter", ignore_errors=True)
+        sshd_cluster.reset_home(node)
+    image = dataclasses.replace(IMAGE, index_url=sshd_cluster.index_url)
     events: list[tuple[int, str, str]] = []
     started = time.perf_counter()
-    pool = sky.ComputePool(provider=provider(sshd_cluster), nodes=3, image=IMAGE, name="ssh-three",
+    pool = sky.ComputePool(provider=provider(sshd_cluster), nodes=3, image=image, name="ssh-three",
                            progress=lambda *e: events.append(e))
+    sshd_cluster.index.clear_requests()
     with pool:
         pool.cold_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
         pool.events = events  # type: ignore[attr-defined]
+        pool.uv_wheels = {n.addr: [r.path for r in sshd_cluster.index.requests  # type: ignore[attr-defined]
+                                   if r.client == n.addr and "/uv-" in r.path and r.status == 200]
+                          for n in sshd_cluster.nodes}
         yield pool
     for node in sshd_cluster.nodes:
         assert workers_on(sshd_cluster, node) == [], f"a worker outlived the pool on {node.name}"
@@ -148,7 +158,8 @@ def pool(sshd_cluster: Cluster):
 
 @pytest.mark.ssh
 class TestThreeNodes:
-    def test_at_runs_on_every_node_in_rank_order(self, pool, sshd_cluster):
+    def test_at_runs_on_every_node_in_rank_order(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
         results = rank_and_hostname() @ pool
         assert [r for r, _ in results] == [0, 1, 2]
         hostnames = [h for _, h in results]
@@ -157,12 +168,13 @@ class TestThreeNodes:
             assert len(set(hostnames)) == 3
         assert {e[1] for e in pool.events} >= {"env", "uv", "venv", "pip", "done"}
 
-    def test_bootstrap_runs_once(self, pool, sshd_cluster):
+    def test_bootstrap_runs_once(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
         logs = [(n.home / ".sky_jupyter" / "bootstrap.log").read_text() for n in sshd_cluster.nodes]
         assert all(log.count(" phase pip") == 1 for log in logs)
         events: list[tuple[int, str, str]] = []
         started = time.perf_counter()
-        with sky.ComputePool(provider=provider(sshd_cluster), nodes=3, image=IMAGE,
+        with sky.ComputePool(provider=provider(sshd_cluster), nodes=3, image=pool.image,
                              progress=lambda *e: events.append(e)) as again:
             warm = time.perf_counter() - started
             assert greeting() @ again == [GREETING] * 3
@@ -171,20 +183,20 @@ class TestThreeNodes:
         assert warm < pool.cold_seconds, (warm, pool.cold_seconds)
         assert warm < 5.0
 
-    def test_nodes_get_this_clients_uv_and_package_once(self, pool, sshd_cluster, sky_home):
-        from sky_jupyter.providers.ssh import _client_uv, package_digest
+    def test_nodes_fetch_their_uv_from_the_index_and_get_this_clients_package_once(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
+        from sky_jupyter.providers.ssh import package_digest
 
-        uv = Path(_client_uv())
         for node in sshd_cluster.nodes:
             home = node.home / ".sky_jupyter"
-            assert (home / "bin" / "uv").read_bytes() == uv.read_bytes()  # through zstd when both ends have it
+            assert (home / "bin" / "uv").is_file()
+            assert pool.uv_wheels[node.addr], "the node downloaded its uv from the index: nothing crossed this uplink"
             pkg = home / "pkg"
             assert [p.name for p in pkg.iterdir()] == [f"sky_jupyter-{package_digest()}"]  # no half-unpacked copy
             assert (pkg / f"sky_jupyter-{package_digest()}" / "sky_jupyter" / "__pycache__").is_dir()
-        if shutil.which("zstd"):
-            assert list((sky_home / "cache").glob("uv-*.zst")), "the compressed uv is made once and kept"
 
-    def test_image_env_reaches_plain_ssh_commands_through_a_0600_file(self, pool, sshd_cluster):
+    def test_image_env_reaches_plain_ssh_commands_through_a_0600_file(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
         for node in sshd_cluster.nodes:
             out = sshd_cluster.ssh(node, 'printf %s "$SKY_TEST_GREETING"', check=True).stdout
             assert out == GREETING
@@ -201,7 +213,8 @@ class TestThreeNodes:
             assert "quoted" not in cmdlines
         assert greeting() @ pool == [GREETING] * 3
 
-    def test_dropped_ssh_session_reconnects_to_the_same_namespace(self, pool, sshd_cluster):
+    def test_dropped_ssh_session_reconnects_to_the_same_namespace(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
         node = pool.nodes[1]
         assert node.submit(P.CELL, {"code": "x = 41"}).wait(30)["value"] is None
         pid, link = node.handle.pid, node.link
@@ -214,7 +227,8 @@ class TestThreeNodes:
         assert node.handle.pid == pid and node.link is not link
         assert node.handle.conn.connects >= 2
 
-    def test_a_task_sent_as_the_connection_drops_is_delivered_once(self, pool, sshd_cluster):
+    def test_a_task_sent_as_the_connection_drops_is_delivered_once(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
         node = pool.nodes[2]
         assert node.submit(P.CELL, {"code": "y = 1"}).wait(30)["value"] is None
         sshd_cluster.kill_sessions(sshd_cluster.nodes[2])
@@ -233,6 +247,34 @@ class TestThreeNodes:
     def test_read_log_shows_the_bootstrap_and_the_worker(self, pool):
         text = pool.provider.read_log(pool.hosts[0])
         assert "phase pip" in text and "worker generation 0" in text
+
+
+@pytest.mark.ssh
+def test_a_node_that_cannot_download_uv_gets_this_clients(bookworm_cluster, package_index_dir, tmp_path, sky_home):
+    """An index without uv (a private mirror of only the project's packages): the node asks, this client (same
+    platform) uploads its own uv, and the pool starts."""
+    from sky_jupyter.providers.ssh import _client_uv
+    from tests.fixtures.pkg_index import PackageIndex
+
+    cluster = bookworm_cluster
+    node = cluster.nodes[2]
+    cluster.reset_home(node)
+    (tmp_path / "wheels").mkdir()
+    for wheel in package_index_dir.glob("cloudpickle-*.whl"):
+        shutil.copy(wheel, tmp_path / "wheels")
+    events: list[tuple[int, str, str]] = []
+    with PackageIndex(tmp_path / "wheels", [cluster.bridge_addr]) as index:
+        image = sky.Image(index_url=index.url_for(cluster.bridge_addr))
+        with sky.ComputePool(provider=provider(cluster, [node]), nodes=1, image=image,
+                             progress=lambda *e: events.append(e)) as pool:
+            assert greeting() >> pool is None
+    lines = [line for _, phase, line in events if phase == "uv"]
+    assert any(line.startswith("could not download uv for this node (Linux x86_64)") and "HTTP 404" in line
+               for line in lines), lines
+    assert any(line.startswith("uv from the client (") for line in lines), lines
+    assert (node.home / ".sky_jupyter" / "bin" / "uv").read_bytes() == Path(_client_uv()).read_bytes()
+    if shutil.which("zstd") and (node.root / "usr/bin/zstd").exists():
+        assert list((sky_home / "cache").glob("uv-*.zst")), "the compressed uv is made once and kept"
 
 
 @pytest.mark.ssh

@@ -27,7 +27,7 @@ import cloudpickle
 import paramiko
 
 from .. import protocol as P
-from ..bootstrap import NODE_HOME, NODE_PYTHON, NODE_UV, BootstrapPlan, env_file, follow, remote_plan
+from ..bootstrap import NEED, NODE_HOME, NODE_PYTHON, NODE_UV, BootstrapPlan, env_file, follow, remote_plan
 from ..errors import ConfigError, ProvisionError
 from ..image import Image
 from ..redaction import redact
@@ -195,38 +195,25 @@ def _worker_running(pid: int) -> str:
     return f"kill -0 {pid} 2>/dev/null && grep -qa sky_jupyter.worker /proc/{pid}/cmdline 2>/dev/null"
 
 
-_NEED = "::sky-need"
 
 # The node's side of a bring-up (the command line: paths only, no secrets). stdin brings: the env file and the
 # bootstrap script, each as a length line and its bytes, then the worker's config as one JSON line (held in a
-# shell variable: its secret never touches the disk or a command line). The node asks for what it lacks with one
-# ``::sky-need`` line and reads the answers in order (a length line each, 0 for none). Then the script runs (it
-# exits at once when its marker exists) and, when asked, the worker starts with its config on stdin.
+# shell variable: its secret never touches the disk or a command line). The node asks for what it lacks with a
+# ``::sky-need ITEM`` line and reads the answer (a length line, 0 for none, and the bytes): this client's package
+# before the script, its uv from within the script's uv phase (fd 3) when the node could not download one. Then
+# the script runs (it exits at once when its marker exists) and, when asked, the worker starts with its config.
 _BRING_UP = """umask 077; H={home}; mkdir -p "$H" && chmod 700 "$H" || exit 1
 IFS= read -r n && head -c "$n" > "$H/env.sh.tmp" && chmod 600 "$H/env.sh.tmp" && mv -f "$H/env.sh.tmp" "$H/env.sh" \
   || exit 1
 IFS= read -r n && head -c "$n" > {script} || exit 1
 IFS= read -r config || exit 1
-need=""
-[ -d {pkg} ] || need="$need pkg"
-if [ ! -f {marker} ] && [ ! -x {uv} ] && ! command -v uv >/dev/null; then need="$need uv"; fi
-if [ -n "$need" ]; then
-  echo "::sky-need$need $(uname -s) $(uname -m) $(command -v zstd >/dev/null && echo zstd || echo -)"
-  for item in $need; do
-    IFS=' ' read -r n how || exit 1
-    case $item in
-      pkg) t={pkg}.$$; mkdir -p "$t" && head -c "$n" | tar -xzf - -C "$t" \
-             && {{ mv -T "$t" {pkg} 2>/dev/null || [ -d {pkg} ]; }}; r=$?; rm -rf "$t"
-           [ $r -eq 0 ] || {{ echo "unpacking the sky_jupyter package failed"; exit 1; }};;
-      uv) if [ "$n" -gt 0 ]; then
-            mkdir -p "$H/bin"; t={uv}.$$
-            if [ "$how" = zstd ]; then head -c "$n" | zstd -dqc > "$t"; else head -c "$n" > "$t"; fi \
-              && chmod 755 "$t" && mv -f "$t" {uv} || {{ rm -f "$t"; echo "receiving uv failed"; exit 1; }}
-          fi;;
-    esac
-  done
+if [ ! -d {pkg} ]; then
+  echo "{need} pkg"
+  IFS=' ' read -r n how || exit 1
+  t={pkg}.$$; mkdir -p "$t" && head -c "$n" | tar -xzf - -C "$t" && {{ mv -T "$t" {pkg} 2>/dev/null || [ -d {pkg} ]; }}
+  r=$?; rm -rf "$t"; [ $r -eq 0 ] || {{ echo "unpacking the sky_jupyter package failed"; exit 1; }}
 fi
-bash {script} < /dev/null || exit $?
+SKY_ASK_CLIENT=1 bash {script} 3<&0 < /dev/null || exit $?
 [ -n "{start}" ] || exit 0
 mkdir -p {run} || exit 1
 cd && printf '%s\\n' "$config" | PYTHONPATH={pkg}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker
@@ -489,7 +476,8 @@ class SSH(Provider):
         command = _BRING_UP.format(
             home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"),
             marker=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.done"), pkg=pkg_dir, uv=remote_path(NODE_UV),
-            run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "")
+            run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "",
+            need=NEED)
         if config is not None:
             config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
         payload = (b"%d\n" % len(env) + env + b"%d\n" % len(script) + script
@@ -501,8 +489,8 @@ class SSH(Provider):
 
             def answered() -> Iterator[str]:
                 for line in proc:
-                    if line.startswith(_NEED):
-                        self._send_needs(proc, line[len(_NEED):].split(), label)
+                    if line.startswith(NEED):
+                        self._send_needs(proc, line[len(NEED):].split(), label)
                     else:
                         yield line
 
@@ -530,24 +518,24 @@ class SSH(Provider):
                              f"Its log is {run_dir}/worker.log on the node.")
 
     def _send_needs(self, proc: RemoteProcess, words: list[str], label: str) -> None:
-        """Answer the node's ``::sky-need`` line: ``pkg`` and/or ``uv``, then its ``uname -s -m`` and whether it has
-        zstd. Each item goes as a length line (0: not sent) and its bytes."""
-        wanted, system, machine, zstd = words[:-3], words[-3], words[-2], words[-1] == "zstd"
-        for item in wanted:
-            if item == "pkg":
+        """Answer the node's ``::sky-need`` line: ``pkg``, or ``uv SYSTEM MACHINE zstd|-`` (its ``uname -s -m`` and
+        whether it has zstd). The answer is a length line (0: nothing to send) and the bytes."""
+        match words:
+            case ["pkg"]:
                 data = package_archive()[1]
                 proc.write(b"%d\n" % len(data) + data)
-            elif item == "uv":
-                path, packed = self._uv_for(system, machine, zstd)
+            case ["uv", system, machine, zstd]:
+                path, packed = self._uv_for(system, machine, zstd == "zstd")
                 if path is None:
-                    proc.write(b"0 -\n")  # the node fetches one for its platform from the index
-                else:
-                    proc.write(f"{os.path.getsize(path)} {'zstd' if packed else 'raw'}\n".encode())
-                    with open(path, "rb") as f:
-                        while chunk := f.read(4 << 20):
-                            proc.write(chunk)
-            else:
-                raise ProvisionError(f"{label}: the node asked for {item!r}, which this client does not know")
+                    proc.write(b"0 -\n")  # nothing for that platform: the node says what to do
+                    return
+                proc.write(f"{os.path.getsize(path)} {'zstd' if packed else 'raw'}\n".encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(4 << 20):
+                        proc.write(chunk)
+            case _:
+                raise ProvisionError(f"{label}: the node asked for {' '.join(words)!r}, which this client does not "
+                                     f"know; is the node running another sky_jupyter version's bootstrap?")
 
     @staticmethod
     def _uv_for(system: str, machine: str, node_has_zstd: bool) -> tuple[str | None, bool]:
