@@ -193,14 +193,14 @@ def apt_phase(packages: tuple[str, ...]) -> Phase:
     return Phase("apt", f"""\
 wanted=({pkgs})
 missing=()
-for p in "${{wanted[@]}}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${{wanted[@]}}"; do dpkg -s -- "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${{#missing[@]}} -eq 0 ]; then echo "apt packages already installed: ${{wanted[*]}}"; return 0; fi
 if ! command -v apt-get >/dev/null; then echo "this node has no apt-get for: ${{missing[*]}}"; return 1; fi
 if [ "$(id -u)" -eq 0 ]; then SUDO=(); elif command -v sudo >/dev/null; then SUDO=(sudo -n)
 else echo "installing ${{missing[*]}} needs root, and this node has no sudo"; return 1; fi
 export DEBIAN_FRONTEND=noninteractive
 "${{SUDO[@]}}" apt-get -o DPkg::Lock::Timeout=300 update -q
-"${{SUDO[@]}}" apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${{missing[@]}}"
+"${{SUDO[@]}}" apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends -- "${{missing[@]}}"
 """)
 
 
@@ -296,24 +296,24 @@ else
         fi
       done
       if [ -z "$base" ]; then
-        base=$(UV_PYTHON_DOWNLOADS=never "$uv" python find "$want" 2>/dev/null) || base=""
+        base=$(UV_PYTHON_DOWNLOADS=never "$uv" python find -- "$want" 2>/dev/null) || base=""
       fi
       if [ -z "$base" ]; then
         have=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || have=""
         mirror="${{SKY_PYTHON_MIRROR_SHOWN:-${{UV_PYTHON_INSTALL_MIRROR:-the default Python downloads of uv}}}}"
         echo "this node has no Python $want (its python3: ${{have:-none}}); installing Python $want with uv from" \
              "$mirror (torch and the other packages will then be installed, not reused)"
-        if ! "$uv" python install "$want"; then
+        if ! "$uv" python install -- "$want"; then
           echo "the client runs Python $want but this node has ${{have:+Python }}${{have:-no python3}}, and uv could" \
                "not install Python $want from $mirror; name a Python $want on the node with Image(python=...)," \
                "install python$want there${{have:+, or run the notebook on Python $have}}"
           return 1
         fi
-        base=$(UV_PYTHON_DOWNLOADS=never "$uv" python find "$want")
+        base=$(UV_PYTHON_DOWNLOADS=never "$uv" python find -- "$want")
       fi;;
   esac
   rm -rf "$venv"
-  UV_PYTHON_DOWNLOADS=never "$uv" venv --python "$base" --system-site-packages "$venv"
+  UV_PYTHON_DOWNLOADS=never "$uv" venv --python="$base" --system-site-packages -- "$venv"
   printf '%s' "$want" > "$venv/.sky-python"
 fi
 "$venv/bin/python" -c 'import sys; print("python", sys.version.split()[0], sys.executable)'""")

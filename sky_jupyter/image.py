@@ -12,6 +12,8 @@ from .errors import ConfigError
 from .redaction import register
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: ``scheme://user:password@``: the password part, masked in messages that quote what the user wrote.
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
 
 
 def shown_url(url: str) -> str:
@@ -38,6 +40,22 @@ def _index_url(url: object, what: str) -> str:
     return url
 
 
+def _package_names(names: Iterable[object], what: str) -> tuple[str, ...]:
+    """Package names, in order and without repeats. One that starts with ``-`` is refused: apt-get and uv would
+    read it as an option (``--index-url=...`` would send every install elsewhere)."""
+    out = tuple(dict.fromkeys(str(p) for p in names))
+    for name in out:
+        if name.lstrip().startswith("-"):
+            shown = _URL_PASSWORD.sub(r"\1***@", name)
+            if what.startswith("Image(apt"):
+                hint = "apt options belong in the node's own apt configuration"
+            else:
+                hint = "for another package index use Image(index_url=...), extra_index_urls=[...] or pip_indexes=[...]"
+            raise ConfigError(f"{what} entry {shown!r} starts with '-', so apt-get or uv would read it as an "
+                              f"option; list package names only ({hint}).")
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class PipIndex:
     """A package index that some packages come from (Skyward's name): ``PipIndex(url, ["torch"])`` installs torch
@@ -51,7 +69,7 @@ class PipIndex:
             raise ConfigError(f"PipIndex(packages=...) takes a list of package names, not {packages!r}; "
                               f"write packages=[{packages!r}].")
         object.__setattr__(self, "url", _index_url(url, "PipIndex url"))
-        object.__setattr__(self, "packages", tuple(dict.fromkeys(str(p) for p in packages)))
+        object.__setattr__(self, "packages", _package_names(packages, "PipIndex(packages=...)"))
 
     def __repr__(self) -> str:
         return f"PipIndex({shown_url(self.url)!r}, packages={list(self.packages)})"
@@ -103,8 +121,11 @@ class Image:
             if not isinstance(index, PipIndex):
                 raise ConfigError(f"Image(pip_indexes=...) takes sky.PipIndex(url, packages) values, not "
                                   f"{type(index).__name__}.")
-        object.__setattr__(self, "pip", tuple(dict.fromkeys(str(p) for p in pip)))
-        object.__setattr__(self, "apt", tuple(dict.fromkeys(str(p) for p in apt)))
+        if python is not None and (not isinstance(python, str) or not python.strip() or python.lstrip()[0] == "-"):
+            raise ConfigError(f"Image(python=...) must be a version like '3.11' or an interpreter path, not "
+                              f"{python!r}.")
+        object.__setattr__(self, "pip", _package_names(pip, "Image(pip=...)"))
+        object.__setattr__(self, "apt", _package_names(apt, "Image(apt=...)"))
         object.__setattr__(self, "env", _frozen_env(dict(env)))
         object.__setattr__(self, "python", python)
         object.__setattr__(self, "index_url", None if index_url is None else _index_url(index_url, "Image index_url"))

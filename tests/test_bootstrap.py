@@ -18,8 +18,8 @@ from sky_jupyter.bootstrap import (
     follow,
     remote_plan,
 )
-from sky_jupyter.errors import BootstrapError
-from sky_jupyter.image import Image
+from sky_jupyter.errors import BootstrapError, ConfigError
+from sky_jupyter.image import Image, PipIndex
 
 
 def _run(script: str, home) -> list[str]:
@@ -138,3 +138,90 @@ def test_remote_plan_phases_and_the_cloudpickle_pin():
     with_apt = remote_plan(Image(apt=["curl"]), [], "3.11", {})
     assert [p.name for p in with_apt.phases][:2] == ["env", "apt"]
     subprocess.run(["bash", "-n"], input=with_apt.script(), text=True, check=True)
+
+
+# -- user strings never reach apt-get, dpkg or uv as options --------------------------------------------------------
+@pytest.mark.parametrize("kwargs, words", [
+    ({"pip": ["numpy", "--index-url=http://127.0.0.1:9/x"]}, ["Image(pip=...)", "'--index-url=http://127.0.0.1:9/x'",
+                                                             "Image(index_url=...)"]),
+    ({"pip": ["--extra-index-url=https://bob:s3cret-pw@127.0.0.1:9/x"]}, ["bob:***@", "index_url"]),
+    ({"apt": ["curl", "-oFoo=1"]}, ["Image(apt=...)", "'-oFoo=1'"]),
+    ({"pip_indexes": lambda: [PipIndex("http://127.0.0.1:9/simple", ["-e"])]}, ["PipIndex(packages=...)", "'-e'"]),
+    ({"python": "-c"}, ["Image(python=...)", "'-c'"]),
+])
+def test_option_like_names_are_refused_when_the_image_is_made(kwargs, words):
+    with pytest.raises(ConfigError) as info:
+        Image(**{k: v() if callable(v) else v for k, v in kwargs.items()})
+    message = str(info.value)
+    assert "\n" not in message and "s3cret-pw" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_option_like_names_are_refused_when_added_later():
+    with pytest.raises(ConfigError, match="'-oFoo=1'"):
+        Image(apt=["curl"]).with_apt("-oFoo=1")
+    with pytest.raises(ConfigError, match="'--pre'"):
+        Image().with_pip("torch", "--pre")
+    assert Image(pip=["numpy>=1", "my-pkg"], apt=["curl"]).pip == ("numpy>=1", "my-pkg")  # dashes inside are fine
+
+
+def _recorder(path, log, code=1):
+    """A stand-in for a command: records its name and arguments (one per line) in ``log`` and exits with ``code``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\n{{ echo "== $(basename "$0")"; for a in "$@"; do echo "$a"; done; }} >> {log}\n'
+                    f"exit {code}\n")
+    path.chmod(0o755)
+
+
+def _calls(log):
+    return [c.split("\n")[:-1] for c in log.read_text().split("== ")[1:]]
+
+
+def test_apt_dpkg_and_uv_get_names_after_a_double_dash(tmp_path):
+    """The phases themselves, fed names that look like options (as if validation were bypassed): apt-get, dpkg and
+    uv (stand-ins recording their arguments) see every name after ``--``."""
+    import sky_jupyter.bootstrap as B
+
+    log = tmp_path / "argv.log"
+    fake = tmp_path / "fake-bin"
+    for name in ("apt-get", "dpkg", "sudo", "id"):
+        _recorder(fake / name, log)
+    (fake / "id").write_text("#!/bin/sh\necho 0\n")  # as root: no sudo
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    done = _phase(B.apt_phase(("-oFoo=1", "curl")), tmp_path, env)
+    assert done.returncode != 0
+    dpkg = [c[1:] for c in _calls(log) if c[0] == "dpkg"]
+    assert dpkg == [["-s", "--", "-oFoo=1"], ["-s", "--", "curl"]]
+    assert [c[1:] for c in _calls(log) if c[0] == "apt-get"] == [["-o", "DPkg::Lock::Timeout=300", "update", "-q"]]
+    log.unlink()
+    _recorder(fake / "apt-get", log, code=0)
+    assert _phase(B.apt_phase(("-oFoo=1", "curl")), tmp_path, env).returncode == 0
+    install = [c[1:] for c in _calls(log) if c[0] == "apt-get"][1]
+    assert install[-4:] == ["--no-install-recommends", "--", "-oFoo=1", "curl"]
+
+    home = tmp_path / "home"
+    sky = home / ".sky_jupyter"
+    (sky / "venv" / "bin").mkdir(parents=True)
+    (sky / "venv" / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (sky / "venv" / "bin" / "python").chmod(0o755)
+    _recorder(sky / "bin" / "uv", log, code=0)
+    log.unlink()
+    done = _phase(B.pip_phase([("", "", ("--index-url=http://127.0.0.1:9/x",)),
+                               ("SKY_PIP_INDEX_0", "http://127.0.0.1:9/i", ("-e",))]), home,
+                  {"SKY_PIP_INDEX_0": "http://127.0.0.1:9/i"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    py = f"{sky}/venv/bin/python"
+    assert _calls(log) == [["uv", "pip", "install", "--python", py, "--", "--index-url=http://127.0.0.1:9/x"],
+                           ["uv", "pip", "install", "--python", py, "--", "-e"]]
+
+    _recorder(sky / "bin" / "uv", log)
+    (sky / "venv" / "bin" / "python").unlink()
+    log.unlink()
+    nothing = {"SKY_PREINSTALLED_PYTHONS": "/nonexistent/python3"}
+    assert _phase(B.venv_phase("3.99"), home, nothing).returncode != 0
+    calls = _calls(log)
+    assert ["uv", "python", "find", "--", "3.99"] in calls and ["uv", "python", "install", "--", "3.99"] in calls
+    log.unlink()
+    assert _phase(B.venv_phase("-9.99"), home, nothing).returncode != 0  # not a version: an interpreter path
+    assert _calls(log)[-1][:3] == ["uv", "venv", "--python=-9.99"]
