@@ -8,18 +8,29 @@ rekeying left to the server (paramiko issue 822). A dropped connection is rebuil
 
 Host keys are pinned per pool in a known_hosts file of its own: the first connection records the key, every later
 one must present the same key, and a changed key is refused with an error naming the host and both fingerprints.
-A key the user's ``~/.ssh/known_hosts`` already holds for the host must match too.
+A key the user's ``~/.ssh/known_hosts`` already holds for the host must match too, and one it marks ``@revoked`` is
+always refused. ``StrictHostKeyChecking`` (per host, from ~/.ssh/config) decides what happens to a host nobody knows
+yet (:data:`HOST_KEY_POLICIES`). A node behind bastions (``ProxyJump``) is reached through a ``direct-tcpip``
+channel of each jump host in turn, every jump host's key checked the same way.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import hashlib
+import hmac
+import itertools
+import json
 import os
+import re
 import shlex
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self
@@ -71,6 +82,105 @@ def host_id(addr: str, port: int) -> str:
     return addr if port == 22 else f"[{addr}]:{port}"
 
 
+#: ``StrictHostKeyChecking`` as this client applies it: ``yes`` refuses a host whose key neither the pool nor your
+#: known_hosts holds; ``accept-new`` pins it on first use (the default, also when ~/.ssh/config says nothing);
+#: ``no`` accepts any key with a warning and pins nothing. A changed key is refused except under ``no``; a revoked
+#: key always. There is no terminal to ask on, so ``ask`` (OpenSSH's default when set explicitly) acts as ``yes``.
+HOST_KEY_POLICIES = {"yes": "yes", "ask": "yes", "accept-new": "accept-new", "no": "no", "off": "no"}
+DEFAULT_POLICY = "accept-new"
+
+_noted: set[str] = set()
+_noted_lock = threading.Lock()
+
+
+def note(text: str, once: str | None = None) -> None:
+    """One line on stderr for the user (where a notebook shows it); with ``once``, only the first time per key."""
+    if once is not None:
+        with _noted_lock:
+            if once in _noted:
+                return
+            _noted.add(once)
+    print(f"sky: {text}", file=sys.stderr)
+
+
+def _key_fingerprint(keytype: str, blob: bytes) -> str:
+    """``type SHA256:...`` of a public key blob, as :func:`fingerprint` prints a key."""
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"{keytype} SHA256:{digest}"
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("|1|"):  # hashed (HashKnownHosts): |1|base64(salt)|base64(HMAC-SHA1(salt, name))
+        try:
+            salt, digest = (base64.b64decode(part) for part in pattern[3:].split("|", 1))
+        except (ValueError, binascii.Error):
+            return False
+        return hmac.compare_digest(hmac.new(salt, name.encode(), hashlib.sha1).digest(), digest)
+    # OpenSSH patterns know only * and ?; "[addr]:port" is literal, not a character class.
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
+    return re.fullmatch(regex, name.lower()) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KnownHostLine:
+    """One key line of a known_hosts file: its marker (``""``, ``@revoked``), host patterns and key."""
+
+    marker: str
+    patterns: tuple[str, ...]
+    keytype: str
+    blob: bytes
+    where: str
+
+    def matches(self, hid: str) -> bool:
+        """Does this line name ``hid``? A matching ``!pattern`` excludes it."""
+        hit = False
+        for pattern in self.patterns:
+            if pattern.startswith("!"):
+                if _pattern_matches(pattern[1:], hid):
+                    return False
+            elif _pattern_matches(pattern, hid):
+                hit = True
+        return hit
+
+    @property
+    def fingerprint(self) -> str:
+        return _key_fingerprint(self.keytype, self.blob)
+
+
+def read_known_hosts(path: Path) -> list[KnownHostLine]:
+    """The key lines of an OpenSSH known_hosts file (none when it is missing or unreadable).
+
+    Parsed here rather than by paramiko, which reads a marker as a host name and so ignores ``@revoked`` lines.
+    ``@cert-authority`` lines (host certificates, which this client does not check) are skipped with a one-line
+    note; so are lines that are not ``[marker] patterns keytype base64``.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        fields = raw.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        marker = fields.pop(0) if fields[0].startswith("@") else ""
+        where = f"{path}:{number}"
+        if marker == "@cert-authority":
+            note(f"{where}: skipping an @cert-authority line (host certificates are not checked here; the host's own "
+                 f"key must be pinned or listed)", once=f"ca {where} {raw}")
+            continue
+        if marker not in ("", "@revoked") or len(fields) < 3:
+            note(f"{where}: skipping a line that is not '[@revoked] hosts keytype key'", once=f"bad {where} {raw}")
+            continue
+        try:
+            blob = base64.b64decode(fields[2], validate=True)
+        except (ValueError, binascii.Error):
+            note(f"{where}: skipping a line whose key is not base64", once=f"bad {where} {raw}")
+            continue
+        lines.append(KnownHostLine(marker, tuple(fields[0].split(",")), fields[1], blob, where))
+    return lines
+
+
 class KnownHosts:
     """Host keys pinned for one pool (a known_hosts file of its own), checked against the user's too."""
 
@@ -79,45 +189,66 @@ class KnownHosts:
         self.user_file = user_file if user_file is not None else Path.home() / ".ssh" / "known_hosts"
         self._lock = threading.Lock()
 
-    def _load(self, path: Path) -> paramiko.HostKeys:
-        keys = paramiko.HostKeys()
-        if path.is_file():
-            try:
-                keys.load(str(path))
-            except (OSError, paramiko.SSHException):
-                pass  # an unreadable user file pins nothing; ours is rewritten below
-        return keys
-
     def pinned(self, addr: str, port: int) -> str | None:
         """The pinned key's known_hosts line body (``type base64``), if any."""
-        entry = self._load(self.path).lookup(host_id(addr, port))
-        if not entry:
-            return None
-        key = next(iter(entry.values()))
-        return f"{key.get_name()} {key.get_base64()}"
+        hid = host_id(addr, port)
+        for line in read_known_hosts(self.path):
+            if not line.marker and line.matches(hid):
+                return f"{line.keytype} {base64.b64encode(line.blob).decode()}"
+        return None
 
-    def check(self, addr: str, port: int, key: paramiko.PKey, label: str) -> bool:
-        """Accept ``key`` for the host or raise :class:`HostKeyError`; pin it when the host is new.
+    def check(self, addr: str, port: int, key: paramiko.PKey, label: str, policy: str = DEFAULT_POLICY,
+              user_files: Sequence[Path] = ()) -> bool:
+        """Accept ``key`` for the host under ``policy`` (see :data:`HOST_KEY_POLICIES`) or raise
+        :class:`HostKeyError`; pin it when the host is new. ``user_files`` replace the user's known_hosts
+        (``UserKnownHostsFile``).
 
         Returns True when the key was pinned just now.
         """
         hid = host_id(addr, port)
+        blob = key.asbytes()
+        sources = [(self.path, "this pool pinned"),
+                   *((Path(f), "your known_hosts holds") for f in (user_files or (self.user_file,)))]
         with self._lock:
-            for path, whose in ((self.path, "this pool pinned"), (self.user_file, "your known_hosts holds")):
-                entry = self._load(path).lookup(hid)
-                if not entry:
+            known = False
+            for path, whose in sources:
+                lines = [line for line in read_known_hosts(path) if line.matches(hid)]
+                revoked = [line for line in lines if line.marker == "@revoked" and line.blob == blob]
+                if revoked:
+                    raise HostKeyError(
+                        f"{label}: {hid} presents the host key {fingerprint(key)}, which {revoked[0].where} marks "
+                        f"@revoked: the connection is refused. Ask the machine's administrator for its current key.")
+                listed = [line for line in lines if not line.marker]
+                if not listed:
                     continue
-                same_type = entry.get(key.get_name())
-                if same_type is not None and same_type.asbytes() == key.asbytes():
+                if any(line.blob == blob for line in listed):
+                    known = True
                     continue
-                old = same_type or next(iter(entry.values()))
+                old = next((line for line in listed if line.keytype == key.get_name()), listed[0])
+                if policy == "no":
+                    note(f"{label}: the host key of {hid} changed ({old.fingerprint} at {old.where}, now "
+                         f"{fingerprint(key)}); accepted unchecked because ~/.ssh/config sets "
+                         f"StrictHostKeyChecking no")
+                    return False
                 raise HostKeyError(
                     f"{label}: the host key of {hid} changed: it presents {fingerprint(key)}, but {whose} "
-                    f"{fingerprint(old)} ({path}). Someone may be intercepting the connection, or the machine "
+                    f"{old.fingerprint} ({old.where}). Someone may be intercepting the connection, or the machine "
                     f"was reinstalled; if you trust the new key, delete the line for {hid} from {path} and start "
                     f"the pool again."
                 )
-            if self._load(self.path).lookup(hid):
+            if policy == "no":
+                if not known:
+                    note(f"{label}: accepted the host key of {hid} ({fingerprint(key)}) unchecked, because "
+                         f"~/.ssh/config sets StrictHostKeyChecking no; it is not recorded anywhere")
+                return False
+            if not known and policy == "yes":
+                raise HostKeyError(
+                    f"{label}: {hid} presents the host key {fingerprint(key)}, which neither this pool nor your "
+                    f"known_hosts ({', '.join(str(p) for p, _ in sources[1:])}) holds, and ~/.ssh/config sets "
+                    f"StrictHostKeyChecking {policy}: the connection is refused. Check the key with the machine's "
+                    f"administrator and add it to your known_hosts (`ssh {addr}` once, or ssh-keyscan), or set "
+                    f"StrictHostKeyChecking accept-new for this host.")
+            if any(not line.marker and line.matches(hid) for line in read_known_hosts(self.path)):
                 return False
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -128,13 +259,20 @@ class KnownHosts:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where and as whom to log in: the resolved form of one host string."""
+    """Where and as whom to log in: the resolved form of one host string.
+
+    ``strict`` is the host-key policy (:data:`HOST_KEY_POLICIES`), ``known_hosts`` the user's known_hosts files for
+    it (empty: ``~/.ssh/known_hosts``), ``jump`` the hosts to pass through in order (``ProxyJump``).
+    """
 
     addr: str
     port: int = 22
     user: str | None = None
     key_files: tuple[str, ...] = ()
     label: str = ""
+    strict: str = DEFAULT_POLICY
+    known_hosts: tuple[str, ...] = ()
+    jump: tuple[Target, ...] = ()
 
     @property
     def login(self) -> str:
@@ -143,6 +281,20 @@ class Target:
     @property
     def display(self) -> str:
         return self.label or f"{self.login}@{self.addr}" + (f":{self.port}" if self.port != 22 else "")
+
+    def to_json(self) -> str:
+        """This target as one JSON string (how a host's jump hosts are kept in a pool's state file)."""
+        return json.dumps({"addr": self.addr, "port": self.port, "user": self.user, "key_files": self.key_files,
+                           "label": self.label, "strict": self.strict, "known_hosts": self.known_hosts,
+                           "jump": [hop.to_json() for hop in self.jump]})
+
+    @classmethod
+    def from_json(cls, text: str) -> Target:
+        d = json.loads(text)
+        return cls(addr=d["addr"], port=int(d["port"]), user=d.get("user"), key_files=tuple(d.get("key_files", ())),
+                   label=d.get("label", ""), strict=d.get("strict", DEFAULT_POLICY),
+                   known_hosts=tuple(d.get("known_hosts", ())),
+                   jump=tuple(cls.from_json(hop) for hop in d.get("jump", ())))
 
 
 def _local_user() -> str:
@@ -291,7 +443,9 @@ class Connection:
         self._closed = False
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._keys: list[paramiko.PKey] | None = None
+        self._keys: dict[tuple[str, ...], list[paramiko.PKey]] = {}
+        #: The jump hosts' transports under the current one (ProxyJump), closed with it.
+        self._jumps: list[paramiko.Transport] = []
 
     def __repr__(self) -> str:
         return f"<Connection {self.target.display} {'up' if self.active else 'down'}>"
@@ -320,6 +474,7 @@ class Connection:
                 return t
             if t is not None:
                 t.close()
+                self._close_jumps()
             self._transport = self._connect_with_backoff(first=t is None, patience=patience)
             if self._watchdog is None and self.keepalive > 0:
                 self._watchdog = threading.Thread(target=self._watch, daemon=True,
@@ -352,19 +507,42 @@ class Connection:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _auth_keys(self) -> list[paramiko.PKey]:
-        if self._keys is None:
-            keys = []
-            for path in self.target.key_files:
-                key = load_key(path)
-                if key is not None:
-                    keys.append(key)
-            self._keys = keys
-        return [*self._keys, *_agent_keys()]
+    def _auth_keys(self, target: Target) -> list[paramiko.PKey]:
+        keys = self._keys.get(target.key_files)
+        if keys is None:
+            keys = [key for key in map(load_key, target.key_files) if key is not None]
+            self._keys[target.key_files] = keys
+        return [*keys, *_agent_keys()]
 
     def _connect_once(self) -> paramiko.Transport:
-        sock = socket.create_connection((self.target.addr, self.target.port), timeout=self.connect_timeout)
+        """One connection: straight to the node, or through its jump hosts (``ProxyJump``), each hop a
+        ``direct-tcpip`` channel of the one before, each host's key checked under its own policy."""
+        hops = [*self.target.jump, self.target]
+        sock: Any = socket.create_connection((hops[0].addr, hops[0].port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        jumps: list[paramiko.Transport] = []
+        try:
+            for hop, after in itertools.pairwise(hops):
+                t = self._handshake(sock, hop, f"{self.label} (jump host {hop.display})")
+                jumps.append(t)
+                try:
+                    sock = t.open_channel("direct-tcpip", (after.addr, after.port), ("127.0.0.1", 0),
+                                          window_size=WINDOW, max_packet_size=MAX_PACKET,
+                                          timeout=self.connect_timeout)
+                except paramiko.ChannelException as exc:  # an OSError to the backoff: the node may be booting
+                    raise ConnectionRefusedError(f"jump host {hop.display} could not connect to "
+                                                 f"{host_id(after.addr, after.port)} ({exc.text})") from None
+            t = self._handshake(sock, self.target, self.label)
+        except BaseException:
+            for jump in reversed(jumps):  # a failed handshake closed its own socket already
+                jump.close()
+            raise
+        self._jumps = jumps
+        self.connects += 1
+        return t
+
+    def _handshake(self, sock: Any, target: Target, label: str) -> paramiko.Transport:
+        """Start SSH over ``sock``, check ``target``'s host key and log in."""
         t = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
         try:
             options = t.get_security_options()
@@ -375,31 +553,31 @@ class Connection:
             t.packetizer.REKEY_BYTES = t.packetizer.REKEY_PACKETS = NO_CLIENT_REKEY
             t.start_client(timeout=self.connect_timeout)
             key = t.get_remote_server_key()
-            self.known_hosts.check(self.target.addr, self.target.port, key, self.label)
-            self._authenticate(t)
+            self.known_hosts.check(target.addr, target.port, key, label, target.strict,
+                                   [Path(f).expanduser() for f in target.known_hosts])
+            self._authenticate(t, target, label)
         except BaseException:
             t.close()
             raise
-        self.connects += 1
         return t
 
-    def _authenticate(self, t: paramiko.Transport) -> None:
-        keys = self._auth_keys()
+    def _authenticate(self, t: paramiko.Transport, target: Target, label: str) -> None:
+        keys = self._auth_keys(target)
         if not keys:
-            raise ConfigError(f"{self.label}: no SSH key to log in with; pass key_file=..., add an IdentityFile "
+            raise ConfigError(f"{label}: no SSH key to log in with; pass key_file=..., add an IdentityFile "
                               f"to ~/.ssh/config, or load a key into ssh-agent.")
         errors = []
         for key in keys:
             try:
-                t.auth_publickey(self.target.login, key)
+                t.auth_publickey(target.login, key)
             except paramiko.AuthenticationException as exc:
                 errors.append(f"{key.get_name()} {key.fingerprint}: {exc}")
                 continue
             if t.is_authenticated():
                 return
-        raise SSHAuthError(f"{self.label}: the server refused the key(s) for user {self.target.login!r} "
-                              f"({'; '.join(errors)}); check the user name and that the public key is in the "
-                              f"node's ~/.ssh/authorized_keys.")
+        raise SSHAuthError(f"{label}: the server refused the key(s) for user {target.login!r} "
+                           f"({'; '.join(errors)}); check the user name and that the public key is in the "
+                           f"node's ~/.ssh/authorized_keys.")
 
     def _watch(self) -> None:
         """Probe the server every ``keepalive`` seconds; close a transport that stops answering, so its channels
@@ -545,3 +723,9 @@ class Connection:
             t, self._transport = self._transport, None
         if t is not None:
             t.close()
+        self._close_jumps()
+
+    def _close_jumps(self) -> None:
+        jumps, self._jumps = self._jumps, []
+        for jump in reversed(jumps):
+            jump.close()

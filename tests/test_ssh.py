@@ -24,7 +24,7 @@ import sky_jupyter as sky
 from sky_jupyter import protocol as P
 from sky_jupyter.providers.base import PoolSpec
 from sky_jupyter.providers.ssh import SSH, parse_host
-from sky_jupyter.transport import HostKeyError
+from sky_jupyter.transport import HostKeyError, Target
 
 if TYPE_CHECKING:
     from tests.fixtures.sshd_cluster import Cluster, SshNode
@@ -427,3 +427,87 @@ print(len(found), len(set(found)))
     for _ in range(3):  # a fresh process each time: only the first use races
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert done.stdout.split() == ["8", "1"], done.stderr
+
+
+# -- ~/.ssh/config: host key policy, known_hosts files, jump hosts (no cluster) ------------------------------------
+def test_host_key_options_and_jump_hosts_come_from_the_ssh_config(tmp_path):
+    key = tmp_path / "id_test"
+    key.write_text("not used here")
+    bastion_key = tmp_path / "id_bastion"
+    bastion_key.write_text("not used here either")
+    config = tmp_path / "config"
+    config.write_text(f"""\
+Host behind
+  HostName 10.9.0.5
+  User alice
+  ProxyJump bastion,ssh://carol@hop2:2200
+  StrictHostKeyChecking yes
+  UserKnownHostsFile ~/kh1 {tmp_path}/kh2
+Host bastion
+  HostName 10.9.0.1
+  User bob
+  Port 2022
+  IdentityFile {bastion_key}
+  StrictHostKeyChecking no
+  ProxyJump elsewhere
+Host loose
+  StrictHostKeyChecking accept-new
+Host asking
+  StrictHostKeyChecking ask
+Host nowhere
+  UserKnownHostsFile none
+""")
+    ssh = SSH(["behind", "loose", "asking", "plain", "nowhere"], key_file=key, ssh_config=config)
+    behind, loose, asking, plain, nowhere = ssh.targets
+    assert (behind.strict, behind.known_hosts) == ("yes", (str(Path("~/kh1").expanduser()), f"{tmp_path}/kh2"))
+    bastion, hop2 = behind.jump
+    assert (bastion.addr, bastion.port, bastion.user, bastion.key_files, bastion.strict, bastion.jump) == (
+        "10.9.0.1", 2022, "bob", (str(bastion_key),), "no", ())  # a jump host's own ProxyJump is not followed
+    assert (hop2.addr, hop2.port, hop2.user, hop2.key_files, hop2.strict) == ("hop2", 2200, "carol", (str(key),),
+                                                                             "accept-new")
+    assert [t.strict for t in (loose, asking, plain)] == ["accept-new", "yes", "accept-new"]
+    assert plain.jump == () and nowhere.known_hosts == (os.devnull,)
+    assert Target.from_json(behind.to_json()) == behind
+    for bad, words in ((["StrictHostKeyChecking maybe"], "StrictHostKeyChecking 'maybe'"),
+                       (["ProxyJump a b"], "ProxyJump 'a b'")):
+        config.write_text(f"Host x\n  {bad[0]}\n")
+        with pytest.raises(sky.ConfigError, match=words) as info:
+            SSH(["x"], ssh_config=config)
+        assert str(config) in str(info.value) and "'x'" in str(info.value)
+
+
+# -- trust on the cluster: jump hosts, host key policy, no secret left on a node --------------------------------------
+@sky.compute
+def seen_from() -> tuple[str, str]:
+    import os
+    import socket
+
+    return socket.gethostname(), os.environ["SSH_CONNECTION"].split()[0]
+
+
+@pytest.mark.ssh
+def test_a_pool_reaches_a_node_only_through_its_jump_host(sshd_cluster, tmp_path, capsys):
+    """ProxyJump and StrictHostKeyChecking yes from the SSH config: the node answers only its fellow nodes; the
+    pool's bring-up, worker channel and tasks all pass through the jump host, both keys checked against the
+    UserKnownHostsFile."""
+    from tests.test_transport import only_reachable_through_other_nodes
+
+    jump, target = sshd_cluster.nodes[:2]
+    known = sshd_cluster.write_known_hosts(tmp_path / "known_hosts")
+    config = tmp_path / "ssh_config"
+    common = f"  IdentityFile {sshd_cluster.key_file}\n  StrictHostKeyChecking yes\n  UserKnownHostsFile {known}\n"
+    config.write_text(f"Host behind\n  HostName {target.addr}\n  User {target.user}\n  ProxyJump bastion\n{common}"
+                      f"Host bastion\n  HostName {jump.addr}\n  User {jump.user}\n{common}")
+    with only_reachable_through_other_nodes(sshd_cluster, target):
+        with sky.ComputePool(provider=sky.SSH(["behind"], ssh_config=config), name="behind-bastion",
+                             progress=lambda *e: None) as pool:
+            hostname, client = seen_from() >> pool
+            assert (hostname, client) == (target.hostname, jump.addr)
+            assert pool.provider.connection(pool.hosts[0]).target.jump[0].addr == jump.addr
+            assert pool.hosts[0].extra["strict"] == "yes" and pool.hosts[0].extra["jump"]
+    assert "unchecked" not in capsys.readouterr().err
+    known.write_text(target.host_key_line + "\n")  # the bastion's key is no longer known: refused
+    with pytest.raises(HostKeyError, match="jump host bastion"):
+        sky.ComputePool(provider=sky.SSH(["behind"], ssh_config=config), name="behind-bastion-2",
+                        progress=lambda *e: None).start()
+

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import os
 import pwd
 import shlex
@@ -13,6 +16,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +31,9 @@ from sky_jupyter.transport import (
     SSHAuthError,
     SSHConnectError,
     Target,
+    fingerprint,
     host_id,
+    read_known_hosts,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +53,9 @@ while data := c.recv(1 << 20):
 
 
 def connect(cluster: Cluster, node: SshNode, known: KnownHosts, **kw) -> Connection:
-    target = Target(node.addr, node.port, kw.pop("user", node.user), (str(cluster.key_file),))
+    """A connection to ``node``; ``strict``, ``jump`` and ``user`` go to its Target, the rest to Connection."""
+    fields = {name: kw.pop(name) for name in ("strict", "jump", "known_hosts") if name in kw}
+    target = Target(node.addr, node.port, kw.pop("user", node.user), (str(cluster.key_file),), **fields)
     return Connection(target, known, **kw).connect()
 
 
@@ -225,3 +233,144 @@ def test_unreachable_port_is_a_clear_error(sshd_cluster: Cluster, known: KnownHo
     target = Target(node.addr, 1, node.user, (str(sshd_cluster.key_file),))
     with pytest.raises(SSHConnectError, match="cannot connect over SSH"):
         Connection(target, known, connect_timeout=1.0).connect()
+
+
+# -- known_hosts as OpenSSH writes it: markers, hashed names, patterns ----------------------------------------------
+def _hashed(name: str) -> str:
+    salt = os.urandom(20)
+    digest = hmac.new(salt, name.encode(), hashlib.sha1).digest()
+    return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+
+
+def _key_body(node: SshNode) -> str:
+    return " ".join(node.host_key_line.split()[1:3])
+
+
+def _other_key(cluster: Cluster) -> str:
+    key = paramiko.Ed25519Key.from_private_key_file(str(cluster.key_file))
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def test_known_hosts_markers_hashes_and_patterns_are_read_not_choked_on(sshd_cluster: Cluster, tmp_path,
+                                                                         capsys) -> None:
+    node = sshd_cluster.nodes[0]
+    hid = host_id(node.addr, node.port)
+    path = tmp_path / "known_hosts"
+    path.write_text(f"# a comment\n\n@cert-authority *.example.com {_other_key(sshd_cluster)}\n"
+                    f"@revoked * {_other_key(sshd_cluster)}\n{_hashed(hid)} {_key_body(node)} a comment\n"
+                    f"!{hid},10.213.* {_other_key(sshd_cluster)}\n@bogus x y z\nshort line\n"
+                    f"host ssh-ed25519 not*base64\n")
+    for _ in range(2):
+        lines = read_known_hosts(path)
+    assert [(line.marker, line.matches(hid)) for line in lines] == [("@revoked", True), ("", True), ("", False)]
+    assert lines[1].fingerprint == fingerprint(paramiko.PKey.from_type_string("ssh-ed25519", lines[1].blob))
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 4, notes  # each skipped line once, however often the file is read
+    assert f"{path}:3: skipping an @cert-authority line" in notes[0]
+    assert [n.split(": ")[1] for n in notes[1:]] == [f"{path}:{k}" for k in (7, 8, 9)]
+    known = KnownHosts(tmp_path / "pool.kh", user_file=path)
+    connect(sshd_cluster, node, known, strict="yes").close()  # the hashed line names the node
+    assert known.pinned(node.addr, node.port) == _key_body(node)
+
+
+@pytest.mark.parametrize("where", ["user", "pool"])
+def test_a_revoked_key_is_refused_under_every_policy(sshd_cluster: Cluster, tmp_path, where) -> None:
+    node = sshd_cluster.nodes[0]
+    for policy in ("no", "accept-new", "yes"):
+        lines = f"@revoked {node.addr},[{node.addr}]:* {_key_body(node)}\n{node.host_key_line}\n"
+        known = KnownHosts(tmp_path / f"{policy}.pool", user_file=tmp_path / f"{policy}.user")
+        (known.path if where == "pool" else known.user_file).write_text(lines)
+        with pytest.raises(HostKeyError) as info:
+            connect(sshd_cluster, node, known, strict=policy)
+        message = str(info.value)
+        assert "@revoked" in message and "SHA256:" in message and host_id(node.addr, node.port) in message
+        assert "\n" not in message
+
+
+def test_strict_yes_refuses_a_host_nobody_knows(sshd_cluster: Cluster, known: KnownHosts) -> None:
+    node = sshd_cluster.nodes[0]
+    with pytest.raises(HostKeyError) as info:
+        connect(sshd_cluster, node, known, strict="yes")
+    message = str(info.value)
+    assert "StrictHostKeyChecking yes" in message and "SHA256:" in message and str(known.user_file) in message
+    assert not known.path.exists(), "nothing is pinned for a refused host"
+    sshd_cluster.write_known_hosts(known.user_file)
+    connect(sshd_cluster, node, known, strict="yes").close()
+    assert known.path.read_text().strip() == node.host_key_line
+
+
+def test_strict_no_accepts_with_a_warning_each_time_and_records_nothing(sshd_cluster: Cluster, known: KnownHosts,
+                                                                        capsys) -> None:
+    node = sshd_cluster.nodes[0]
+    for _ in range(2):
+        connect(sshd_cluster, node, known, strict="no").close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "unchecked" in line]
+    assert len(warnings) == 2 and "StrictHostKeyChecking no" in warnings[0] and "SHA256:" in warnings[0]
+    assert not known.path.exists() and not known.user_file.exists()
+    known.user_file.write_text(f"{host_id(node.addr, node.port)} {_other_key(sshd_cluster)}\n")
+    connect(sshd_cluster, node, known, strict="no").close()  # a changed key too, said as such
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "unchecked" in line]
+    assert len(warnings) == 1 and "changed" in warnings[0]
+    assert not known.path.exists()
+
+
+# -- through jump hosts (ProxyJump) ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def only_reachable_through_other_nodes(cluster: Cluster, node: SshNode) -> Iterator[None]:
+    """``node`` cannot answer this machine (its replies to the bridge address are dropped) but still talks to the
+    other nodes: the client reaches it only through one of them."""
+    if not cluster.netns:
+        pytest.skip("needs the nodes in network namespaces")
+    route = ["ip", "-n", node.netns, "route", "add", "blackhole", f"{cluster.bridge_addr}/32"]
+    subprocess.run(route, check=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*route[:4], "del", *route[5:]], check=True)
+
+
+def _hop(cluster: Cluster, node: SshNode, **kw) -> Target:
+    return Target(node.addr, node.port, node.user, (str(cluster.key_file),), label=node.name, **kw)
+
+
+def test_a_node_behind_jump_hosts_is_reached_through_them(sshd_cluster: Cluster, known: KnownHosts) -> None:
+    jump, target, second = sshd_cluster.nodes
+    with only_reachable_through_other_nodes(sshd_cluster, target):
+        with pytest.raises(SSHConnectError):
+            connect(sshd_cluster, target, known, connect_timeout=1.0)
+        conn = connect(sshd_cluster, target, known, jump=(_hop(sshd_cluster, jump),))
+        try:
+            code, out, _ = conn.run('echo "$SSH_CONNECTION"; hostname')
+            seen_from, hostname = out.split()[0], out.split()[-1]
+            assert code == 0 and seen_from == jump.addr
+            assert hostname == target.hostname
+            pinned = known.path.read_text().splitlines()
+            assert sorted(pinned) == sorted([jump.host_key_line, target.host_key_line])
+            # A dropped connection is rebuilt through the jump host too.
+            assert sshd_cluster.kill_sessions(target) >= 1
+            deadline = time.monotonic() + 5
+            while conn.active and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert conn.run("echo again")[1] == "again\n" and conn.connects == 2
+            jumps = list(conn._jumps)
+        finally:
+            conn.close()
+        assert jumps and not any(t.is_active() for t in jumps), "the jump host's connection outlived the node's"
+
+        chain = (_hop(sshd_cluster, jump), _hop(sshd_cluster, second))
+        conn = connect(sshd_cluster, target, known, jump=chain)
+        try:
+            assert conn.run('echo "$SSH_CONNECTION"')[1].split()[0] == second.addr
+        finally:
+            conn.close()
+
+
+def test_a_jump_hosts_key_is_checked_too(sshd_cluster: Cluster, known: KnownHosts) -> None:
+    jump, target = sshd_cluster.nodes[:2]
+    with pytest.raises(HostKeyError) as info:
+        connect(sshd_cluster, target, known, jump=(_hop(sshd_cluster, jump, strict="yes"),))
+    assert f"jump host {jump.name}" in str(info.value) and jump.addr in str(info.value)
+    assert not known.path.exists(), "the node behind was not contacted"
+    known.user_file.write_text(f"{host_id(jump.addr, jump.port)} {_other_key(sshd_cluster)}\n")
+    with pytest.raises(HostKeyError, match="changed"):
+        connect(sshd_cluster, target, known, jump=(_hop(sshd_cluster, jump),))

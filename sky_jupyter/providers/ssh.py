@@ -32,6 +32,8 @@ from ..errors import ConfigError, ProvisionError
 from ..image import Image
 from ..redaction import redact
 from ..transport import (
+    DEFAULT_POLICY,
+    HOST_KEY_POLICIES,
     KEEPALIVE_S,
     Connection,
     KnownHosts,
@@ -39,6 +41,7 @@ from ..transport import (
     SSHConnectError,
     Target,
     load_key,
+    note,
     remote_path,
 )
 from .base import Host, PoolSpec, Progress, Provider, WorkerHandle, in_parallel
@@ -289,6 +292,8 @@ class SSH(Provider):
                               f"'ubuntu@10.0.0.5'], not {hosts!r}.")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError(f"SSH(port=...) must be a TCP port number, not {port!r}.")
+        if python is not None and (not isinstance(python, str) or not python.strip() or python.lstrip()[0] == "-"):
+            raise ConfigError(f"SSH(python=...) must be a version like '3.11' or an interpreter path, not {python!r}.")
         self.hosts = list(hosts)
         self.user = user
         self.key_file = str(Path(key_file).expanduser()) if key_file is not None else None
@@ -317,27 +322,73 @@ class SSH(Provider):
         except (OSError, ValueError, paramiko.SSHException) as exc:
             raise ConfigError(f"SSH config file {path} cannot be read: {exc}") from None
 
+    def _lookup(self, alias: str) -> dict[str, Any]:
+        return dict(self._config.lookup(alias)) if self._config is not None else {}
+
     def _resolve(self, text: str) -> Target:
         user, alias, port = parse_host(text)
-        cfg: dict[str, Any] = dict(self._config.lookup(alias)) if self._config is not None else {}
+        cfg = self._lookup(alias)
         addr = cfg.get("hostname", alias)
         user = user or self.user or cfg.get("user")
         if port is None:
-            if self.port != 22 or "port" not in cfg:
-                port = self.port
-            else:
-                try:
-                    port = int(cfg["port"])
-                except ValueError:
-                    raise ConfigError(f"{self.ssh_config_path}: Port {cfg['port']!r} for host {alias!r} is not a "
-                                      f"number.") from None
+            port = self.port if self.port != 22 or "port" not in cfg else self._config_port(cfg, alias)
         if self.key_file:
             keys: tuple[str, ...] = (self.key_file,)
         elif cfg.get("identityfile"):
             keys = tuple(str(Path(k).expanduser()) for k in cfg["identityfile"] if Path(k).expanduser().is_file())
         else:
             keys = tuple(str(Path(k).expanduser()) for k in _DEFAULT_KEYS if Path(k).expanduser().is_file())
-        return Target(addr=addr, port=port, user=user, key_files=keys, label=text)
+        jump = self._jump_hosts(cfg.get("proxyjump"), alias)
+        if cfg.get("proxycommand") and not jump:
+            note(f"{self.ssh_config_path}: ProxyCommand for host {alias!r} is not supported; connecting to "
+                 f"{addr}:{port} directly (ProxyJump names bastions)", once=f"proxycommand {alias}")
+        return Target(addr=addr, port=port, user=user, key_files=keys, label=text, jump=jump,
+                      **self._host_key_options(cfg, alias))
+
+    def _config_port(self, cfg: dict[str, Any], alias: str) -> int:
+        try:
+            return int(cfg.get("port", 22))
+        except ValueError:
+            raise ConfigError(f"{self.ssh_config_path}: Port {cfg['port']!r} for host {alias!r} is not a "
+                              f"number.") from None
+
+    def _host_key_options(self, cfg: dict[str, Any], alias: str) -> dict[str, Any]:
+        """``StrictHostKeyChecking`` and ``UserKnownHostsFile`` of a config entry, as Target fields."""
+        value = cfg.get("stricthostkeychecking")
+        strict = DEFAULT_POLICY if value is None else HOST_KEY_POLICIES.get(value.lower())
+        if strict is None:
+            raise ConfigError(f"{self.ssh_config_path}: StrictHostKeyChecking {value!r} for host {alias!r} is not "
+                              f"yes, accept-new or no.")
+        files = str(cfg.get("userknownhostsfile", "")).split()
+        if [f.lower() for f in files] == ["none"]:
+            files = [os.devnull]
+        return {"strict": strict, "known_hosts": tuple(str(Path(f).expanduser()) for f in files)}
+
+    def _jump_hosts(self, value: str | None, alias: str) -> tuple[Target, ...]:
+        """``ProxyJump``: the hosts to pass through, in order. Each is looked up in the config (HostName, User,
+        Port, IdentityFile, StrictHostKeyChecking, UserKnownHostsFile; its own ProxyJump is not followed); without
+        an IdentityFile of its own it logs in with ``key_file=`` or the default keys."""
+        if not value or value.strip().lower() == "none":
+            return ()
+        hops = []
+        for part in value.split(","):
+            text = part.strip().removeprefix("ssh://")
+            try:
+                user, hop, port = parse_host(text)
+            except ConfigError:
+                raise ConfigError(f"{self.ssh_config_path}: ProxyJump {value!r} for host {alias!r}: {text!r} is not "
+                                  f"'host', 'user@host' or 'user@host:port'.") from None
+            cfg = self._lookup(hop)
+            if cfg.get("identityfile"):
+                keys = tuple(str(Path(k).expanduser()) for k in cfg["identityfile"] if Path(k).expanduser().is_file())
+            elif self.key_file:
+                keys = (self.key_file,)
+            else:
+                keys = tuple(str(Path(k).expanduser()) for k in _DEFAULT_KEYS if Path(k).expanduser().is_file())
+            hops.append(Target(addr=cfg.get("hostname", hop), port=port or self._config_port(cfg, hop),
+                               user=user or cfg.get("user"), key_files=keys, label=text,
+                               **self._host_key_options(cfg, hop)))
+        return tuple(hops)
 
     def check(self, spec: PoolSpec) -> None:
         if spec.nodes > len(self.targets):
@@ -366,7 +417,10 @@ class SSH(Provider):
             if conn is None:
                 target = Target(addr=host.addr, port=host.port, user=host.user,
                                 key_files=tuple(host.extra.get("key_files", ())),
-                                label=str(host.extra.get("label", host.display)))
+                                label=str(host.extra.get("label", host.display)),
+                                strict=str(host.extra.get("strict", DEFAULT_POLICY)),
+                                known_hosts=tuple(host.extra.get("known_hosts", ())),
+                                jump=tuple(Target.from_json(hop) for hop in host.extra.get("jump", ())))
                 conn = Connection(target, self.known_hosts(pool), connect_timeout=self.connect_timeout,
                                   keepalive=self.keepalive)
                 self._conns[(pool, host.rank)] = conn
@@ -401,7 +455,8 @@ class SSH(Provider):
         for rank, (conn, hostname) in enumerate(zip(conns, names)):
             target = conn.target
             extra = {"pool": spec.name, "label": target.display, "host_key": conn.server_key(),
-                     "key_files": list(target.key_files)}
+                     "key_files": list(target.key_files), "strict": target.strict,
+                     "known_hosts": list(target.known_hosts), "jump": [hop.to_json() for hop in target.jump]}
             hosts.append(Host(rank=rank, addr=target.addr, private_addr=target.addr, port=target.port,
                               user=target.login, hostname=str(hostname), extra=extra))
             with self._conns_lock:
