@@ -164,6 +164,65 @@ NODE_VENV = f"{NODE_HOME}/venv"
 NODE_PYTHON = f"{NODE_VENV}/bin/python"
 ENV_SOURCE_LINE = 'if [ -f "$HOME/.sky_jupyter/env.sh" ]; then . "$HOME/.sky_jupyter/env.sh"; fi  # sky_jupyter env'
 
+# -- secrets a node holds only while a pool uses it ------------------------------------------------------------
+# The env file (HF token, index credentials) and the Hub's token file leave the node when a pool that used it closes
+# (:func:`forget_secrets`, and the worker's own cleanup when its client goes silent). Each bring-up writes the env
+# file again, and :func:`restore_hub_token` the token file, because a bootstrap marker skips the phase that first
+# wrote it. Other pools still running on the node keep their environment in their workers.
+
+#: Shell lines setting ``$token_file`` to the Hub's token file as huggingface_hub finds it: ``$HF_TOKEN_PATH``,
+#: else ``$HF_HOME/token``, else ``huggingface/token`` in the XDG cache; a leading ``~`` is the user's home.
+HUB_TOKEN_FILE = """\
+token_file="${HF_TOKEN_PATH:-${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/token}"
+token_file="${token_file/#\\~/$HOME}\""""
+
+#: Shell lines writing ``$HF_TOKEN`` to ``$token_file`` (0600, its folder 0700). ``printf`` is a shell builtin: the
+#: token stays off every command line.
+WRITE_HUB_TOKEN = """\
+( umask 077
+  mkdir -p "$(dirname "$token_file")" && chmod 700 "$(dirname "$token_file")" \\
+  && printf '%s' "$HF_TOKEN" > "$token_file.tmp" && chmod 600 "$token_file.tmp" && mv -f "$token_file.tmp" "$token_file"
+) || { rm -f "$token_file.tmp"; false; }"""
+
+
+def hub_token_path(env: dict[str, str]) -> str:
+    """Where the Hub's token file is for a node whose environment sets ``env`` (``~`` for the node's home), as
+    :data:`HUB_TOKEN_FILE` finds it."""
+    if env.get("HF_TOKEN_PATH"):
+        return env["HF_TOKEN_PATH"]
+    home = env.get("HF_HOME") or f"{env.get('XDG_CACHE_HOME') or '~/.cache'}/huggingface"
+    return f"{home}/token"
+
+
+def restore_hub_token(home: str = REMOTE_HOME) -> str:
+    """Shell: write the Hub's token file from the env file's ``HF_TOKEN`` when it is missing (it was removed when
+    the node's last pool closed, and a bootstrap marker now skips the login phase that wrote it)."""
+    return f"""( . "{home}/env.sh"
+  if [ -n "${{HF_TOKEN:-}}" ]; then
+{_indent(HUB_TOKEN_FILE, 4)}
+    if [ ! -f "$token_file" ]; then
+{_indent(WRITE_HUB_TOKEN, 6)}
+    fi
+  fi )"""
+
+
+def forget_secrets(home: str = REMOTE_HOME) -> str:
+    """Shell: remove the env file, and the Hub's token file when it holds the env file's token (a token file of the
+    node's own user, holding another token, stays)."""
+    return f"""H="{home}"
+if [ -f "$H/env.sh" ]; then
+  ( . "$H/env.sh"
+    if [ -n "${{HF_TOKEN:-}}" ]; then
+{_indent(HUB_TOKEN_FILE, 6)}
+      if [ -f "$token_file" ] && [ "$(cat -- "$token_file")" = "$HF_TOKEN" ]; then rm -f -- "$token_file"; fi
+    fi ) || true
+  rm -f -- "$H/env.sh"
+fi"""
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
 
 def env_phase() -> Phase:
     """Source the env file from the first line of ~/.bashrc and of ~/.profile, once.

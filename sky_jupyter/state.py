@@ -10,13 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .providers.local import sky_home
+from .providers.local import private_dir
 
 
 def pools_dir() -> Path:
-    path = sky_home() / "pools"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    return private_dir("pools")
 
 
 def save(name: str, state: dict[str, Any]) -> Path:

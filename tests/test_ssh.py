@@ -154,6 +154,7 @@ def pool(bookworm_cluster: Cluster):
     for node in sshd_cluster.nodes:
         assert workers_on(sshd_cluster, node) == [], f"a worker outlived the pool on {node.name}"
         assert not list((node.home / ".sky_jupyter" / "run").glob("ssh-three-*"))
+        assert not (node.home / ".sky_jupyter" / "env.sh").exists(), "the env file outlived the pool"
 
 
 @pytest.mark.ssh
@@ -168,6 +169,26 @@ class TestThreeNodes:
             assert len(set(hostnames)) == 3
         assert {e[1] for e in pool.events} >= {"env", "uv", "venv", "pip", "done"}
 
+    def test_image_env_reaches_plain_ssh_commands_through_a_0600_file(self, pool, bookworm_cluster):
+        sshd_cluster = bookworm_cluster
+        for node in sshd_cluster.nodes:
+            out = sshd_cluster.ssh(node, 'printf %s "$SKY_TEST_GREETING"', check=True).stdout
+            assert out == GREETING
+            mode = sshd_cluster.ssh(node, "stat -c %a ~/.sky_jupyter/env.sh", check=True).stdout.strip()
+            assert mode == "600"
+            folders = [node.home / ".sky_jupyter", *(p for p in (node.home / ".sky_jupyter").iterdir() if p.is_dir())]
+            assert {p.name: oct(p.stat().st_mode & 0o777) for p in folders} == {p.name: "0o700" for p in folders}
+            first = (node.home / ".bashrc").read_text().splitlines()[0]
+            assert "sky_jupyter/env.sh" in first
+            for rc in (".bashrc", ".profile"):
+                assert (node.home / rc).read_text().count("sky_jupyter/env.sh") == 2  # one line, two mentions
+            # The value travels only in the env file: not in the script, not on any command line.
+            for script in (node.home / ".sky_jupyter").glob("bootstrap-*.sh"):
+                assert GREETING not in script.read_text()
+            cmdlines = sshd_cluster.ssh(node, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
+            assert "quoted" not in cmdlines
+        assert greeting() @ pool == [GREETING] * 3
+
     def test_bootstrap_runs_once(self, pool, bookworm_cluster):
         sshd_cluster = bookworm_cluster
         logs = [(n.home / ".sky_jupyter" / "bootstrap.log").read_text() for n in sshd_cluster.nodes]
@@ -180,6 +201,10 @@ class TestThreeNodes:
             assert greeting() @ again == [GREETING] * 3
         assert sorted(e[0] for e in events) == [0, 1, 2] and {e[1] for e in events} == {"cached"}
         assert [(n.home / ".sky_jupyter" / "bootstrap.log").read_text() for n in sshd_cluster.nodes] == logs
+        # Closing a pool takes the env file off its nodes, even while another pool runs there: that pool's
+        # workers keep their environment.
+        assert not any((n.home / ".sky_jupyter" / "env.sh").exists() for n in sshd_cluster.nodes)
+        assert greeting() @ pool == [GREETING] * 3
         assert warm < pool.cold_seconds, (warm, pool.cold_seconds)
         assert warm < 5.0
 
@@ -194,24 +219,6 @@ class TestThreeNodes:
             pkg = home / "pkg"
             assert [p.name for p in pkg.iterdir()] == [f"sky_jupyter-{package_digest()}"]  # no half-unpacked copy
             assert (pkg / f"sky_jupyter-{package_digest()}" / "sky_jupyter" / "__pycache__").is_dir()
-
-    def test_image_env_reaches_plain_ssh_commands_through_a_0600_file(self, pool, bookworm_cluster):
-        sshd_cluster = bookworm_cluster
-        for node in sshd_cluster.nodes:
-            out = sshd_cluster.ssh(node, 'printf %s "$SKY_TEST_GREETING"', check=True).stdout
-            assert out == GREETING
-            mode = sshd_cluster.ssh(node, "stat -c %a ~/.sky_jupyter/env.sh", check=True).stdout.strip()
-            assert mode == "600"
-            first = (node.home / ".bashrc").read_text().splitlines()[0]
-            assert "sky_jupyter/env.sh" in first
-            for rc in (".bashrc", ".profile"):
-                assert (node.home / rc).read_text().count("sky_jupyter/env.sh") == 2  # one line, two mentions
-            # The value travels only in the env file: not in the script, not on any command line.
-            for script in (node.home / ".sky_jupyter").glob("bootstrap-*.sh"):
-                assert GREETING not in script.read_text()
-            cmdlines = sshd_cluster.ssh(node, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
-            assert "quoted" not in cmdlines
-        assert greeting() @ pool == [GREETING] * 3
 
     def test_dropped_ssh_session_reconnects_to_the_same_namespace(self, pool, bookworm_cluster):
         sshd_cluster = bookworm_cluster
@@ -476,6 +483,25 @@ Host nowhere
         assert str(config) in str(info.value) and "'x'" in str(info.value)
 
 
+def test_the_clients_sky_jupyter_folders_are_private(tmp_path, monkeypatch):
+    from sky_jupyter import state
+    from sky_jupyter.providers.ssh import _client_uv, _compressed_uv
+
+    home = tmp_path / "fresh" / ".sky_jupyter"
+    monkeypatch.setenv("SKY_JUPYTER_HOME", str(home))
+    state.save("p", {"secret": "x"})
+    SSH(["10.0.0.5"]).known_hosts("p")
+    assert oct(home.stat().st_mode & 0o777) == oct(0o700)
+    assert oct((home / "pools").stat().st_mode & 0o777) == oct(0o700)
+    home.chmod(0o755)  # as an earlier version left it
+    (home / "pools").chmod(0o755)
+    state.load("p")
+    assert oct(home.stat().st_mode & 0o777) == oct((home / "pools").stat().st_mode & 0o777) == oct(0o700)
+    if shutil.which("zstd") and _client_uv():
+        assert _compressed_uv(_client_uv())
+        assert oct((home / "cache").stat().st_mode & 0o777) == oct(0o700)
+
+
 # -- trust on the cluster: jump hosts, host key policy, no secret left on a node --------------------------------------
 @sky.compute
 def seen_from() -> tuple[str, str]:
@@ -511,3 +537,102 @@ def test_a_pool_reaches_a_node_only_through_its_jump_host(sshd_cluster, tmp_path
         sky.ComputePool(provider=sky.SSH(["behind"], ssh_config=config), name="behind-bastion-2",
                         progress=lambda *e: None).start()
 
+
+@sky.compute
+def hub_token_on_node() -> dict[str, object]:
+    import os
+    from pathlib import Path
+
+    home = Path(os.path.expanduser(os.environ["HF_HOME"]))
+    token = home / "token"
+    return {"token": token.read_text() if token.exists() else None, "env": os.environ.get("HF_TOKEN"),
+            "modes": [oct(p.stat().st_mode & 0o777) for p in (home, token) if p.exists()]}
+
+
+def _files_holding(root: Path, secret: str) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and secret.encode() in path.read_bytes():
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.ssh
+def test_no_secret_stays_on_a_node_between_pools(sshd_cluster, hf_hub, monkeypatch):
+    """A pool with the huggingface plugin and a secret in its image: while it runs, the node has its env file and
+    the Hub token file; when it closes both are gone. A second pool on the same node skips the bootstrap (and the
+    login) yet finds the token file again, written from its env file; closing it removes them again."""
+    for name in ("HF_TOKEN", "HF_HOME", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    node = sshd_cluster.nodes[2]
+    endpoint = hf_hub.listen(sshd_cluster.bridge_addr)
+    secret = "sky-image-secret-0123456789"
+    image = sky.Image(env={"HF_HOME": "~/hf-clean", "SKY_TEST_SECRET": secret})
+    token_file = node.home / "hf-clean" / "token"
+    env_file = node.home / ".sky_jupyter" / "env.sh"
+
+    def start(events: list) -> sky.ComputePool:
+        hf = sky.plugins.huggingface(token=hf_hub.token, endpoint=endpoint)
+        return sky.ComputePool(provider=provider(sshd_cluster, [node]), image=image, plugins=[hf], name="clean",
+                               progress=lambda *e: events.append(e))
+
+    hf_hub.hub.clear_requests()
+    first: list = []
+    with start(first) as pool:
+        assert hub_token_on_node() >> pool == {"token": hf_hub.token, "env": hf_hub.token,
+                                               "modes": [oct(0o700), oct(0o600)]}
+        assert env_file.exists() and secret in env_file.read_text()
+    assert not env_file.exists() and not token_file.exists()
+    assert _files_holding(node.home, hf_hub.token) == [] and _files_holding(node.home, secret) == []
+
+    (node.home / ".sky_jupyter" / "pkg").chmod(0o755)  # as an earlier version left it
+    hf_hub.hub.clear_requests()
+    second: list = []
+    with start(second) as pool:
+        assert {phase for _, phase, _ in second} == {"cached"}  # no bootstrap script, no login
+        assert hub_token_on_node() >> pool == {"token": hf_hub.token, "env": hf_hub.token,
+                                               "modes": [oct(0o700), oct(0o600)]}
+        assert oct((node.home / ".sky_jupyter" / "pkg").stat().st_mode & 0o777) == oct(0o700)
+    assert [r for r in hf_hub.hub.requests if r.path == "/api/whoami-v2"] == []
+    assert not env_file.exists() and not token_file.exists()
+    assert _files_holding(node.home, hf_hub.token) == [] and _files_holding(node.home, secret) == []
+
+
+@pytest.mark.ssh
+def test_a_failed_bring_up_leaves_no_env_file(sshd_cluster):
+    node = sshd_cluster.nodes[2]
+    secret = "sky-failed-secret-0123456789"
+    failing = sky.Plugin.create("failing").with_bootstrap(lambda cluster: ["exit 3"])
+    pool = sky.ComputePool(provider=provider(sshd_cluster, [node]), image=sky.Image(env={"SKY_TEST_SECRET": secret}),
+                           plugins=[failing], name="failing", progress=lambda *e: None)
+    with pytest.raises(sky.BootstrapError):
+        pool.start()
+    assert not (node.home / ".sky_jupyter" / "env.sh").exists()
+    assert _files_holding(node.home, secret) == []
+
+
+@pytest.mark.ssh
+def test_dead_man_switch_takes_the_secrets_with_it(sshd_cluster):
+    """A worker whose client went silent removes the env file and the Hub token file along with its own files."""
+    node = sshd_cluster.nodes[2]
+    ssh = provider(sshd_cluster, [node])
+    env = {"HF_TOKEN": "hf_deadManToken0123456789", "HF_HOME": "~/hf-deadman"}
+    hosts = ssh.provision(PoolSpec("deadman-secrets", 1, None))
+    try:
+        ssh.bootstrap(hosts[0], ssh.plan(sky.Image(env=env), []), lambda *e: None)
+        ssh.connection(hosts[0]).put(env["HF_TOKEN"].encode(), "~/hf-deadman/token")
+        handle = ssh.start_worker(hosts[0], {"secret": "s" * 32, "rank": 0, "pool": "deadman-secrets", "grace": 0.5,
+                                             "env": env})
+        assert (node.home / ".sky_jupyter" / "env.sh").exists() and (node.home / "hf-deadman" / "token").exists()
+        deadline = time.monotonic() + 10
+        while handle.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not handle.alive()
+        assert not (node.home / ".sky_jupyter" / "env.sh").exists()
+        assert not (node.home / "hf-deadman" / "token").exists()
+        assert not (node.home / ".sky_jupyter" / "run" / "deadman-secrets-0").exists()
+    finally:
+        ssh.release(hosts)

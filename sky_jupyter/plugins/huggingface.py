@@ -8,8 +8,10 @@ does not list already), ``HF_TOKEN`` (a secret: redacted everywhere, kept out of
 * the token reaches the login from the environment, never from a command line (it would show in ``ps``);
 * the login validates the token online under a timeout (``huggingface_hub`` has none of its own);
 * a rejected token (401/403) fails the bootstrap with a message saying what to do;
-* an unreachable Hub (refused, timed out, hanging, 5xx) falls back to writing ``$HF_HOME/token`` (0600, folder
-  0700) directly, with a warning line in the bootstrap output.
+* the token file ``$HF_HOME/token`` (0600, folder 0700) is written by the phase itself, also when the Hub is
+  unreachable (refused, timed out, hanging, 5xx: then with a warning line in the bootstrap output);
+* the token file and the env file leave an SSH or AWS node when its last pool closes, and every later bring-up
+  writes them again (the bootstrap marker skips the login: the token is checked once).
 
 Without ``token=``, the token comes from the notebook panel (the notebook layer passes it as ``token=``), then
 ``HF_TOKEN`` here, then this machine's Hub credential store. No token at all is a :class:`~sky_jupyter.ConfigError`
@@ -23,6 +25,7 @@ import os
 import shlex
 from pathlib import Path
 
+from ..bootstrap import HUB_TOKEN_FILE, WRITE_HUB_TOKEN
 from ..errors import ConfigError
 from ..image import Image
 from ..plugin import Cluster, Plugin
@@ -34,8 +37,10 @@ PACKAGES = ("transformers", "datasets", "tokenizers", "accelerate", "huggingface
 #: Exit code of the login snippet when the Hub rejected the token (every other failure means "unreachable").
 REJECTED = 3
 
-# Runs on the node with the node's interpreter. It holds no secret: the token comes from $HF_TOKEN. Prints one
-# line saying what happened and exits 0 (logged in), REJECTED (401/403) or another code (the Hub unreachable).
+# Runs on the node with the node's interpreter. It holds no secret: the token comes from $HF_TOKEN. Checks the token
+# with the Hub (whoami, as `hf auth login` does, but writing nothing: the phase writes the token file itself, and no
+# `stored_tokens` copy is left behind). Prints one line saying what happened and exits 0 (the token is good),
+# REJECTED (401/403) or another code (the Hub unreachable).
 _LOGIN = r'''
 import os, signal, sys
 
@@ -53,12 +58,16 @@ def give_up(signum, frame):
 signal.signal(signal.SIGALRM, give_up)
 signal.setitimer(signal.ITIMER_REAL, timeout)
 try:
-    from huggingface_hub import constants, login
+    from huggingface_hub import constants, whoami
     from huggingface_hub.errors import HfHubHTTPError
 except ImportError as exc:
     print(f"huggingface_hub is not importable by {sys.executable} ({exc})")
     sys.exit(4)
 endpoint = constants.ENDPOINT  # HF_ENDPOINT, else the Hub itself
+
+def login(token):  # huggingface_hub's login() checks the token the same way, then also writes stored_tokens
+    whoami(token=token)
+
 try:
     login(token=os.environ["HF_TOKEN"])
 except HfHubHTTPError as exc:
@@ -147,7 +156,9 @@ def _check_endpoint(endpoint: object, source: str) -> str:
 
 
 def login_phase(login_timeout: float, fingerprint: str) -> str:
-    """The bootstrap phase: log in from $HF_TOKEN under a timeout; on an unreachable Hub write the token file."""
+    """The bootstrap phase: check $HF_TOKEN with the Hub under a timeout, then write the token file (also when the
+    Hub is unreachable, with a warning). The file leaves the node when its last pool closes, and each later
+    bring-up writes it again from the env file (:func:`sky_jupyter.bootstrap.restore_hub_token`)."""
     snippet = shlex.quote(_LOGIN)
     hard_stop = int(login_timeout) + 15
     return f"""\
@@ -157,9 +168,7 @@ if [ -z "${{HF_TOKEN:-}}" ]; then echo "error: HF_TOKEN is not set on this node;
 py="${{SKY_PYTHON:-}}"
 if [ -z "$py" ] && [ -x "$SKY_HOME/venv/bin/python" ]; then py="$SKY_HOME/venv/bin/python"; fi
 if [ -z "$py" ]; then py="$(command -v python3 || command -v python || true)"; fi
-home="${{HF_HOME:-${{XDG_CACHE_HOME:-$HOME/.cache}}/huggingface}}"
-token_file="${{HF_TOKEN_PATH:-$home/token}}"
-token_file="${{token_file/#\\~/$HOME}}"
+{HUB_TOKEN_FILE}
 rc=0
 if [ -z "$py" ]; then
   why="this node has no Python to run the login with"; rc=4
@@ -169,19 +178,14 @@ else
   why=$("$py" -c {snippet} {login_timeout:g} 2>&1) || rc=$?
 fi
 if [ "$rc" -eq {REJECTED} ]; then echo "$why"; exit {REJECTED}; fi
-umask 077
-mkdir -p "$(dirname "$token_file")"
-chmod 700 "$(dirname "$token_file")"
+{WRITE_HUB_TOKEN}
 if [ "$rc" -eq 0 ]; then
   echo "$why"
 else
   [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || why="the Hub did not answer within {login_timeout:g} s"
-  printf '%s' "$HF_TOKEN" > "$token_file.tmp"   # printf is a shell builtin: the token stays off every command line
-  mv -f "$token_file.tmp" "$token_file"
   echo "warning: could not check the HF token online ($(printf '%s' "$why" | tail -n 1)); wrote it to $token_file" \\
        "unchecked. Gated downloads fail with 401 later if the token is wrong."
 fi
-chmod 600 "$token_file"
 echo "token file: $token_file (mode 0600)"
 """
 

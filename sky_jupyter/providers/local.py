@@ -29,6 +29,19 @@ def sky_home() -> Path:
     return Path(os.environ.get("SKY_JUPYTER_HOME", Path.home() / ".sky_jupyter"))
 
 
+def private_dir(*parts: str) -> Path:
+    """``sky_home()/parts``, created if missing, it and ``sky_home()`` itself mode 0700: pool secrets, pinned host
+    keys, key pairs and caches live there. Folders made 0755 by an earlier version are tightened."""
+    folders = [sky_home()]
+    for part in parts:
+        folders.append(folders[-1] / part)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if folder.stat().st_mode & 0o077:
+            folder.chmod(0o700)
+    return folders[-1]
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import tarfile
 import threading
 import time
@@ -27,7 +28,20 @@ import cloudpickle
 import paramiko
 
 from .. import protocol as P
-from ..bootstrap import NEED, NODE_HOME, NODE_PYTHON, NODE_UV, BootstrapPlan, env_file, follow, remote_plan
+from ..bootstrap import (
+    NEED,
+    NODE_ENV_FILE,
+    NODE_HOME,
+    NODE_PYTHON,
+    NODE_UV,
+    BootstrapPlan,
+    env_file,
+    follow,
+    forget_secrets,
+    hub_token_path,
+    remote_plan,
+    restore_hub_token,
+)
 from ..errors import ConfigError, ProvisionError
 from ..image import Image
 from ..redaction import redact
@@ -45,7 +59,7 @@ from ..transport import (
     remote_path,
 )
 from .base import Host, PoolSpec, Progress, Provider, WorkerHandle, in_parallel
-from .local import sky_home
+from .local import private_dir
 
 _HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                    r"(?P<addr>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"
@@ -169,10 +183,9 @@ def _compressed_uv(uv: str) -> str | None:
         return None
     st = os.stat(uv)
     key = hashlib.sha256(f"{os.path.realpath(uv)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = sky_home() / "cache" / f"uv-{key}.zst"
+    cached = private_dir("cache") / f"uv-{key}.zst"
     if cached.exists():
         return str(cached)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f"{cached.name}.{os.getpid()}-{threading.get_ident()}")
     try:
         subprocess.run([zstd, "-q", "-9", "-T0", "-f", uv, "-o", str(tmp)], check=True, capture_output=True)
@@ -193,6 +206,15 @@ def _run_dir(pool: str, rank: int) -> str:
     return f"{NODE_HOME}/run/{pool}-{rank}"
 
 
+def _cleanup(run_dir: str, env: dict[str, str]) -> list[str]:
+    """What a worker removes when it shuts down, also when its client went silent (dead-man switch): its run
+    folder, the node's env file, and the Hub's token file when the pool has an HF token."""
+    paths = [run_dir, NODE_ENV_FILE]
+    if env.get("HF_TOKEN"):
+        paths.append(hub_token_path(env))
+    return paths
+
+
 def _worker_running(pid: int) -> str:
     """Shell test: is ``pid`` still our worker (not a reused pid)?"""
     return f"kill -0 {pid} 2>/dev/null && grep -qa sky_jupyter.worker /proc/{pid}/cmdline 2>/dev/null"
@@ -204,8 +226,11 @@ def _worker_running(pid: int) -> str:
 # shell variable: its secret never touches the disk or a command line). The node asks for what it lacks with a
 # ``::sky-need ITEM`` line and reads the answer (a length line, 0 for none, and the bytes): this client's package
 # before the script, its uv from within the script's uv phase (fd 3) when the node could not download one. Then
-# the script runs (it exits at once when its marker exists) and, when asked, the worker starts with its config.
+# the script runs (it exits at once when its marker exists), the Hub's token file is written again from the env file
+# when the pool has an HF token (the marker skips the login that first wrote it), and, when asked, the worker starts
+# with its config. ~/.sky_jupyter and its folders are 0700.
 _BRING_UP = """umask 077; H={home}; mkdir -p "$H" && chmod 700 "$H" || exit 1
+find "$H" -mindepth 1 -maxdepth 1 -type d ! -perm 700 -exec chmod 700 {{}} + 2>/dev/null
 IFS= read -r n && head -c "$n" > "$H/env.sh.tmp" && chmod 600 "$H/env.sh.tmp" && mv -f "$H/env.sh.tmp" "$H/env.sh" \
   || exit 1
 IFS= read -r n && head -c "$n" > {script} || exit 1
@@ -217,6 +242,7 @@ if [ ! -d {pkg} ]; then
   r=$?; rm -rf "$t"; [ $r -eq 0 ] || {{ echo "unpacking the sky_jupyter package failed"; exit 1; }}
 fi
 SKY_ASK_CLIENT=1 bash {script} 3<&0 < /dev/null || exit $?
+{restore}
 [ -n "{start}" ] || exit 0
 mkdir -p {run} || exit 1
 cd && printf '%s\\n' "$config" | PYTHONPATH={pkg}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker
@@ -406,7 +432,7 @@ class SSH(Provider):
 
     def known_hosts(self, pool: str) -> KnownHosts:
         """Where this pool pins its nodes' host keys (beside its state file; kept after the pool closes)."""
-        return KnownHosts(sky_home() / "pools" / f"{pool}.known_hosts")
+        return KnownHosts(private_dir("pools") / f"{pool}.known_hosts")
 
     # -- connections -----------------------------------------------------------------------------------------
     def connection(self, host: Host) -> Connection:
@@ -480,7 +506,27 @@ class SSH(Provider):
                          _run_dir(str(host.extra.get("pool", "")), host.rank))
 
     def release(self, hosts: list[Host]) -> None:
-        self._close_connections(hosts)
+        """Remove the pool's secrets from its nodes (the env file, the Hub's token file), then close the
+        connections."""
+        try:
+            self._forget_secrets(hosts)
+        finally:
+            self._close_connections(hosts)
+
+    def _forget_secrets(self, hosts: list[Host]) -> None:
+        """The env file and the Hub's token file leave every node this pool is connected to (its workers removed
+        them already when they stopped; this also covers a bring-up that failed before a worker started). A node
+        that cannot be reached within a few seconds is named in a warning."""
+        with self._conns_lock:
+            found = [(h, self._conns.get((str(h.extra.get("pool", "")), h.rank))) for h in hosts]
+        reachable = [(h, c) for h, c in found if c is not None]
+        command = f"bash -c {shlex.quote(forget_secrets())}"
+        results = in_parallel([lambda c=c: c.run(command, timeout=15, check=True, patience=2.0)
+                               for _, c in reachable])
+        for (host, _), result in zip(reachable, results):
+            if isinstance(result, Exception):
+                note(f"warning: could not remove {NODE_ENV_FILE} (and the Hub token file) from {host.display}: "
+                     f"{result}; they hold secrets, delete them there by hand.")
 
     def disconnect(self, hosts: list[Host]) -> None:
         self._close_connections(hosts)
@@ -532,9 +578,10 @@ class SSH(Provider):
             home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"),
             marker=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.done"), pkg=pkg_dir, uv=remote_path(NODE_UV),
             run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "",
-            need=NEED)
+            need=NEED, restore=self._restore(plan))
         if config is not None:
-            config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
+            config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0,
+                      "cleanup": _cleanup(run_dir, {**plan.environ, **config.get("env", {})})}
         payload = (b"%d\n" % len(env) + env + b"%d\n" % len(script) + script
                    + json.dumps(config or {}).encode() + b"\n")
         lines: list[str] = []
@@ -571,6 +618,14 @@ class SSH(Provider):
         tail = redact("".join(lines[-20:]).strip()) or "(no output)"
         raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
                              f"Its log is {run_dir}/worker.log on the node.")
+
+    @staticmethod
+    def _restore(plan: BootstrapPlan) -> str:
+        """The bring-up's step after the script: the Hub's token file again, when a plugin's secret is HF_TOKEN."""
+        if "HF_TOKEN" not in plan.secrets:
+            return ""
+        return (f"bash -c {shlex.quote(restore_hub_token())} "
+                f"|| {{ echo 'could not write the Hub token file from the env file'; exit 1; }}")
 
     def _send_needs(self, proc: RemoteProcess, words: list[str], label: str) -> None:
         """Answer the node's ``::sky-need`` line: ``pkg``, or ``uv SYSTEM MACHINE zstd|-`` (its ``uname -s -m`` and
@@ -611,7 +666,8 @@ class SSH(Provider):
         run_dir = _run_dir(pool, host.rank)
         pkg_dir = _node_package_dir()
         python = remote_path(NODE_PYTHON)
-        config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "cleanup": [run_dir], "port": 0}
+        config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0,
+                  "cleanup": _cleanup(run_dir, config.get("env", {}))}
         # The worker keeps the user's umask and starts in $HOME.
         command = f"""(umask 077; mkdir -p {remote_path(run_dir)}) || exit 1
 cd && PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker"""
