@@ -477,11 +477,7 @@ def test_the_hf_token_is_only_in_the_env_file_and_the_token_file(sshd_cluster, h
                     holders.append(path)
             except OSError:
                 continue
-    assert holders, "the node should hold the token in its env file and token file"
-    for path in holders:
-        assert path.name in ("env.sh", "token", "stored_tokens"), f"{path} holds the token"
-        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
-    assert {p.name for p in holders} >= {"env.sh", "token"}
+    assert holders == [], f"the token stayed on the node after its pools closed: {holders}"
 
 
 def _load_gated(repo: str) -> str:

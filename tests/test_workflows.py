@@ -209,6 +209,12 @@ def test_multi_node_ddp_on_ssh_nodes(hf_hub: HubFixture, sshd_cluster: Cluster, 
         ],
     ) as pool:
         results = distributed_finetune(GPT2) @ pool
+        for node in nodes:  # while the pool lives: the token file and the env file, private
+            token_file = node.home / hf_home.removeprefix("~/") / "token"
+            assert token_file.read_text() == hf_hub.token and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+            assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+            env_file = node.home / ".sky_jupyter" / "env.sh"  # the one place on the node meant to hold it
+            assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     check_ddp(results, synced=with_torch)
     assert watch.logins_seen, "the nodes' login processes were never seen"
     assert watch.leaks == [], "the token was on a command line (ps on the nodes)"
@@ -216,13 +222,9 @@ def test_multi_node_ddp_on_ssh_nodes(hf_hub: HubFixture, sshd_cluster: Cluster, 
     assert [r.status for r in hf_hub.requests if r.path == "/api/whoami-v2"] == [200, 200]  # each node logged in
     out, err = capfd.readouterr()
     assert_nowhere(hf_hub.token, out, err)
-    for node in nodes:
-        token_file = node.home / hf_home.removeprefix("~/") / "token"
-        assert token_file.read_text() == hf_hub.token and stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
-        env_file = node.home / ".sky_jupyter" / "env.sh"  # the one place on the node meant to hold it
-        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-        assert_nowhere(hf_hub.token, folders=(node.home / ".sky_jupyter",), allowed=("env.sh",))
+    for node in nodes:  # after it: nowhere
+        assert not (node.home / hf_home.removeprefix("~/") / "token").exists()
+        assert_nowhere(hf_hub.token, folders=(node.home / ".sky_jupyter", node.home / hf_home.removeprefix("~/")))
 
 
 # -- 3. inference with pipelines ----------------------------------------------------------------------------------
