@@ -196,6 +196,29 @@ def _compressed_uv(uv: str) -> str | None:
     return str(cached)
 
 
+_packages_seen: set[str] | None = None
+
+
+def _has_package(host: Host, now: bool = False) -> bool:
+    """Whether this client (or an earlier one: kept in ``~/.sky_jupyter/cache/package-on-nodes``) has seen
+    ``host`` holding this package; ``now``: it does, from here on. Only an optimisation: a node that lost its
+    copy asks for it again."""
+    global _packages_seen
+    key = f"{host.user or ''}@{host.addr}:{host.port} {package_digest()}"
+    path = private_dir("cache") / "package-on-nodes"
+    with _package_lock:
+        if _packages_seen is None:
+            try:
+                _packages_seen = set(path.read_text().splitlines())
+            except OSError:
+                _packages_seen = set()
+        if now and key not in _packages_seen:
+            _packages_seen.add(key)
+            with open(path, "a") as f:
+                f.write(key + "\n")
+        return key in _packages_seen
+
+
 def _node_package_dir() -> str:
     """Where a node keeps this client's package (one folder per content), shell-quoted."""
     return remote_path(f"{NODE_HOME}/pkg/sky_jupyter-{package_digest()}")
@@ -235,11 +258,16 @@ IFS= read -r n && head -c "$n" > "$H/env.sh.tmp" && chmod 600 "$H/env.sh.tmp" &&
   || exit 1
 IFS= read -r n && head -c "$n" > {script} || exit 1
 IFS= read -r config || exit 1
+unpack() {{
+  t={pkg}.$$; mkdir -p "$t" && head -c "$1" | tar -xzf - -C "$t" && {{ mv -T "$t" {pkg} 2>/dev/null || [ -d {pkg} ]; }}
+  r=$?; rm -rf "$t"; [ $r -eq 0 ] || {{ echo "unpacking the sky_jupyter package failed"; exit 1; }}
+}}
+IFS= read -r n || exit 1
+if [ "$n" -gt 0 ]; then if [ -d {pkg} ]; then head -c "$n" > /dev/null; else unpack "$n"; fi; fi
 if [ ! -d {pkg} ]; then
   echo "{need} pkg"
   IFS=' ' read -r n how || exit 1
-  t={pkg}.$$; mkdir -p "$t" && head -c "$n" | tar -xzf - -C "$t" && {{ mv -T "$t" {pkg} 2>/dev/null || [ -d {pkg} ]; }}
-  r=$?; rm -rf "$t"; [ $r -eq 0 ] || {{ echo "unpacking the sky_jupyter package failed"; exit 1; }}
+  unpack "$n"
 fi
 SKY_ASK_CLIENT=1 bash {script} 3<&0 < /dev/null || exit $?
 {restore}
@@ -582,12 +610,14 @@ class SSH(Provider):
         if config is not None:
             config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0,
                       "cleanup": _cleanup(run_dir, {**plan.environ, **config.get("env", {})})}
+        # The package goes out unasked unless this client has seen the node holding it: on a slow link, sending
+        # half a megabyte costs less than the round trip of being asked for it.
+        package = b"" if _has_package(host) else package_archive()[1]
         payload = (b"%d\n" % len(env) + env + b"%d\n" % len(script) + script
-                   + json.dumps(config or {}).encode() + b"\n")
+                   + json.dumps(config or {}).encode() + b"\n" + b"%d\n" % len(package) + package)
         lines: list[str] = []
         deadline = None
-        with conn.start(command, timeout=None) as proc:
-            proc.write(payload)
+        with conn.start(command, timeout=None, input=payload) as proc:
 
             def answered() -> Iterator[str]:
                 for line in proc:
@@ -598,6 +628,7 @@ class SSH(Provider):
 
             output = answered()
             follow(output, label, lambda phase, line: progress(host.rank, phase, line))
+            _has_package(host, True)
             if config is None:
                 code = proc.wait(60)
                 if code != 0:
