@@ -378,31 +378,6 @@ def _sender(channel: paramiko.Channel) -> Any:
     return sendall
 
 
-def _exec_pipelined(chan: paramiko.Channel, command: str, data: bytes) -> None:
-    """``chan.exec_command(command)`` followed by ``data`` on its stdin, sent before the server's reply arrives.
-
-    SSH servers handle a channel's messages in order, so the data reaches the command's stdin; paramiko's own
-    ``exec_command`` waits for the reply first. This builds the same request (its message layout is fixed by
-    RFC 4254, section 6.5) and waits for the reply after sending; a paramiko without these internals gets the
-    plain two-step path."""
-    transport = chan.get_transport()
-    if not all(hasattr(o, a) for o, a in ((chan, "_event_pending"), (chan, "_wait_for_event"),
-                                          (transport, "_send_user_message"))):
-        chan.exec_command(command)
-        chan.sendall(data)
-        return
-    m = paramiko.Message()
-    m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
-    m.add_int(chan.remote_chanid)
-    m.add_string("exec")
-    m.add_boolean(True)
-    m.add_string(command)
-    chan._event_pending()
-    transport._send_user_message(m)
-    chan.sendall(memoryview(data))
-    chan._wait_for_event()
-
-
 class RemoteProcess:
     """A command started on a node: write to its stdin, iterate over its output lines, then ``wait()``.
 
@@ -676,16 +651,12 @@ class Connection:
                                      f"{code}: {redact(err.strip() or out.strip())[-2000:]}")
         return code, out, err
 
-    def start(self, command: str, timeout: float | None = None, input: bytes = b"") -> RemoteProcess:
-        """Start ``command`` and return it running (stderr merged into stdout). ``input`` goes to its stdin right
-        behind the request, without waiting for the server's answer to it (one round trip less on a slow link)."""
+    def start(self, command: str, timeout: float | None = None) -> RemoteProcess:
+        """Start ``command`` and return it running (stderr merged into stdout)."""
         chan = self._session(None)
         chan.set_combine_stderr(True)
         chan.settimeout(timeout)
-        if input:
-            _exec_pipelined(chan, command, input)
-        else:
-            chan.exec_command(command)
+        chan.exec_command(command)
         return RemoteProcess(chan, command, self.label)
 
     def run_stream(self, command: str, input: bytes | str | None = None,
