@@ -470,6 +470,9 @@ class ComputePool:
         for node, call in zip(self.nodes, calls):
             node.hostname = call.wait()["hostname"]
             node.state = "ready"
+        # The hosts' record learns their hostnames from the workers (what attach shows before reconnecting).
+        names = {node.rank: node.hostname for node in self.nodes}
+        self.hosts = [dataclasses.replace(h, hostname=names.get(h.rank) or h.hostname) for h in self.hosts]
 
     def _setup_one(self, node: Node) -> None:
         node.hostname = node.submit(P.SETUP, self._setup_meta(node), self._setup_payload(),
