@@ -22,7 +22,7 @@ from .errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from .redaction import redact
+from .redaction import StreamRedactor, holds_secret, redact, redact_strings
 from .tracebacks import localize
 
 if TYPE_CHECKING:
@@ -38,12 +38,13 @@ _finishing = threading.Lock()  # a call ends once, whichever thread learns of it
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "node", "on_done", "request", "sink",
-                 "task_id")
+    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "kind", "node", "on_done", "request",
+                 "sink", "task_id")
 
     def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
-                 on_done: Callable[[], None] | None = None, task_id: int | None = None) -> None:
+                 on_done: Callable[[], None] | None = None, task_id: int | None = None, kind: str = "") -> None:
         self.task_id = next(_task_ids) if task_id is None else task_id
+        self.kind = kind  # what was sent: a cell's result carries the display bundle of its last value
         self.node = node
         self.sink = sink
         self.on_done = on_done  # called on the reader thread when the result (or failure) arrives
@@ -99,33 +100,54 @@ class Call:
         if self._error is not None:
             raise remote_exception(self._error, self._frames or [], self.node.label, self.code)
         try:
-            return P.loads(self._frames or [])
+            value = P.loads(self._frames or [])
         except Exception as exc:  # noqa: BLE001 - (un)pickling user objects can raise anything
             raise SerializationError(f"the result from {self.node.label} could not be unpickled here: "
                                      f"{type(exc).__name__}: {exc}. Install the package that defines it locally, "
                                      f"or return plain Python types.") from None
+        if self.kind == P.CELL and isinstance(value, dict) and value.get("display"):
+            value["display"] = redact_strings(value["display"])  # shown like a display frame's bundle
+        return value
 
     def interrupt(self) -> None:
         self.node.interrupt(self.task_id)
 
 
 def remote_exception(meta: dict[str, Any], frames: list, label: str, code: tuple[Any, ...] = ()) -> BaseException:
-    """The remote exception as its own type when it can be rebuilt here, else a RemoteError."""
+    """The remote exception as its own type when it can be rebuilt here, else a RemoteError; either way with the
+    known secrets masked in its message, its attributes and its traceback."""
     if meta.get("restarted"):
-        return WorkerLostError(f"{label}: {meta.get('message')}")
-    meta = {**meta, "traceback": localize(meta.get("traceback", ""), code)}
+        return WorkerLostError(redact(f"{label}: {meta.get('message')}"))
+    meta = {"type": redact(str(meta.get("type", "Exception"))), "message": redact(str(meta.get("message", ""))),
+            "traceback": redact(localize(str(meta.get("traceback", "")), code))}
     exc: BaseException | None = None
     if frames:
         try:
-            exc = P.loads(frames)
+            exc = _scrubbed(P.loads(frames))
         except Exception:  # noqa: BLE001 - (un)pickling user objects can raise anything
             exc = None
     if not isinstance(exc, BaseException):
-        return RemoteError(meta.get("type", "Exception"), meta.get("message", ""), meta.get("traceback", ""), label)
-    if meta.get("traceback"):
+        return RemoteError(meta["type"], meta["message"], meta["traceback"], label)
+    if meta["traceback"]:
         exc.__cause__ = RemoteTraceback(meta["traceback"])
     exc.add_note(f"(raised on {label})")
     return exc
+
+
+def _scrubbed(exc: object) -> BaseException | None:
+    """A rebuilt remote exception with the known secrets masked in its arguments, notes and string attributes;
+    None (so it travels as a RemoteError with the masked message) if its text still shows one."""
+    if not isinstance(exc, BaseException):
+        return None
+    exc.args = redact_strings(exc.args)
+    for name, value in list(vars(exc).items()):
+        if isinstance(value, (str, list, tuple, dict)):
+            setattr(exc, name, redact_strings(value))
+    try:
+        text = f"{exc!s} {exc!r}"
+    except Exception:  # noqa: BLE001 - a __str__ that fails here: the masked meta says it instead
+        return None
+    return None if holds_secret(text) else exc
 
 
 class WorkerLink:
@@ -143,6 +165,10 @@ class WorkerLink:
         self.calls: dict[int, Call] = {}
         self._acks: list[int] = []  # tasks whose result arrived, to acknowledge with the next frame sent
         self.alive = True
+        # Why the link was dropped when that was not the connection ending (a frame over the limits, a failure in
+        # the reader): its calls fail with it rather than wait on a new connection for answers that may not come.
+        self.failure: str | None = None
+        self.scrub = StreamRedactor()  # task output, by (task id, stream name)
         self._on_drop = on_drop
         self._lock = threading.Lock()
         self.pongs = threading.Condition()
@@ -150,32 +176,70 @@ class WorkerLink:
         self._thread = threading.Thread(target=self._read_loop, daemon=True, name=f"sky-read-{label}")
 
     @staticmethod
-    def handshake(io: P.FrameIO, secret: str, label: str) -> dict[str, Any]:
-        hello = io.recv_json()
-        if hello.get("sky") != P.PROTOCOL_VERSION:
-            raise AuthenticationError(f"{label} answered with something that is not a sky_jupyter worker "
-                                      f"(protocol {hello.get('sky')!r}); check the host and port.")
-        mine = P.versions()
-        if hello.get("python") != mine["python"] or hello.get("cloudpickle") != mine["cloudpickle"]:
-            raise VersionMismatchError(
-                f"{label} runs Python {hello.get('python')} with cloudpickle {hello.get('cloudpickle')}, but this "
-                f"client runs Python {mine['python']} with cloudpickle {mine['cloudpickle']}; give the node the "
-                f"same versions (Image(python=...), or pip install cloudpickle=={mine['cloudpickle']} there)."
-            )
-        io.send_json({"mac": P.mac(secret, hello["nonce"]), **mine})
-        answer = io.recv_json()
-        if not answer.get("ok"):
-            raise AuthenticationError(f"{label} refused the connection: {answer.get('error')}; "
-                                      f"the pool secret does not match: restart the pool.")
-        return hello
+    def handshake(io: P.FrameIO, secret: str, label: str, pool: str = "") -> dict[str, Any]:
+        """Mutual authentication (see :mod:`sky_jupyter.protocol`): we prove we know the pool secret, the worker
+        proves it does too, and only then is anything it says believed (or any pickle from it read). Returns the
+        worker's reply: its pid, generation, setup state, held tasks, versions and frame limits."""
+        which = f"pool {pool!r}" if pool else "this pool"
+        try:
+            hello = io.recv_json(P.HELLO_LIMIT)
+            if hello.get("sky") != P.PROTOCOL_VERSION:
+                spoken = hello.get("sky")
+                raise AuthenticationError(
+                    f"{label} speaks sky_jupyter protocol {spoken}, this client {P.PROTOCOL_VERSION}: its worker "
+                    f"comes from another version of sky_jupyter; restart the pool (`%sky down`, or a new "
+                    f"ComputePool)." if type(spoken) is int else
+                    f"{label} answered with something that is not a sky_jupyter worker; check the host and port.")
+            P.check_fields(hello, P.HELLO_FIELDS, "the worker's hello")
+            worker_nonce, client_nonce = hello["nonce"], P.new_nonce()
+            io.send_json({"nonce": client_nonce, "mac": P.proof(secret, P.CLIENT, worker_nonce, client_nonce),
+                          **P.versions()})
+            reply = io.recv_json(P.REPLY_LIMIT)
+        except P.HandshakeError as exc:
+            raise AuthenticationError(f"{label} answered with something that is not a sky_jupyter worker ({exc}); "
+                                      f"check the host and port.") from None
+        if not P.check_proof(secret, P.WORKER, worker_nonce, client_nonce, reply.get("mac")):
+            if reply.get("ok") is False and "mac" not in reply:
+                raise AuthenticationError(
+                    f"{label} refused the connection: its worker does not know the secret of {which} (it belongs "
+                    f"to another pool, or this pool's record is stale); restart the pool.")
+            raise AuthenticationError(
+                f"the worker at {label} could not prove it belongs to {which}: it answered our challenge without "
+                f"the pool secret, so nothing it sent was trusted or unpickled. Something else may listen on its "
+                f"port (another pool's worker, or another program); restart the pool (`%sky down`, or a new "
+                f"ComputePool).")
+        try:
+            P.check_fields(reply, {k: P.REPLY_FIELDS[k] for k in ("python", "cloudpickle")}, "the worker's reply")
+            mine = P.versions()
+            if reply["python"] != mine["python"] or reply["cloudpickle"] != mine["cloudpickle"]:
+                raise VersionMismatchError(
+                    f"{label} runs Python {reply['python']} with cloudpickle {reply['cloudpickle']}, but this client "
+                    f"runs Python {mine['python']} with cloudpickle {mine['cloudpickle']}; give the node the same "
+                    f"versions (Image(python=...), or pip install cloudpickle=={mine['cloudpickle']} there).")
+            P.check_fields(reply, P.REPLY_FIELDS, "the worker's reply")
+        except P.HandshakeError as exc:
+            raise AuthenticationError(f"{label}: the worker's handshake reply is malformed ({exc}); restart the "
+                                      f"pool.") from None
+        if not reply["ok"]:
+            raise AuthenticationError(f"{label} refused the connection: {redact(str(reply.get('error')))[:300]}")
+        io.max_frame = min(io.limits[0], reply["max_frame"])  # neither side sends what the other would refuse
+        io.max_buffers = min(io.limits[1], reply["max_buffers"])
+        return reply
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, call: Call, kind: str, meta: Any, payload: list | tuple) -> None:
+        try:
+            self.io.check_payload(payload)
+        except P.FrameError as exc:
+            raise SerializationError(f"this call's data cannot be sent to {self.label}: {exc} (the frame limit: "
+                                     f"sky_jupyter.protocol.MAX_FRAME here, the worker's max_frame there). Send "
+                                     f"less per call, or put large data where the node can read it.") from None
         with self._lock:
             if not self.alive:
-                raise ConnectionLostError(f"{self.label}: connection lost")
+                raise ConnectionLostError(f"{self.label}: connection lost"
+                                          + (f" ({self.failure})" if self.failure else ""))
             self.calls[call.task_id] = call
             # Kept for a resend unless that would hold a large pickle here (buffers of the caller's own arrays
             # cost nothing to keep); without it, a task lost with its connection is reported, not sent again.
@@ -208,6 +272,9 @@ class WorkerLink:
             while True:
                 kind, task_id, meta, frames = self.io.recv()
                 if kind in (P.RESULT, P.ERROR):
+                    if self.scrub.holding:  # the task's output is complete: what waited for more comes out now
+                        for name in ("stdout", "stderr"):
+                            self._show(P.STREAM, task_id, {"name": name, "text": self.scrub.flush((task_id, name))})
                     with self._lock:
                         call = self.calls.pop(task_id, None)
                         self._acks.append(task_id)  # even for no call of ours: a result sent again after a drop
@@ -217,27 +284,52 @@ class WorkerLink:
                         call._finish(frames=frames, error=meta if kind == P.ERROR else None)
                     if kind == P.ERROR and meta.get("restarted"):
                         raise EOFError("the worker is restarting")
-                elif kind in (P.STREAM, P.DISPLAY):
-                    call = self.calls.get(task_id)
-                    sink = call.sink if call is not None else None
-                    if sink is not None:
-                        sink(kind, meta)
-                    elif kind == P.STREAM:
-                        print(f"[{self.label}] {meta['text']}", end="", file=sys.__stderr__)
+                elif kind == P.STREAM:
+                    meta["text"] = self.scrub.feed((task_id, meta["name"]), meta["text"])
+                    self._show(kind, task_id, meta)
+                elif kind == P.DISPLAY:
+                    if self.scrub.holding:  # output written before the display comes before it
+                        for name in ("stdout", "stderr"):
+                            self._show(P.STREAM, task_id, {"name": name, "text": self.scrub.flush((task_id, name))})
+                    self._show(kind, task_id, redact_strings(meta))
                 elif kind == P.PONG:
                     with self.pongs:
                         self.last_pong = {"seq": task_id, **(meta or {})}
                         self.pongs.notify_all()
                 elif kind == P.NOTICE:
-                    print(f"[{self.label}] {meta.get('text')}", file=sys.__stderr__)
-        except (EOFError, OSError, ValueError) as exc:
+                    print(f"[{self.label}] {redact(str(meta.get('text')))}", file=sys.__stderr__)
+        except (EOFError, OSError) as exc:
             self._drop(exc)
+        except BaseException as exc:  # noqa: BLE001 - a frame over the limits, or anything else: never hang calls
+            if isinstance(exc, P.FrameError):
+                why = f"the worker broke the protocol: {exc}"
+            else:
+                why = f"the connection's reader failed ({type(exc).__name__}: {exc})"
+            self._drop(exc, failure=redact(why))
 
-    def _drop(self, exc: BaseException) -> None:
+    def _show(self, kind: str, task_id: int, meta: Any) -> None:
+        """Hand a STREAM or DISPLAY frame to the sink of the call that started the task."""
+        if kind == P.STREAM and not meta["text"]:
+            return
+        call = self.calls.get(task_id)
+        sink = call.sink if call is not None else None
+        if sink is None:
+            if kind == P.STREAM:
+                print(f"[{self.label}] {meta['text']}", end="", file=sys.__stderr__)
+            return
+        try:
+            sink(kind, meta)
+        except Exception as exc:  # noqa: BLE001 - where output goes failed; the call itself goes on
+            call.sink = None  # type: ignore[union-attr]
+            print(f"[{self.label}] output of task {task_id} could not be shown ({type(exc).__name__}: {exc}); "
+                  f"the rest of it goes here", file=sys.__stderr__)
+
+    def _drop(self, exc: BaseException, failure: str | None = None) -> None:
         with self._lock:
             if not self.alive:
                 return
             self.alive = False
+            self.failure = failure
         self.io.close()
         self._on_drop(self)
 
@@ -261,10 +353,11 @@ class Node:
     """
 
     def __init__(self, rank: int, host: Host, secret: str, start_worker: Callable[[Host], WorkerHandle],
-                 setup: Callable[[Node], None]) -> None:
+                 setup: Callable[[Node], None], pool: str = "") -> None:
         self.rank = rank
         self.host = host
         self.secret = secret
+        self.pool = pool  # the pool's name, for messages
         self._start_worker = start_worker
         self._setup = setup
         self.handle: WorkerHandle | None = None
@@ -320,14 +413,17 @@ class Node:
         assert self.handle is not None
         io = self.handle.open()
         try:
-            hello = WorkerLink.handshake(io, self.secret, self.label)
+            hello = WorkerLink.handshake(io, self.secret, self.label, self.pool)
         except BaseException:
             io.close()
             raise
         link = WorkerLink(io, self.label, self._dropped, hello)
         old = self.link
         unsent: list[Call] = []
+        if old is not None and old.failure is not None:
+            self._fail_calls(old)
         if old is not None:
+            link.scrub.take(old.scrub)
             calls = old.take_calls()
             # The worker holds every task it got until we acknowledge its answer, so one it does not know never
             # reached it: the same worker process gets it again. A different one (restarted, replaced) must not:
@@ -356,9 +452,20 @@ class Node:
             return
         threading.Thread(target=self._recover, args=(link,), daemon=True, name=f"sky-recover-{self.rank}").start()
 
+    def _fail_calls(self, link: WorkerLink) -> None:
+        """The calls of a link dropped for a failure (not the connection ending) fail with its reason."""
+        lost = ConnectionLostError(f"{self.label}: the connection to its worker was dropped: {link.failure}. The "
+                                   f"calls in flight on it are lost; the next task connects again.")
+        for call in link.take_calls().values():
+            call._finish(lost=lost)
+
     def _recover(self, link: WorkerLink) -> None:
         with self._lock:
             if self.closing or link is not self.link:
+                return
+            if link.failure is not None:  # not the connection ending: reconnecting would not bring the answers
+                self._fail_calls(link)
+                self.link = None
                 return
             self.state = "reconnecting"
             try:
@@ -462,7 +569,7 @@ class Node:
     def submit(self, kind: str, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
                code: tuple[Any, ...] = (), on_done: Callable[[], None] | None = None) -> Call:
         link = self.ensure_link()
-        call = Call(self, sink, code, on_done)
+        call = Call(self, sink, code, on_done, kind=kind)
         link.submit(call, kind, meta, payload)
         return call
 

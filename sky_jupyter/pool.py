@@ -23,7 +23,7 @@ from .node import Call, Node, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
 from .providers.base import Cost, Host, PoolSpec, Provider, in_parallel
 from .providers.local import Local
-from .redaction import redact, register
+from .redaction import redact, register, register_environment
 from .shipping import register_user_modules
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
@@ -180,6 +180,7 @@ class ComputePool:
         self.progress = progress or self._print_progress
         self.secret = secrets.token_urlsafe(32)
         register(self.secret)
+        register_environment()  # tokens and cloud credentials set here never show in what comes back from nodes
         self.nodes: list[Node] = []
         self.hosts: list[Host] = []
         self.leftovers: list[Call] = []  # what a dead client left running on the nodes (see attach)
@@ -286,7 +287,7 @@ class ComputePool:
         """Bootstrap each host and start its worker, every node at its own pace (one waiting for the slowest
         bootstrap before starting its worker would add the stragglers' times up). On a failure, the workers that
         did start are stopped and the first failure in rank order is raised."""
-        nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one) for h in hosts]
+        nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one, self.name) for h in hosts]
 
         def one(node: Node) -> None:
             node.start_worker(lambda host: self.provider.bring_up(host, plan, self._worker_config(host),
@@ -370,7 +371,7 @@ class ComputePool:
         try:
             pool._prepare_client()
             pool.hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
-            nodes = [Node(h.rank, h, pool.secret, pool._start_worker, pool._setup_one) for h in pool.hosts]
+            nodes = [Node(h.rank, h, pool.secret, pool._start_worker, pool._setup_one, name) for h in pool.hosts]
             sink_for = leftover_sink or (lambda rank: pool._sink(nodes[rank]))
             found = in_parallel([lambda n=n: n.attach(provider.worker(n.host, *workers[n.rank]), sink_for(n.rank))
                                  for n in nodes])
@@ -414,7 +415,7 @@ class ComputePool:
                 pass  # unreachable or gone: the workers' dead-man switch ends them; the machines go below
             else:
                 def stop(host: Host) -> None:
-                    node = Node(host.rank, host, recorded["secret"], lambda h: None, lambda n: None)
+                    node = Node(host.rank, host, recorded["secret"], lambda h: None, lambda n: None, name)
                     handle = provider.worker(host, *workers[host.rank])
                     try:
                         node.attach(handle, lambda kind, meta: None)  # then asked to shut down: its plugins' exits run
@@ -446,7 +447,8 @@ class ComputePool:
     def _worker_config(self, host: Host) -> dict[str, Any]:
         return {**self.provider.worker_options(),
                 "secret": self.secret, "rank": host.rank, "world_size": self.size, "pool": self.name,
-                "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ}
+                "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ,
+                "max_frame": P.MAX_FRAME, "max_buffers": P.MAX_BUFFERS}
 
     def _start_worker(self, host: Host):  # -> WorkerHandle
         return self.provider.start_worker(host, self._worker_config(host))

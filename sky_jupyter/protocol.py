@@ -6,9 +6,18 @@ cloudpickle payload: its main pickle first, then its protocol-5 out-of-band buff
 without being copied into one bytes object. Payloads are decoded by whoever needs the value (the task thread,
 the caller), never by the reader thread, so a payload that fails to unpickle fails only its own task.
 
-Before any pickle is read, both sides exchange JSON handshake frames: the worker announces its versions and a
-nonce, the client answers with an HMAC of the nonce under the pool secret. Nothing is unpickled from a peer
-that has not proven it knows the secret.
+Before any pickle is read, both sides prove they know the pool secret, in small JSON handshake frames (three, as
+before mutual authentication: the worker speaks first, the client answers, the worker replies):
+
+- worker: ``{"sky": PROTOCOL_VERSION, "nonce": Nw}``, nothing else (no pid or versions before authentication);
+- client: ``{"nonce": Nc, "mac": proof("client", Nw, Nc), python, cloudpickle}``;
+- worker: ``{"ok": ..., "mac": proof("worker", Nw, Nc), python, cloudpickle, pid, generation, setup, rank, tasks,
+  undelivered, max_frame, max_buffers}``, or ``{"ok": false, "error": ...}`` alone to a client without the secret.
+
+Each proof is HMAC-SHA256 under the pool secret over both nonces, with a label per direction, so an answer reflected
+back to its sender fails. Each side checks every field's type and the frame's size; neither unpickles anything from a
+peer that has not proven it knows the secret. Every frame's size is checked from its header before any of it is
+allocated (:data:`MAX_FRAME`, :data:`MAX_BUFFERS`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import hmac
 import json
 import pickle
 import platform
+import secrets
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -25,11 +35,28 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-PROTOCOL_VERSION = 1
+from .errors import SkyError
+
+PROTOCOL_VERSION = 2
 READY = "SKY-READY"  # the line a starting worker prints, followed by {"port": ..., "pid": ...}
 _HEAD = struct.Struct("!II")
 _LEN = struct.Struct("!Q")
 _SMALL = 64 * 1024
+
+#: The largest frame (head and buffers together, in bytes) either side accepts; checked from the header before
+#: anything is allocated. A worker takes its own from its config (``max_frame``); a pool gives it this client's.
+MAX_FRAME = 16 << 30
+#: The most out-of-band buffers one frame may carry (a pickle holds one per array).
+MAX_BUFFERS = 1 << 20
+#: The largest head (kind, task id and meta: cell code, a display bundle); data travels in the buffers.
+MAX_HEAD = 1 << 30
+#: Handshake frames: the worker's hello and the client's answer are read before the peer is authenticated, so
+#: they are small; the worker's reply (its held task ids) may be longer.
+HELLO_LIMIT = 4096
+REPLY_LIMIT = 8 << 20
+#: Seconds a worker gives a new connection to authenticate, and how many may be authenticating at once.
+HANDSHAKE_TIMEOUT = 5.0
+MAX_UNAUTHENTICATED = 16
 
 # Message kinds. Client -> worker:
 TASK = "task"            # run a pickled (fn, args, kwargs)
@@ -51,6 +78,30 @@ NOTICE = "notice"        # meta: {"text": ...} for the user, not tied to a task
 
 class Reader(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class FrameError(SkyError, ValueError):
+    """A frame that breaks the protocol (too large, or not a frame at all): the connection it came on is dropped."""
+
+
+class HandshakeError(SkyError, ValueError):
+    """A handshake frame that is not what the protocol says (not JSON, too large, a field missing or mistyped)."""
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def check_frame(head: int, sizes: Sequence[int], max_frame: int, max_buffers: int) -> None:
+    """Raise :class:`FrameError` when a frame of this shape is over the limits."""
+    if len(sizes) > max_buffers:
+        raise FrameError(f"a frame of {len(sizes)} buffers is over the limit of {max_buffers} buffers")
+    total = head + sum(sizes)
+    if total > max_frame:
+        raise FrameError(f"a frame of {_size(total)} is over the limit of {_size(max_frame)}")
 
 
 def versions() -> dict[str, str]:
@@ -99,7 +150,11 @@ def read_exact(reader: Reader, n: int) -> bytearray:
 
 
 class FrameIO:
-    """Sends and receives frames over any byte stream (a socket, an SSH channel). Sending is thread-safe."""
+    """Sends and receives frames over any byte stream (a socket, an SSH channel). Sending is thread-safe.
+
+    ``max_frame`` and ``max_buffers`` bound every frame read (checked from its header, before allocating) and sent
+    (checked before anything is written); None means the module's :data:`MAX_FRAME` and :data:`MAX_BUFFERS`.
+    """
 
     def __init__(self, reader: Reader, sendall: Callable[[bytes | memoryview], Any],
                  close: Callable[[], Any] = lambda: None) -> None:
@@ -108,6 +163,14 @@ class FrameIO:
         self._close = close
         self._lock = threading.Lock()
         self.closed = False
+        self.max_frame: int | None = None
+        self.max_buffers: int | None = None
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(bytes, buffers) this stream's frames may have."""
+        return (MAX_FRAME if self.max_frame is None else self.max_frame,
+                MAX_BUFFERS if self.max_buffers is None else self.max_buffers)
 
     def send(self, kind: str, task_id: int = 0, meta: Any = None,
              payload: Sequence[bytes | memoryview] = (), before: bytes = b"") -> None:
@@ -115,11 +178,16 @@ class FrameIO:
         head = pickle.dumps((kind, task_id, meta), protocol=5)
         self._send_parts(head, payload, before)
 
+    def check_payload(self, payload: Sequence[bytes | memoryview]) -> None:
+        """Raise :class:`FrameError` if a frame with this payload would be over the limits (before sending it)."""
+        check_frame(0, [memoryview(p).nbytes for p in payload], *self.limits)
+
     def send_json(self, obj: dict[str, Any]) -> None:
         self._send_parts(json.dumps(obj).encode(), ())
 
     def _send_parts(self, head: bytes, payload: Sequence[bytes | memoryview], before: bytes = b"") -> None:
         sizes = [memoryview(p).nbytes for p in payload]
+        check_frame(len(head), sizes, *self.limits)
         prefix = _HEAD.pack(len(head), len(payload)) + b"".join(_LEN.pack(s) for s in sizes)
         with self._lock:
             if sum(sizes) + len(head) <= _SMALL:
@@ -131,21 +199,42 @@ class FrameIO:
 
     def _recv_parts(self) -> tuple[bytes, list[bytearray]]:
         head_len, nbufs = _HEAD.unpack(read_exact(self._reader, _HEAD.size))
+        max_frame, max_buffers = self.limits
+        if nbufs > max_buffers:
+            raise FrameError(f"a frame of {nbufs} buffers is over the limit of {max_buffers} buffers")
+        if head_len > min(max_frame, MAX_HEAD):
+            raise FrameError(f"a frame head of {_size(head_len)} is over the limit of "
+                             f"{_size(min(max_frame, MAX_HEAD))}")
         rest = read_exact(self._reader, nbufs * _LEN.size + head_len)  # the buffer sizes and the head, in one read
         sizes = struct.unpack_from(f"!{nbufs}Q", rest) if nbufs else ()
+        if nbufs and head_len + sum(sizes) > max_frame:
+            check_frame(head_len, sizes, max_frame, max_buffers)
         head = bytes(memoryview(rest)[nbufs * _LEN.size:])
         return head, [read_exact(self._reader, s) for s in sizes]
 
     def recv(self) -> tuple[str, int, Any, list[bytearray]]:
         head, frames = self._recv_parts()
-        kind, task_id, meta = pickle.loads(head)
+        try:
+            kind, task_id, meta = pickle.loads(head)
+        except Exception as exc:  # noqa: BLE001 - a head that is not one breaks the protocol, whatever it raised
+            raise FrameError(f"a frame's head could not be read ({type(exc).__name__})") from None
+        if type(kind) is not str or type(task_id) is not int:
+            raise FrameError("a frame's head is not (kind, task id, meta)")
         return kind, task_id, meta, frames
 
-    def recv_json(self, limit: int = 64 * 1024) -> dict[str, Any]:
+    def recv_json(self, limit: int = HELLO_LIMIT) -> dict[str, Any]:
+        """One handshake frame: a JSON object of at most ``limit`` bytes (:class:`HandshakeError` otherwise)."""
         head_len, nbufs = _HEAD.unpack(read_exact(self._reader, _HEAD.size))
         if nbufs or head_len > limit:
-            raise ValueError("unexpected handshake frame")
-        return json.loads(bytes(read_exact(self._reader, head_len)))
+            raise HandshakeError(f"a handshake frame of {head_len} bytes and {nbufs} buffers, where one JSON object "
+                                 f"of at most {limit} bytes belongs")
+        try:
+            obj = json.loads(bytes(read_exact(self._reader, head_len)))
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested lists
+            raise HandshakeError(f"a handshake frame that is not JSON ({type(exc).__name__})") from None
+        if not isinstance(obj, dict):
+            raise HandshakeError(f"a handshake frame holding a JSON {type(obj).__name__}, not an object")
+        return obj
 
     def close(self) -> None:
         if not self.closed:
@@ -162,9 +251,60 @@ def frame(kind: str, task_id: int = 0, meta: Any = None) -> bytes:
     return _HEAD.pack(len(head), 0) + head
 
 
-def mac(secret: str, nonce: str) -> str:
-    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+# -- the handshake ------------------------------------------------------------------------------------------
+CLIENT, WORKER = "client", "worker"  # who proves: each direction's proof has its own label
 
 
-def check_mac(secret: str, nonce: str, answer: str) -> bool:
-    return hmac.compare_digest(mac(secret, nonce), str(answer))
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def proof(secret: str, side: str, worker_nonce: str, client_nonce: str) -> str:
+    """What ``side`` sends to prove it knows ``secret``: an HMAC over both nonces, labelled with the side."""
+    message = f"sky_jupyter/{PROTOCOL_VERSION} {side} proof\n{worker_nonce}\n{client_nonce}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def check_proof(secret: str, side: str, worker_nonce: str, client_nonce: str, answer: object) -> bool:
+    return isinstance(answer, str) and hmac.compare_digest(
+        proof(secret, side, worker_nonce, client_nonce).encode(), answer.encode("utf-8", "replace"))
+
+
+def _hex(n: int) -> Callable[[object], bool]:
+    digits = frozenset("0123456789abcdef")
+    return lambda v: isinstance(v, str) and len(v) == n and digits.issuperset(v)
+
+
+def _short_text(v: object) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 64
+
+
+def _count(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _flag(v: object) -> bool:
+    return type(v) is bool
+
+
+def _task_ids(v: object) -> bool:
+    return isinstance(v, list) and all(type(t) is int for t in v)
+
+
+_VERSIONS = {"python": _short_text, "cloudpickle": _short_text}
+_LIMITS = {"max_frame": _count, "max_buffers": _count}
+#: Each handshake frame's fields and their checks (a frame may hold more fields; these must be there and valid).
+HELLO_FIELDS = {"sky": _count, "nonce": _hex(32)}
+ANSWER_FIELDS = {"nonce": _hex(32), "mac": _hex(64), **_VERSIONS}
+REPLY_FIELDS = {"ok": _flag, "mac": _hex(64), **_VERSIONS, **_LIMITS, "pid": _count, "generation": _count,
+                "setup": _flag, "rank": _count, "tasks": _task_ids, "undelivered": _task_ids}
+
+
+def check_fields(obj: dict[str, Any], fields: dict[str, Callable[[object], bool]], what: str) -> dict[str, Any]:
+    """``obj`` when each of ``fields`` is there and passes its check, else :class:`HandshakeError` naming it."""
+    for key, valid in fields.items():
+        if key not in obj:
+            raise HandshakeError(f"{what} lacks {key!r}")
+        if not valid(obj[key]):
+            raise HandshakeError(f"{what} has an invalid {key!r} ({type(obj[key]).__name__})")
+    return obj

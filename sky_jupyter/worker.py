@@ -12,6 +12,11 @@ has run for a tick (0.1 s), the connection's own thread reads instead: it answer
 and queues further tasks. A newer authenticated connection replaces the older one. Frames for the client go
 through an outbox that holds them while no client is connected, so a result produced during a reconnect is
 delivered afterwards instead of lost.
+
+A connection is served only after the mutual handshake of :mod:`sky_jupyter.protocol`. Until then it is one of
+a few (``max_unauthenticated``) with a few seconds each (``handshake_timeout``), reading small JSON frames whose
+every field is checked; whatever goes wrong costs that connection and one log line. Frames over ``max_frame``
+bytes or ``max_buffers`` buffers are refused from their header, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -24,9 +29,7 @@ import faulthandler
 import io
 import json
 import os
-import pickle
 import queue
-import secrets
 import select
 import signal
 import socket
@@ -61,7 +64,8 @@ class Outbox:
     (safe to send again) from one whose answer went missing (which must not run twice).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: tuple[int, int] = (P.MAX_FRAME, P.MAX_BUFFERS)) -> None:
+        self.limits = limits  # (bytes, buffers) of a frame: a result over them goes back as an error instead
         self._conn: P.FrameIO | None = None
         self._pending: collections.deque[tuple[str, int, Any, list]] = collections.deque()
         self._unacked: dict[int, tuple[str, int, Any, list]] = {}  # sent results, by task id, until acknowledged
@@ -82,9 +86,12 @@ class Outbox:
                     self._unacked[frame[1]] = frame
 
     def ack(self, task_ids: Any) -> None:
+        if not isinstance(task_ids, list):
+            return
         with self._lock:
-            for task_id in task_ids or ():
-                self._unacked.pop(task_id, None)
+            for task_id in task_ids:
+                if type(task_id) is int:
+                    self._unacked.pop(task_id, None)
 
     def held_tasks(self) -> tuple[set[int], set[int]]:
         """Tasks whose result or error waits here: (never sent, because no client was connected; sent, and not
@@ -98,6 +105,15 @@ class Outbox:
                 self._conn = None
 
     def send(self, kind: str, task_id: int, meta: Any = None, payload: list | tuple = ()) -> None:
+        if payload and kind in (P.RESULT, P.ERROR):
+            try:
+                P.check_frame(0, [memoryview(p).nbytes for p in payload], *self.limits)
+            except P.FrameError as exc:  # the caller learns why, instead of waiting for an answer never sent
+                what = "result" if kind == P.RESULT else "exception"
+                kind, payload = P.ERROR, ()
+                meta = {"type": "sky_jupyter.protocol.FrameError", "traceback": "",
+                        "message": f"the task's {what} is too large to send back ({exc}); return less per call, "
+                                   f"or write it to a file on the node and fetch that in parts."}
         with self._lock:
             if self._conn is not None and self._try_send(kind, task_id, meta, payload):
                 if kind in (P.RESULT, P.ERROR):
@@ -114,6 +130,9 @@ class Outbox:
         assert self._conn is not None
         try:
             self._conn.send(kind, task_id, meta, payload)
+            return True
+        except P.FrameError as exc:  # output or a display bundle over the frame limit: it cannot go, ever
+            log(f"a {kind} frame of task {task_id} was dropped: {exc}")
             return True
         except OSError:
             self._conn = None
@@ -245,6 +264,21 @@ class OutputCapture:
             os.dup2(saved, fd)
 
 
+class _Deadline:
+    """``readinto`` on a socket that fails once ``seconds`` have passed, however slowly the peer sends."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self._sock = sock
+        self._end = time.monotonic() + seconds
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the handshake took too long")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 def _user_traceback(exc: BaseException) -> str:
     """The exception's traceback without the worker's own frames."""
     tb = exc.__traceback__
@@ -274,7 +308,15 @@ class Worker:
         self.secret: str = config["secret"]
         self.listener = listener
         self.generation = generation
-        self.outbox = Outbox()
+        self.max_frame = int(config.get("max_frame", P.MAX_FRAME))
+        self.max_buffers = int(config.get("max_buffers", P.MAX_BUFFERS))
+        self.handshake_timeout = float(config.get("handshake_timeout", P.HANDSHAKE_TIMEOUT))
+        # Connections not yet authenticated: few, small and short-lived; more at once are closed on arrival.
+        self.max_unauthenticated = int(config.get("max_unauthenticated", P.MAX_UNAUTHENTICATED))
+        self._unauthenticated = threading.BoundedSemaphore(self.max_unauthenticated)
+        self._turned_away = 0  # connections closed on arrival since the last log line about them
+        self._turned_away_logged = 0.0
+        self.outbox = Outbox((self.max_frame, self.max_buffers))
         # SimpleQueue hands a job to the main thread faster than Queue; ``queued`` says what waits in it.
         self.jobs: queue.SimpleQueue[tuple[str, int, Any, list]] = queue.SimpleQueue()
         self.queued: set[int] = set()
@@ -313,6 +355,14 @@ class Worker:
                 log(f"accept failed: {exc}")
                 time.sleep(0.1)
                 continue
+            if not self._unauthenticated.acquire(blocking=False):
+                sock.close()
+                self._turned_away += 1
+                if time.monotonic() - self._turned_away_logged > 10:  # a flood gets a line now and then, not each
+                    log(f"{self._turned_away} connection(s) closed on arrival: {self.max_unauthenticated} others "
+                        f"are still authenticating")
+                    self._turned_away, self._turned_away_logged = 0, time.monotonic()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self.serve_connection, args=(sock,), daemon=True).start()
 
@@ -338,25 +388,33 @@ class Worker:
         undelivered = set(self.queued) | running | unsent
         return sorted(undelivered | unacked), sorted(undelivered)
 
-    def handshake(self, conn: P.FrameIO, sock: socket.socket) -> bool:
-        nonce = secrets.token_hex(16)
-        tasks, undelivered = self.known_tasks()
-        conn.send_json({"sky": P.PROTOCOL_VERSION, "nonce": nonce, **P.versions(), "pid": os.getpid(),
-                        "generation": self.generation, "setup": self.setup_done,
-                        "rank": self.config.get("rank", 0), "tasks": tasks, "undelivered": undelivered})
-        sock.settimeout(15)
-        answer = conn.recv_json()
-        if not P.check_mac(self.secret, nonce, answer.get("mac", "")):
-            conn.send_json({"ok": False, "error": "authentication failed: wrong pool secret"})
+    def handshake(self, sock: socket.socket) -> bool:
+        """Mutual authentication (see :mod:`sky_jupyter.protocol`): the client proves it knows the pool secret, then
+        this worker does, and only then says who it is. Whether the connection may carry frames."""
+        wire = P.FrameIO(_Deadline(sock, self.handshake_timeout), sock.sendall)
+        worker_nonce = P.new_nonce()
+        wire.send_json({"sky": P.PROTOCOL_VERSION, "nonce": worker_nonce})
+        answer = wire.recv_json(P.HELLO_LIMIT)
+        P.check_fields(answer, {k: P.ANSWER_FIELDS[k] for k in ("nonce", "mac")}, "the client's answer")
+        if not P.check_proof(self.secret, P.CLIENT, worker_nonce, answer["nonce"], answer["mac"]):
+            wire.send_json({"ok": False, "error": "authentication failed: wrong pool secret"})
+            log("refused a connection: the client did not prove it knows the pool secret")
             return False
+        P.check_fields(answer, P.ANSWER_FIELDS, "the client's answer")
         mine = P.versions()
-        theirs = {k: answer.get(k) for k in mine}
-        if theirs != mine:
-            conn.send_json({"ok": False, "error": f"version mismatch: worker has {mine}, client has {theirs}"})
-            return False
-        conn.send_json({"ok": True})
+        ok = all(answer[k] == v for k, v in mine.items())
+        tasks, undelivered = self.known_tasks()
+        reply = {"ok": ok, "mac": P.proof(self.secret, P.WORKER, worker_nonce, answer["nonce"]), **mine,
+                 "max_frame": self.max_frame, "max_buffers": self.max_buffers, "pid": os.getpid(),
+                 "generation": self.generation, "setup": self.setup_done, "rank": int(self.config.get("rank", 0)),
+                 "tasks": tasks, "undelivered": undelivered}
+        if not ok:
+            reply["error"] = (f"version mismatch: worker has {mine}, client has "
+                              f"{ {k: answer[k] for k in mine} }")
+            log(f"refused a client: {reply['error']}")
+        wire.send_json(reply)
         sock.settimeout(None)
-        return True
+        return ok
 
     def serve_connection(self, sock: socket.socket) -> None:
         def close() -> None:  # shut down first: that wakes a thread blocked reading it, which close() does not
@@ -367,11 +425,15 @@ class Worker:
             sock.close()
 
         conn = P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, close)
+        conn.max_frame, conn.max_buffers = self.max_frame, self.max_buffers
         try:
-            if not self.handshake(conn, sock):
-                return
-        except (OSError, EOFError, ValueError) as exc:
-            log(f"handshake failed: {exc}")
+            authenticated = self.handshake(sock)
+        except Exception as exc:  # noqa: BLE001 - whatever an unauthenticated peer caused: one line, and it is gone
+            log(f"refused a connection: {type(exc).__name__}: {exc}")
+            authenticated = False
+        finally:
+            self._unauthenticated.release()
+        if not authenticated:
             conn.close()
             return
         self.last_seen = time.monotonic()
@@ -412,15 +474,17 @@ class Worker:
         """Read one frame and act on it; returns it when it is work for the main thread."""
         try:
             kind, task_id, meta, frames = conn.recv()
-        except BaseException as exc:  # the connection ended, or a frame was cut short: either way it is done
+        except BaseException as exc:  # the connection ended, or a frame broke the protocol: either way it is done
+            if isinstance(exc, Exception) and not isinstance(exc, (EOFError, OSError)):  # over the limits, or no frame
+                log(f"dropped the client's connection: {type(exc).__name__}: {exc}")
             with self._reading:
                 if self.conn is conn:
                     self.conn = None
                 self._reading.notify_all()
             conn.close()
-            if isinstance(exc, (EOFError, OSError, ValueError, pickle.UnpicklingError)):
-                return None
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            return None
         self.last_seen = time.monotonic()
         match kind:
             case P.PING:
@@ -667,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", int(config.get("port", 0))))
-        listener.listen(16)
+        listener.listen(socket.SOMAXCONN)  # a burst of connections is turned away by the accept loop at once
     os.set_inheritable(listener.fileno(), False)
     if config.get("workdir"):
         os.makedirs(os.path.expanduser(config["workdir"]), exist_ok=True)

@@ -1,4 +1,4 @@
-"""The wire format: frames, out-of-band buffers, the handshake MAC."""
+"""The wire format: frames, out-of-band buffers, the handshake proofs."""
 
 from __future__ import annotations
 
@@ -79,10 +79,14 @@ def test_handshake_frames_are_json_and_bounded():
         pipe.b.recv_json()
 
 
-def test_mac_depends_on_secret_and_nonce():
-    assert P.check_mac("s3cret", "n1", P.mac("s3cret", "n1"))
-    assert not P.check_mac("s3cret", "n2", P.mac("s3cret", "n1"))
-    assert not P.check_mac("other", "n1", P.mac("s3cret", "n1"))
+def test_proof_depends_on_secret_both_nonces_and_direction():
+    proof = P.proof("s3cret", P.CLIENT, "n1", "m1")
+    assert P.check_proof("s3cret", P.CLIENT, "n1", "m1", proof)
+    assert not P.check_proof("s3cret", P.CLIENT, "n2", "m1", proof)
+    assert not P.check_proof("s3cret", P.CLIENT, "n1", "m2", proof)
+    assert not P.check_proof("other", P.CLIENT, "n1", "m1", proof)
+    assert not P.check_proof("s3cret", P.WORKER, "n1", "m1", proof)  # an answer reflected back fails
+    assert not P.check_proof("s3cret", P.CLIENT, "n1", "m1", None)
 
 
 def test_versions_name_python_and_cloudpickle():

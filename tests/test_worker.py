@@ -29,8 +29,9 @@ def test_wrong_secret_is_refused_and_worker_keeps_serving(local_pool):
     node = local_pool.nodes[0]
     sock, io = _raw(node.handle.port)
     hello = io.recv_json()
-    assert set(hello) >= {"nonce", "python", "cloudpickle"}
-    io.send_json({"mac": P.mac("not-the-secret", hello["nonce"]), **P.versions()})
+    assert set(hello) == {"sky", "nonce"}  # nothing about the worker before the client proves it knows the secret
+    nonce = P.new_nonce()
+    io.send_json({"nonce": nonce, "mac": P.proof("not-the-secret", P.CLIENT, hello["nonce"], nonce), **P.versions()})
     answer = io.recv_json()
     assert answer == {"ok": False, "error": "authentication failed: wrong pool secret"}
     sock.close()

@@ -57,6 +57,10 @@ def _coerce(key: str, text: str) -> Any:
         raise ConfigError(f"unknown setting {key!r}; known: {', '.join(k for k in kinds)}")
     kind = str(kinds[key])
     text = text.strip()
+    if key == "hf_token":  # typed into a cell, a token stays in the notebook, its history and its outputs
+        raise ConfigError("%sky config does not take hf_token (the token would stay in the notebook); enter it in "
+                          "the panel's token field (%sky panel), set the HF_TOKEN environment variable, or run "
+                          "`hf auth login` on this machine.")
     if key == "provider":
         if text not in PROVIDERS:
             raise ConfigError(f"provider must be one of {', '.join(PROVIDERS)}, got {text!r}")
