@@ -179,10 +179,10 @@ token_file="${token_file/#\\~/$HOME}\""""
 #: Shell lines writing ``$HF_TOKEN`` to ``$token_file`` (0600, its folder 0700). ``printf`` is a shell builtin: the
 #: token stays off every command line.
 WRITE_HUB_TOKEN = """\
-( umask 077
+( umask 077; tmp="$token_file.tmp.$$"   # its own name: nodes sharing one Hub folder (Local) write at once
   mkdir -p "$(dirname "$token_file")" && chmod 700 "$(dirname "$token_file")" \\
-  && printf '%s' "$HF_TOKEN" > "$token_file.tmp" && chmod 600 "$token_file.tmp" && mv -f "$token_file.tmp" "$token_file"
-) || { rm -f "$token_file.tmp"; false; }"""
+  && printf '%s' "$HF_TOKEN" > "$tmp" && chmod 600 "$tmp" && mv -f "$tmp" "$token_file"
+) || { rm -f "$token_file.tmp.$$"; false; }"""
 
 
 def hub_token_path(env: dict[str, str]) -> str:
