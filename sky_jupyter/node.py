@@ -33,6 +33,7 @@ Sink = Callable[[str, Any], None]  # (frame kind, meta) for STREAM and DISPLAY f
 # never reuses an id those workers still hold a result for.
 _task_ids = itertools.count(time.time_ns() // 1000)
 _finishing = threading.Lock()  # a call ends once, whichever thread learns of it first
+HANDSHAKE_TIMEOUT = 15.0  # seconds a worker has to prove itself once connected
 
 
 class Call:
@@ -413,7 +414,13 @@ class Node:
         assert self.handle is not None
         io = self.handle.open()
         try:
+            io.settimeout(HANDSHAKE_TIMEOUT)  # a peer that accepts and never speaks must not hang this client
             hello = WorkerLink.handshake(io, self.secret, self.label, self.pool)
+            io.settimeout(None)
+        except TimeoutError:
+            io.close()
+            raise ConnectionLostError(f"{self.label}: the worker did not answer its handshake within "
+                                      f"{HANDSHAKE_TIMEOUT:.0f} s; is something else listening on its port?") from None
         except BaseException:
             io.close()
             raise

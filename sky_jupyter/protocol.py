@@ -157,10 +157,13 @@ class FrameIO:
     """
 
     def __init__(self, reader: Reader, sendall: Callable[[bytes | memoryview], Any],
-                 close: Callable[[], Any] = lambda: None) -> None:
+                 close: Callable[[], Any] = lambda: None,
+                 settimeout: Callable[[float | None], Any] | None = None) -> None:
         self._reader = reader
         self._sendall = sendall
         self._close = close
+        #: Bounds each blocking read and write (None: no bound); a no-op for streams that cannot time out.
+        self.settimeout: Callable[[float | None], Any] = settimeout or (lambda seconds: None)
         self._lock = threading.Lock()
         self.closed = False
         self.max_frame: int | None = None

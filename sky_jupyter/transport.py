@@ -714,7 +714,7 @@ class Connection:
                                          f"({exc.text})") from None
         except (paramiko.SSHException, EOFError) as exc:
             raise ConnectionResetError(f"{self.label}: {exc}") from None
-        return P.FrameIO(ChannelReader(chan), _sender(chan), chan.close)
+        return P.FrameIO(ChannelReader(chan), _sender(chan), chan.close, chan.settimeout)
 
     def close(self) -> None:
         self._stop.set()

@@ -577,3 +577,27 @@ def test_hf_token_cannot_be_set_with_sky_config(shell, capsys):
     manager().configure(hf_token="hf_fromThePanelxxxxxxxxxxxx")  # the panel's way still works
     assert manager().settings.hf_token == "hf_fromThePanelxxxxxxxxxxxx"
     manager().configure(hf_token=before)
+
+
+def test_a_peer_that_accepts_and_never_speaks_fails_the_connect_instead_of_hanging(monkeypatch):
+    """Whatever holds a worker's port but never answers: the client gives up after its handshake timeout."""
+    import socket as socket_module
+
+    from sky_jupyter import node as node_module
+    from sky_jupyter.errors import ConnectionLostError
+    from sky_jupyter.providers.base import Host
+    from sky_jupyter.providers.local import LocalWorker
+
+    monkeypatch.setattr(node_module, "HANDSHAKE_TIMEOUT", 0.5)
+    with socket_module.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        handle = LocalWorker.__new__(LocalWorker)
+        handle.port = silent.getsockname()[1]
+        node = node_module.Node(0, Host(rank=0, addr="127.0.0.1", private_addr="127.0.0.1"), "s" * 32,
+                                lambda h: handle, lambda n: None, "silent-pool")
+        node.handle = handle
+        started = time.monotonic()
+        with pytest.raises(ConnectionLostError, match="did not answer its handshake within"):
+            node._connect()
+        assert time.monotonic() - started < 5

@@ -82,7 +82,7 @@ class LocalWorker(WorkerHandle):
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, sock.close)
+        return P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, sock.close, sock.settimeout)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
