@@ -113,14 +113,6 @@ def check_nodes(nodes: object) -> int:
     return nodes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class StreamPrinter:
     """Where a Python-API call's remote output goes: the stdout/stderr current when it was submitted,
     with a ``[node K]`` prefix on each line when the pool has several nodes."""
@@ -232,7 +224,7 @@ class ComputePool:
             self.hosts = self.provider.provision(spec)
             self._save_state()
             self.nodes = self._bring_up(self.hosts, plan)
-            self.head_port = self.nodes[0].submit(P.TASK, None, P.dumps((_free_port, (), {}))).wait(30)
+            self.head_port = self.nodes[0].link.hello["free_port"]  # told when it connected
             self._setup_all()
             self.started_at = time.time()
             self._save_state()

@@ -300,7 +300,7 @@ _LIMITS = {"max_frame": _count, "max_buffers": _count}
 HELLO_FIELDS = {"sky": _count, "nonce": _hex(32)}
 ANSWER_FIELDS = {"nonce": _hex(32), "mac": _hex(64), **_VERSIONS}
 REPLY_FIELDS = {"ok": _flag, "mac": _hex(64), **_VERSIONS, **_LIMITS, "pid": _count, "generation": _count,
-                "setup": _flag, "rank": _count, "tasks": _task_ids, "undelivered": _task_ids}
+                "setup": _flag, "rank": _count, "tasks": _task_ids, "undelivered": _task_ids, "free_port": _count}
 
 
 def check_fields(obj: dict[str, Any], fields: dict[str, Callable[[object], bool]], what: str) -> dict[str, Any]:

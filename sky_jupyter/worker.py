@@ -56,6 +56,15 @@ def log(msg: str) -> None:
         stream.flush()
 
 
+
+
+def _free_port() -> int:
+    """A TCP port free on this node now: what rank 0 offers torch.distributed (``MASTER_PORT``), told at connect
+    so that starting a pool costs no extra round trip to ask."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
 class Outbox:
     """Frames for the client. Held while no client is connected; delivered to the newest connection.
 
@@ -407,7 +416,7 @@ class Worker:
         reply = {"ok": ok, "mac": P.proof(self.secret, P.WORKER, worker_nonce, answer["nonce"]), **mine,
                  "max_frame": self.max_frame, "max_buffers": self.max_buffers, "pid": os.getpid(),
                  "generation": self.generation, "setup": self.setup_done, "rank": int(self.config.get("rank", 0)),
-                 "tasks": tasks, "undelivered": undelivered}
+                 "tasks": tasks, "undelivered": undelivered, "free_port": _free_port()}
         if not ok:
             reply["error"] = (f"version mismatch: worker has {mine}, client has "
                               f"{ {k: answer[k] for k in mine} }")
