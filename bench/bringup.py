@@ -353,8 +353,13 @@ class Bench:
         return [f"{node.user}@127.0.0.1:{port}" for node, port in zip(self.cluster.nodes[:n], self.ports[rtt])]
 
     def reset(self, n: int) -> None:
+        """Nodes as fresh machines: homes wiped, and this client forgets having seen them hold its package."""
+        from sky_jupyter.providers import local, ssh
+
         for node in self.cluster.nodes[:n]:
             self.cluster.reset_home(node)
+        ssh._packages_seen = None
+        (local.sky_home() / "cache" / "package-on-nodes").unlink(missing_ok=True)
         os.sync()  # the file system's work for the wipe (journal, discards) is not the bring-up's
         time.sleep(0.5)
 
