@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sky_jupyter.cells import CellRunner, rebind
+from sky_jupyter.worker.cells import CellRunner, rebind
 
 
 def test_rebound_functions_write_globals_into_the_node_namespace():
@@ -15,7 +15,7 @@ def test_rebound_functions_write_globals_into_the_node_namespace():
 
 def test_cells_run_in_a_persistent_namespace_and_return_what_they_bound():
     runner = CellRunner({"__name__": "__main__"})
-    runner._shell = __import__("sky_jupyter.cells", fromlist=["_NO_SHELL"])._NO_SHELL  # plain Python path
+    runner._shell = __import__("sky_jupyter.worker.cells", fromlist=["_NO_SHELL"])._NO_SHELL  # plain Python path
     first = runner.run({"code": "a = 2\nb = a * 3", "binds": ["a", "b"]}, [])
     assert first["bound"] == ["a", "b"] and set(first["values"]) == {"a", "b"}
     second = runner.run({"code": "a + b"}, [])

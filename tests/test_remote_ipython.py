@@ -19,9 +19,9 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import sky_jupyter as sky
 from sky_jupyter import protocol as P
-from sky_jupyter.cells import pip_command
 from sky_jupyter.notebook.manager import manager
 from sky_jupyter.notebook.output import _collapse_carriage_returns, _fold
+from sky_jupyter.worker.cells import pip_command
 
 POOL = "ipy"
 

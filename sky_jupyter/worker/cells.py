@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol as P
+from .. import protocol as P
 
 
 def rebind(value: Any, namespace: dict[str, Any]) -> Any:

@@ -40,8 +40,8 @@ import traceback
 from contextlib import ExitStack
 from typing import Any
 
-from . import protocol as P
-from .info import InstanceInfo, _set_current
+from .. import protocol as P
+from ..info import InstanceInfo, _set_current
 
 _MAX_PENDING = 20000
 
@@ -764,7 +764,3 @@ def main(argv: list[str] | None = None) -> None:
     if config.get("exit_with_stdin"):
         threading.Thread(target=_watch_stdin, args=(worker,), daemon=True).start()
     worker.serve()
-
-
-if __name__ == "__main__":
-    main()
