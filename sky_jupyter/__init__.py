@@ -38,15 +38,16 @@ __version__ = "0.1.0"
 # The client's machinery is imported on first use: a node's worker imports this package before anything else and
 # needs none of it (and the SSH and AWS providers need paramiko and boto3, the panel ipywidgets).
 _LAZY = {
-    "Image": "image", "PipIndex": "image", "Cluster": "plugin", "Plugin": "plugin", "ComputePool": "pool",
+    "Image": "image", "PipIndex": "image", "Remote": "remote", "Cluster": "plugin", "Plugin": "plugin",
+    "ComputePool": "pool",
     "Local": "providers", "SSH": "providers", "AWS": "providers", "panel": "notebook.panel",
 }
 
 __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
-    "ProvisionError", "RemoteError", "SerializationError", "SkyError", "VersionMismatchError", "WorkerLostError",
-    "compute", "gather", "instance_info", "panel", "plugins", "shard",
+    "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "VersionMismatchError",
+    "WorkerLostError", "compute", "gather", "instance_info", "panel", "plugins", "shard",
 ]
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .plugin import Cluster, Plugin
     from .pool import ComputePool
     from .providers import AWS, SSH, Local
+    from .remote import Remote
 
 
 def __getattr__(name: str) -> Any:

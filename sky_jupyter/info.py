@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,27 +59,46 @@ def _set_current(info: InstanceInfo | None) -> None:
     _current = info
 
 
-def shard(seq: T, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-          rank: int | None = None, world_size: int | None = None) -> T:
-    """This node's strided part of ``seq`` (rank, rank + world, ...), keeping its type.
+def shard(*data: Any, shuffle: bool = False, seed: int = 0, drop_last: bool = False, node: int | None = None,
+          total_nodes: int | None = None, rank: int | None = None, world_size: int | None = None) -> Any:
+    """This node's contiguous block of each sequence in ``data`` (Skyward's ``shard``), keeping each one's type.
 
-    Lists, tuples, strings, numpy arrays and tensors come back as the same kind of object (others: a list).
-    ``shuffle`` permutes with ``seed`` first (the same on every node, so parts stay disjoint);
-    ``drop_last`` makes every node's part the same length.
+    Several sequences are cut at the same indices (``x_part, y_part = sky.shard(x, y)``: a tuple); one sequence
+    gives its part alone. Blocks are contiguous and as even as possible (the first ``len % nodes`` nodes hold one
+    more), as ``numpy.array_split`` cuts. ``shuffle`` permutes with ``seed`` first (the same on every node, so
+    parts stay disjoint); ``drop_last`` gives every node exactly ``len // nodes`` items. ``node``/``total_nodes``
+    (or ``rank``/``world_size``) override what :func:`instance_info` says. Lists, tuples, strings, numpy arrays
+    and tensors come back as the same kind of object (others: a list).
     """
-    info = instance_info()
-    rank = info.rank if rank is None else rank
-    world = info.world_size if world_size is None else world_size
-    n = len(seq)  # type: ignore[arg-type]
+    if not data:
+        raise TypeError("shard() needs at least one sequence: sky.shard(x) or sky.shard(x, y)")
+    lengths = [len(seq) for seq in data]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"shard() cuts its sequences at the same indices, so they must be equally long; got "
+                         f"lengths {lengths}")
+    node = rank if node is None else node
+    total_nodes = world_size if total_nodes is None else total_nodes
+    if node is None or total_nodes is None:
+        info = instance_info()
+        node = info.rank if node is None else node
+        total_nodes = info.world_size if total_nodes is None else total_nodes
+    if not 0 <= node < total_nodes:
+        raise ValueError(f"shard(): node {node} is not one of the {total_nodes} nodes")
+    n = lengths[0]
     indices = list(range(n))
     if shuffle:
         import random
 
         random.Random(seed).shuffle(indices)
     if drop_last:
-        indices = indices[: n - n % world]
-    mine = indices[rank::world]
-    return _take(seq, mine)
+        size = n // total_nodes
+        mine = indices[node * size:(node + 1) * size]
+    else:
+        size, extra = divmod(n, total_nodes)
+        start = node * size + min(node, extra)
+        mine = indices[start:start + size + (node < extra)]
+    parts = tuple(_take(seq, mine) for seq in data)
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _take(seq: Any, idx: list[int]) -> Any:

@@ -5,12 +5,34 @@ import pytest
 import sky_jupyter as sky
 
 
-def test_shard_is_strided_and_disjoint():
+def test_every_exported_name_resolves():
+    """`sky.Remote` went missing once when the package's imports became lazy: every name in __all__ must resolve."""
+    for name in sky.__all__:
+        assert getattr(sky, name) is not None, name
+    assert sky.Remote.__name__ == "Remote"
+
+
+def test_shard_gives_contiguous_blocks_as_even_as_possible():
     data = list(range(10))
     parts = [sky.shard(data, rank=r, world_size=3) for r in range(3)]
-    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert sky.shard(tuple(data), rank=1, world_size=2) == (1, 3, 5, 7, 9)
-    assert sky.shard("abcdef", rank=0, world_size=2) == "ace"
+    assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert sky.shard(tuple(data), node=1, total_nodes=2) == (5, 6, 7, 8, 9)
+    assert sky.shard("abcdef", node=0, total_nodes=2) == "abc"
+    assert [sky.shard([1, 2], node=k, total_nodes=3) for k in range(3)] == [[1], [2], []]
+
+
+def test_several_sequences_are_cut_at_the_same_indices():
+    """Skyward's shard(x_train, y_train): aligned parts, as a tuple (the second argument is not `shuffle`)."""
+    x, y = list(range(10)), [f"label{i}" for i in range(10)]
+    for node in range(3):
+        xs, ys = sky.shard(x, y, shuffle=True, seed=7, node=node, total_nodes=3)
+        assert [f"label{i}" for i in xs] == ys
+    together = [sky.shard(x, y, node=k, total_nodes=3)[0] for k in range(3)]
+    assert sorted(v for part in together for v in part) == x
+    with pytest.raises(ValueError, match=r"equally long; got lengths \[10, 3\]"):
+        sky.shard(x, [1, 2, 3], node=0, total_nodes=2)
+    with pytest.raises(TypeError, match="at least one sequence"):
+        sky.shard()
 
 
 def test_shard_shuffle_is_the_same_on_every_node_and_drop_last_evens_out():
@@ -25,7 +47,7 @@ def test_shard_keeps_arrays_and_tensors():
     torch = pytest.importorskip("torch")
     assert isinstance(sky.shard(np.arange(6), rank=1, world_size=2), np.ndarray)
     t = sky.shard(torch.arange(6), rank=1, world_size=2)
-    assert isinstance(t, torch.Tensor) and t.tolist() == [1, 3, 5]
+    assert isinstance(t, torch.Tensor) and t.tolist() == [3, 4, 5]
 
 
 @sky.compute
@@ -37,5 +59,5 @@ def where():
 
 def test_instance_info_on_nodes(local_pool):
     results = where() @ local_pool
-    assert results == [(0, 2, True, "127.0.0.1", True, "test-local", [0, 2, 4]),
-                       (1, 2, False, "127.0.0.1", True, "test-local", [1, 3, 5])]
+    assert results == [(0, 2, True, "127.0.0.1", True, "test-local", [0, 1, 2]),
+                       (1, 2, False, "127.0.0.1", True, "test-local", [3, 4, 5])]

@@ -182,6 +182,8 @@ def test_pull_all_gives_one_value_per_rank(shell):
     ok(shell, "%%sky --nodes 2\nimport sky_jupyter as sky\nwho = sky.instance_info().rank * 10")
     ok(shell, "%sky pull who --all")
     assert shell.user_ns["who"] == [0, 10]
+    ok(shell, "vals = %sky pull who --all")  # the line magic's value binds too
+    assert shell.user_ns["vals"] == [0, 10]
 
 
 def test_error_has_its_type_and_the_cells_lines(shell):

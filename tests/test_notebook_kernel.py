@@ -160,7 +160,7 @@ def test_globals_go_in_and_come_back(executed):
 
 def test_two_node_output_is_grouped_per_node(executed):
     assert text(executed["cells"]["two-nodes"]) == (
-        "[node 0]\nrank 0 sums [0, 2, 4, 6, 8] to 20\n[node 1]\nrank 1 sums [1, 3, 5, 7, 9] to 25\n")
+        "[node 0]\nrank 0 sums [0, 1, 2, 3, 4] to 10\n[node 1]\nrank 1 sums [5, 6, 7, 8, 9] to 35\n")
 
 
 def test_shell_command_prints_the_nodes_hostname(executed):

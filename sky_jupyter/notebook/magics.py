@@ -318,7 +318,7 @@ class SkyMagics(Magics):
         except SkyError as exc:
             raise UsageError(str(exc)) from None
 
-    def _pull(self, rest: list[str]) -> None:
+    def _pull(self, rest: list[str]) -> Any:
         from .. import protocol as P
 
         everything = "--all" in rest
@@ -334,8 +334,10 @@ class SkyMagics(Magics):
         nodes = npool.pool.nodes if everything else [npool.pool.nodes[getattr(handle, "rank", 0)]]
         calls = [n.submit(P.PULL, {"names": [remote_name]}) for n in nodes]
         values = [c.wait()[remote_name] for c in calls]
-        self.shell.user_ns[name] = values if everything else values[0]
+        value = values if everything else values[0]
+        self.shell.user_ns[name] = value
         print(f"pulled {name} from {'every node' if everything else nodes[0].label}")
+        return value  # so that `vals = %sky pull x --all` binds it too
 
     def _logs(self, rest: list[str]) -> None:
         mgr = manager()
