@@ -1,1 +1,18 @@
-"""The node side: the worker process that runs tasks and cells, started as ``python -m sky_jupyter.worker``."""
+"""The node side: the worker, one long-lived Python process per node (one per GPU with ``workers_per_node``).
+
+The client ships its own copy of ``sky_jupyter`` to nodes and starts this package there, so it imports only the
+standard library, cloudpickle, its own modules and the few modules it shares with the client, which keep the
+same rule: ``sky_jupyter.protocol`` (the wire format and the handshake's checks), ``sky_jupyter.errors`` (what
+protocol raises) and ``sky_jupyter.info`` (``sky.instance_info()`` for remote code), plus what ``import
+sky_jupyter`` itself loads. IPython is imported in :mod:`.cells` only when a notebook cell runs, and only where
+the node has it. ``tests/test_worker_boundary.py`` enforces this.
+
+- :mod:`.start`: ``python -m sky_jupyter.worker``: the configuration, the listening socket, the READY line,
+  leaving the SSH session;
+- :mod:`.server`: the :class:`~.server.Worker`: connections, the job loop, interrupts, restarts, the dead-man
+  switch;
+- :mod:`.handshake`: the worker's half of the mutual authentication;
+- :mod:`.outbox`: frames for the client, held across reconnects until acknowledged;
+- :mod:`.output`: what tasks print, to the client; the worker's own log;
+- :mod:`.cells`: notebook cells in the node's persistent namespace.
+"""

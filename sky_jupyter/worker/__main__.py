@@ -1,5 +1,5 @@
 """``python -m sky_jupyter.worker``: start a worker (its configuration comes as one JSON line on stdin)."""
 
-from .server import main
+from .start import main
 
 main()

@@ -1,11 +1,6 @@
-"""The worker: one long-lived Python process per node, needing only the standard library and cloudpickle.
+"""The worker: runs tasks and cells for the client whose connection it serves, one at a time, in its namespace.
 
-Started as ``python -m sky_jupyter.worker``; it reads its configuration (pool secret included, so the secret is
-never on a command line) as one JSON line on stdin, listens on a localhost port, prints
-``SKY-READY {"port": ..., "pid": ...}`` and, when asked to detach, moves its output to a log file so it survives
-the SSH session that started it.
-
-Tasks and cells run one at a time in the main thread, so an interrupt frame can raise KeyboardInterrupt in them
+Tasks and cells run in the main thread, so an interrupt frame can raise KeyboardInterrupt in them
 with a signal. Between tasks the main thread reads the client's connection itself, so a task starts with no
 thread switch (each one costs tens of microseconds, several times what running a trivial cell costs). Once a task
 has run for a tick (0.1 s), the connection's own thread reads instead: it answers heartbeats, delivers interrupts
@@ -13,7 +8,7 @@ and queues further tasks. A newer authenticated connection replaces the older on
 through an outbox that holds them while no client is connected, so a result produced during a reconnect is
 delivered afterwards instead of lost.
 
-A connection is served only after the mutual handshake of :mod:`sky_jupyter.protocol`. Until then it is one of
+A connection is served only after the mutual handshake (:mod:`.handshake`). Until then it is one of
 a few (``max_unauthenticated``) with a few seconds each (``handshake_timeout``), reading small JSON frames whose
 every field is checked; whatever goes wrong costs that connection and one log line. Frames over ``max_frame``
 bytes or ``max_buffers`` buffers are refused from their header, before anything is allocated.
@@ -21,16 +16,11 @@ bytes or ``max_buffers`` buffers are refused from their header, before anything 
 
 from __future__ import annotations
 
-import argparse
 import builtins
-import codecs
 import collections
-import faulthandler
-import io
 import json
 import os
 import queue
-import select
 import signal
 import socket
 import sys
@@ -42,20 +32,9 @@ from typing import Any
 
 from .. import protocol as P
 from ..info import InstanceInfo, _set_current
-
-_MAX_PENDING = 20000
-
-
-_log_stream: Any = None  # where log() writes once OutputCapture has taken over file descriptor 2
-
-
-def log(msg: str) -> None:
-    stream = _log_stream or sys.__stderr__
-    if stream is not None:
-        stream.write(f"[sky worker {os.getpid()} {time.strftime('%H:%M:%S')}] {msg}\n")
-        stream.flush()
-
-
+from .handshake import authenticate
+from .outbox import Outbox
+from .output import OutputCapture, TaskStream, log
 
 
 def _free_port() -> int:
@@ -64,228 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-class Outbox:
-    """Frames for the client. Held while no client is connected; delivered to the newest connection.
-
-    A result (or error) is kept even after it was sent, until the client acknowledges it: one written into a
-    connection that was dropping would otherwise be lost, and the client could not tell a task that never arrived
-    (safe to send again) from one whose answer went missing (which must not run twice).
-    """
-
-    def __init__(self, limits: tuple[int, int] = (P.MAX_FRAME, P.MAX_BUFFERS)) -> None:
-        self.limits = limits  # (bytes, buffers) of a frame: a result over them goes back as an error instead
-        self._conn: P.FrameIO | None = None
-        self._pending: collections.deque[tuple[str, int, Any, list]] = collections.deque()
-        self._unacked: dict[int, tuple[str, int, Any, list]] = {}  # sent results, by task id, until acknowledged
-        self._lock = threading.Lock()
-
-    def attach(self, conn: P.FrameIO) -> None:
-        with self._lock:
-            self._conn = conn
-            for frame in list(self._unacked.values()):  # sent before, maybe lost on the way: again
-                if not self._try_send(*frame):
-                    return
-            while self._pending and self._conn is not None:
-                frame = self._pending[0]
-                if not self._try_send(*frame):
-                    break
-                self._pending.popleft()
-                if frame[0] in (P.RESULT, P.ERROR):
-                    self._unacked[frame[1]] = frame
-
-    def ack(self, task_ids: Any) -> None:
-        if not isinstance(task_ids, list):
-            return
-        with self._lock:
-            for task_id in task_ids:
-                if type(task_id) is int:
-                    self._unacked.pop(task_id, None)
-
-    def held_tasks(self) -> tuple[set[int], set[int]]:
-        """Tasks whose result or error waits here: (never sent, because no client was connected; sent, and not
-        yet acknowledged)."""
-        with self._lock:
-            return {frame[1] for frame in self._pending if frame[0] in (P.RESULT, P.ERROR)}, set(self._unacked)
-
-    def detach(self, conn: P.FrameIO) -> None:
-        with self._lock:
-            if self._conn is conn:
-                self._conn = None
-
-    def send(self, kind: str, task_id: int, meta: Any = None, payload: list | tuple = ()) -> None:
-        if payload and kind in (P.RESULT, P.ERROR):
-            try:
-                P.check_frame(0, [memoryview(p).nbytes for p in payload], *self.limits)
-            except P.FrameError as exc:  # the caller learns why, instead of waiting for an answer never sent
-                what = "result" if kind == P.RESULT else "exception"
-                kind, payload = P.ERROR, ()
-                meta = {"type": "sky_jupyter.protocol.FrameError", "traceback": "",
-                        "message": f"the task's {what} is too large to send back ({exc}); return less per call, "
-                                   f"or write it to a file on the node and fetch that in parts."}
-        with self._lock:
-            if self._conn is not None and self._try_send(kind, task_id, meta, payload):
-                if kind in (P.RESULT, P.ERROR):
-                    self._unacked[task_id] = (kind, task_id, meta, list(payload))
-            else:
-                if len(self._pending) >= _MAX_PENDING:  # a client gone for long: keep results, drop old output
-                    for i, frame in enumerate(self._pending):
-                        if frame[0] == P.STREAM:
-                            del self._pending[i]
-                            break
-                self._pending.append((kind, task_id, meta, list(payload)))
-
-    def _try_send(self, kind: str, task_id: int, meta: Any, payload: Any) -> bool:
-        assert self._conn is not None
-        try:
-            self._conn.send(kind, task_id, meta, payload)
-            return True
-        except P.FrameError as exc:  # output or a display bundle over the frame limit: it cannot go, ever
-            log(f"a {kind} frame of task {task_id} was dropped: {exc}")
-            return True
-        except OSError:
-            self._conn = None
-            return False
-
-
-class TaskStream(io.TextIOBase):
-    """Replaces sys.stdout/sys.stderr: text goes to the client tagged with the running task's id.
-
-    Complete lines (and carriage-return updates, as progress bars write) are sent at once; a partial line waits
-    for ``flush()``, the end of the task, or the worker's 0.1 s tick.
-    """
-
-    def __init__(self, worker: Worker, name: str) -> None:
-        super().__init__()
-        self._worker = worker
-        self._name = name
-        self._parts: list[str] = []
-        self._size = 0
-        self._lock = threading.RLock()
-        self.fd: int | None = None  # set while OutputCapture forwards this descriptor to the running task
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        if self.fd is None:
-            raise io.UnsupportedOperation("fileno")
-        return self.fd
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        capture = self._worker.capture
-        if capture is not None:
-            capture.sync()  # what subprocesses wrote to the descriptor before this text comes first
-        return self.append(text)
-
-    def append(self, text: str) -> int:
-        if not text:
-            return 0
-        with self._lock:
-            self._parts.append(text)
-            self._size += len(text)
-            if "\n" in text or "\r" in text or self._size > 8192:
-                self.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            if not self._parts:
-                return
-            text = "".join(self._parts)
-            self._parts.clear()
-            self._size = 0
-            self._worker.outbox.send(P.STREAM, self._worker.current_task, {"name": self._name, "text": text})
-
-
-class OutputCapture:
-    """What is written to file descriptors 1 and 2 (subprocesses, ``os.system``, C extensions) goes to the
-    running task's streams, as in a Jupyter kernel; written while no task runs, it goes to the worker's log.
-
-    Without this, such output would land in a detached worker's log, or fill the pipe that a Local worker's
-    parent stops reading after start-up, blocking the writer. ``sync()`` forwards what is already written, so
-    it arrives before the task's result or next display frame.
-    """
-
-    def __init__(self, worker: Worker) -> None:
-        global _log_stream
-        self.worker = worker
-        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
-        _log_stream = open(self.saved[2], "w", buffering=1, closefd=False)  # noqa: SIM115 - lives with the worker
-        faulthandler.enable(_log_stream, all_threads=True)  # a crash's traceback cannot wait for the forwarder
-        self.lock = threading.RLock()  # re-entered when a write happens inside a drain (a __del__ that prints)
-        self.pipes: dict[int, tuple[TaskStream, Any]] = {}
-        for fd, stream in ((1, worker.stdout), (2, worker.stderr)):
-            read_fd, write_fd = os.pipe()
-            os.dup2(write_fd, fd)
-            os.close(write_fd)
-            os.set_blocking(read_fd, False)
-            self.pipes[read_fd] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
-            stream.fd = fd
-        self.read_fds = list(self.pipes)
-        self.busy = False
-        threading.Thread(target=self._forward_loop, daemon=True, name="sky-fd-capture").start()
-
-    def _forward_loop(self) -> None:
-        while True:
-            ready, _, _ = select.select(self.read_fds, [], [])
-            with self.lock:
-                self.busy = True  # data leaves the pipes only while set, so sync() knows to wait for it
-                try:
-                    for read_fd in ready:
-                        self._drain(read_fd)
-                finally:
-                    self.busy = False
-
-    def _drain(self, read_fd: int) -> None:
-        stream, decoder = self.pipes[read_fd]
-        while True:
-            try:
-                data = os.read(read_fd, 65536)
-            except BlockingIOError:
-                return
-            if not data:
-                return
-            if self.worker.current_task:
-                stream.append(decoder.decode(data))
-            else:
-                os.write(self.saved[2], data)
-
-    def sync(self) -> None:
-        if not select.select(self.read_fds, [], [], 0)[0] and not self.busy:
-            return  # nothing pending (a cheap check: it runs before every write to the task's streams)
-        with self.lock:
-            for read_fd in self.read_fds:
-                self._drain(read_fd)
-
-    def restore(self) -> None:
-        """Give descriptors 1 and 2 back (before exec: the next process has no reader for our pipes)."""
-        for fd, saved in self.saved.items():
-            os.dup2(saved, fd)
-
-
-class _Deadline:
-    """``readinto`` on a socket that fails once ``seconds`` have passed, however slowly the peer sends."""
-
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
-        self._sock = sock
-        self._end = time.monotonic() + seconds
-
-    def readinto(self, buffer: memoryview, /) -> int:
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the handshake took too long")
-        self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -309,7 +66,6 @@ def error_frames(exc: BaseException) -> tuple[dict[str, Any], list]:
     except Exception:  # noqa: BLE001 - (un)pickling user objects can raise anything
         payload = []
     return meta, payload
-
 
 class Worker:
     def __init__(self, config: dict[str, Any], listener: socket.socket, generation: int = 0) -> None:
@@ -397,33 +153,13 @@ class Worker:
         undelivered = set(self.queued) | running | unsent
         return sorted(undelivered | unacked), sorted(undelivered)
 
-    def handshake(self, sock: socket.socket) -> bool:
-        """Mutual authentication (see :mod:`sky_jupyter.protocol`): the client proves it knows the pool secret, then
-        this worker does, and only then says who it is. Whether the connection may carry frames."""
-        wire = P.FrameIO(_Deadline(sock, self.handshake_timeout), sock.sendall)
-        worker_nonce = P.new_nonce()
-        wire.send_json({"sky": P.PROTOCOL_VERSION, "nonce": worker_nonce})
-        answer = wire.recv_json(P.HELLO_LIMIT)
-        P.check_fields(answer, {k: P.ANSWER_FIELDS[k] for k in ("nonce", "mac")}, "the client's answer")
-        if not P.check_proof(self.secret, P.CLIENT, worker_nonce, answer["nonce"], answer["mac"]):
-            wire.send_json({"ok": False, "error": "authentication failed: wrong pool secret"})
-            log("refused a connection: the client did not prove it knows the pool secret")
-            return False
-        P.check_fields(answer, P.ANSWER_FIELDS, "the client's answer")
-        mine = P.versions()
-        ok = all(answer[k] == v for k, v in mine.items())
+    def state(self) -> dict[str, Any]:
+        """Who this worker is, for a client that has authenticated (the handshake's reply)."""
         tasks, undelivered = self.known_tasks()
-        reply = {"ok": ok, "mac": P.proof(self.secret, P.WORKER, worker_nonce, answer["nonce"]), **mine,
-                 "max_frame": self.max_frame, "max_buffers": self.max_buffers, "pid": os.getpid(),
-                 "generation": self.generation, "setup": self.setup_done, "rank": int(self.config.get("rank", 0)),
-                 "tasks": tasks, "undelivered": undelivered, "free_port": _free_port()}
-        if not ok:
-            reply["error"] = (f"version mismatch: worker has {mine}, client has "
-                              f"{ {k: answer[k] for k in mine} }")
-            log(f"refused a client: {reply['error']}")
-        wire.send_json(reply)
-        sock.settimeout(None)
-        return ok
+        return {"max_frame": self.max_frame, "max_buffers": self.max_buffers, "pid": os.getpid(),
+                "generation": self.generation, "setup": self.setup_done, "rank": int(self.config.get("rank", 0)),
+                "tasks": tasks, "undelivered": undelivered, "free_port": _free_port()}
+
 
     def serve_connection(self, sock: socket.socket) -> None:
         def close() -> None:  # shut down first: that wakes a thread blocked reading it, which close() does not
@@ -436,7 +172,7 @@ class Worker:
         conn = P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, close)
         conn.max_frame, conn.max_buffers = self.max_frame, self.max_buffers
         try:
-            authenticated = self.handshake(sock)
+            authenticated = authenticate(sock, self.secret, self.handshake_timeout, self.state)
         except Exception as exc:  # noqa: BLE001 - whatever an unauthenticated peer caused: one line, and it is gone
             log(f"refused a connection: {type(exc).__name__}: {exc}")
             authenticated = False
@@ -683,6 +419,7 @@ class Worker:
         return {"hostname": socket.gethostname(), "pid": os.getpid(), "python": sys.executable}
 
 
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(P.__file__)) + os.sep
 
 
@@ -697,70 +434,3 @@ def _remove(path: str) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-def _watch_stdin(worker: Worker) -> None:
-    """Local workers: the client holds our stdin; when it closes, the client is gone."""
-    try:
-        while sys.__stdin__ is not None and sys.__stdin__.buffer.read(1024):
-            pass
-    finally:
-        worker.shutdown("the client closed the worker's stdin")
-
-
-def _leave_session() -> None:
-    """Carry on in a child with a session of its own, so the worker outlives the SSH session that started it.
-
-    Only after the config line has been read: sshd may close our stdin as soon as the process it started
-    exits, and a ``setsid`` in front of Python (which forks when run by a session leader) could exit before
-    sshd had written the line. The child inherits stdout, so the client still reads the READY line from it.
-    """
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sky_jupyter.worker")
-    parser.add_argument("--listen-fd", type=int)
-    parser.add_argument("--config-fd", type=int)
-    parser.add_argument("--generation", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.config_fd is not None:
-        with os.fdopen(args.config_fd, "rb") as f:
-            line = f.readline()
-    else:
-        line = sys.stdin.buffer.readline()
-    config = json.loads(line)
-    if config.get("detach") and args.generation == 0:
-        _leave_session()
-    if args.listen_fd is not None:
-        listener = socket.socket(fileno=args.listen_fd)
-    else:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", int(config.get("port", 0))))
-        listener.listen(socket.SOMAXCONN)  # a burst of connections is turned away by the accept loop at once
-    os.set_inheritable(listener.fileno(), False)
-    if config.get("workdir"):
-        os.makedirs(os.path.expanduser(config["workdir"]), exist_ok=True)
-        os.chdir(os.path.expanduser(config["workdir"]))
-    os.environ.update(config.get("env", {}))
-    if args.generation == 0:
-        port = listener.getsockname()[1]
-        sys.stdout.write(f"{P.READY} {json.dumps({'port': port, 'pid': os.getpid()})}\n")
-        sys.stdout.flush()
-        if config.get("detach"):
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            logfd = os.open(os.path.expanduser(config.get("log", "worker.log")),
-                            os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.dup2(logfd, 1)
-            os.dup2(logfd, 2)
-    log(f"worker generation {args.generation} serving rank {config.get('rank', 0)} "
-        f"on 127.0.0.1:{listener.getsockname()[1]}")
-    worker = Worker(config, listener, args.generation)
-    if config.get("exit_with_stdin"):
-        threading.Thread(target=_watch_stdin, args=(worker,), daemon=True).start()
-    worker.serve()

@@ -1,0 +1,87 @@
+"""``python -m sky_jupyter.worker``: start a worker process.
+
+It reads its configuration (pool secret included, so the secret is never on a command line) as one JSON line on
+stdin, listens on a localhost port, prints ``SKY-READY {"port": ..., "pid": ...}`` and, when asked to detach,
+leaves the SSH session that started it and moves its output to a log file, so it outlives that session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+
+from .. import protocol as P
+from .output import log
+from .server import Worker
+
+
+def _watch_stdin(worker: Worker) -> None:
+    """Local workers: the client holds our stdin; when it closes, the client is gone."""
+    try:
+        while sys.__stdin__ is not None and sys.__stdin__.buffer.read(1024):
+            pass
+    finally:
+        worker.shutdown("the client closed the worker's stdin")
+
+
+def _leave_session() -> None:
+    """Carry on in a child with a session of its own, so the worker outlives the SSH session that started it.
+
+    Only after the config line has been read: sshd may close our stdin as soon as the process it started
+    exits, and a ``setsid`` in front of Python (which forks when run by a session leader) could exit before
+    sshd had written the line. The child inherits stdout, so the client still reads the READY line from it.
+    """
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sky_jupyter.worker")
+    parser.add_argument("--listen-fd", type=int)
+    parser.add_argument("--config-fd", type=int)
+    parser.add_argument("--generation", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.config_fd is not None:
+        with os.fdopen(args.config_fd, "rb") as f:
+            line = f.readline()
+    else:
+        line = sys.stdin.buffer.readline()
+    config = json.loads(line)
+    if config.get("detach") and args.generation == 0:
+        _leave_session()
+    if args.listen_fd is not None:
+        listener = socket.socket(fileno=args.listen_fd)
+    else:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", int(config.get("port", 0))))
+        listener.listen(socket.SOMAXCONN)  # a burst of connections is turned away by the accept loop at once
+    os.set_inheritable(listener.fileno(), False)
+    if config.get("workdir"):
+        os.makedirs(os.path.expanduser(config["workdir"]), exist_ok=True)
+        os.chdir(os.path.expanduser(config["workdir"]))
+    os.environ.update(config.get("env", {}))
+    if args.generation == 0:
+        port = listener.getsockname()[1]
+        sys.stdout.write(f"{P.READY} {json.dumps({'port': port, 'pid': os.getpid()})}\n")
+        sys.stdout.flush()
+        if config.get("detach"):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            logfd = os.open(os.path.expanduser(config.get("log", "worker.log")),
+                            os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+    log(f"worker generation {args.generation} serving rank {config.get('rank', 0)} "
+        f"on 127.0.0.1:{listener.getsockname()[1]}")
+    worker = Worker(config, listener, args.generation)
+    if config.get("exit_with_stdin"):
+        threading.Thread(target=_watch_stdin, args=(worker,), daemon=True).start()
+    worker.serve()
