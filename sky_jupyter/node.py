@@ -7,8 +7,8 @@ import itertools
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from . import protocol as P
 from .errors import (
@@ -59,7 +59,7 @@ class Call:
         self._error: dict[str, Any] | None = None
         self._lost: BaseException | None = None
         # What was sent (kind, meta, payload), kept until the call ends: sent again if the worker never got it.
-        self.request: tuple[str, Any, list | tuple] | None = None
+        self.request: tuple[P.ClientKind, Any, list | tuple] | None = None
 
     def done(self) -> bool:
         return self._finished
@@ -159,10 +159,11 @@ class WorkerLink:
     KEEP_FOR_RESEND = 64 << 20
 
     def __init__(self, io: P.FrameIO, label: str, on_drop: Callable[[WorkerLink], None],
-                 hello: dict[str, Any] | None = None) -> None:
+                 hello: P.Reply | None = None) -> None:
         self.io = io
         self.label = label
-        self.hello = hello or {}  # what the worker said when this link connected (its pid and generation)
+        # What the worker said when this link connected (its pid and generation); empty for a link made without.
+        self.hello: Mapping[str, Any] = hello or {}
         self.calls: dict[int, Call] = {}
         self._acks: list[int] = []  # tasks whose result arrived, to acknowledge with the next frame sent
         self.alive = True
@@ -177,7 +178,7 @@ class WorkerLink:
         self._thread = threading.Thread(target=self._read_loop, daemon=True, name=f"sky-read-{label}")
 
     @staticmethod
-    def handshake(io: P.FrameIO, secret: str, label: str, pool: str = "") -> dict[str, Any]:
+    def handshake(io: P.FrameIO, secret: str, label: str, pool: str = "") -> P.Reply:
         """Mutual authentication (see :mod:`sky_jupyter.protocol`): we prove we know the pool secret, the worker
         proves it does too, and only then is anything it says believed (or any pickle from it read). Returns the
         worker's reply: its pid, generation, setup state, held tasks, versions and frame limits."""
@@ -193,8 +194,9 @@ class WorkerLink:
                     f"{label} answered with something that is not a sky_jupyter worker; check the host and port.")
             P.check_fields(hello, P.HELLO_FIELDS, "the worker's hello")
             worker_nonce, client_nonce = hello["nonce"], P.new_nonce()
-            io.send_json({"nonce": client_nonce, "mac": P.proof(secret, P.CLIENT, worker_nonce, client_nonce),
-                          **P.versions()})
+            answer: P.Answer = {"nonce": client_nonce, "mac": P.proof(secret, P.CLIENT, worker_nonce, client_nonce),
+                                **P.versions()}
+            io.send_json(answer)
             reply = io.recv_json(P.REPLY_LIMIT)
         except P.HandshakeError as exc:
             raise AuthenticationError(f"{label} answered with something that is not a sky_jupyter worker ({exc}); "
@@ -225,12 +227,12 @@ class WorkerLink:
             raise AuthenticationError(f"{label} refused the connection: {redact(str(reply.get('error')))[:300]}")
         io.max_frame = min(io.limits[0], reply["max_frame"])  # neither side sends what the other would refuse
         io.max_buffers = min(io.limits[1], reply["max_buffers"])
-        return reply
+        return cast(P.Reply, reply)  # every field checked above
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, call: Call, kind: str, meta: Any, payload: list | tuple) -> None:
+    def submit(self, call: Call, kind: P.ClientKind, meta: Any, payload: list | tuple) -> None:
         try:
             self.io.check_payload(payload)
         except P.FrameError as exc:
@@ -259,7 +261,7 @@ class WorkerLink:
             kind, meta, payload = call.request
             self.send(kind, call.task_id, meta, payload)
 
-    def send(self, kind: str, task_id: int = 0, meta: Any = None, payload: list | tuple = ()) -> None:
+    def send(self, kind: P.ClientKind, task_id: int = 0, meta: Any = None, payload: list | tuple = ()) -> None:
         """Send a frame, with the acknowledgement of the results that arrived since the last one in front."""
         with self._lock:
             acks, self._acks = self._acks, []
@@ -313,15 +315,14 @@ class WorkerLink:
         if kind == P.STREAM and not meta["text"]:
             return
         call = self.calls.get(task_id)
-        sink = call.sink if call is not None else None
-        if sink is None:
+        if call is None or call.sink is None:
             if kind == P.STREAM:
                 print(f"[{self.label}] {meta['text']}", end="", file=sys.__stderr__)
             return
         try:
-            sink(kind, meta)
+            call.sink(kind, meta)
         except Exception as exc:  # noqa: BLE001 - where output goes failed; the call itself goes on
-            call.sink = None  # type: ignore[union-attr]
+            call.sink = None
             print(f"[{self.label}] output of task {task_id} could not be shown ({type(exc).__name__}: {exc}); "
                   f"the rest of it goes here", file=sys.__stderr__)
 
@@ -410,7 +411,7 @@ class Node:
             self.hostname = self.hostname or self.host.hostname
             return leftovers
 
-    def _connect(self, adopt: Callable[[int], Call] | None = None) -> dict[str, Any]:
+    def _connect(self, adopt: Callable[[int], Call] | None = None) -> P.Reply:
         assert self.handle is not None
         io = self.handle.open()
         try:
@@ -573,7 +574,7 @@ class Node:
             return self.link
 
     # -- work ----------------------------------------------------------------------------------------------
-    def submit(self, kind: str, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
+    def submit(self, kind: P.ClientKind, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
                code: tuple[Any, ...] = (), on_done: Callable[[], None] | None = None) -> Call:
         link = self.ensure_link()
         call = Call(self, sink, code, on_done, kind=kind)

@@ -9,29 +9,36 @@ the caller), never by the reader thread, so a payload that fails to unpickle fai
 Before any pickle is read, both sides prove they know the pool secret, in small JSON handshake frames (three, as
 before mutual authentication: the worker speaks first, the client answers, the worker replies):
 
-- worker: ``{"sky": PROTOCOL_VERSION, "nonce": Nw}``, nothing else (no pid or versions before authentication);
-- client: ``{"nonce": Nc, "mac": proof("client", Nw, Nc), python, cloudpickle}``;
-- worker: ``{"ok": ..., "mac": proof("worker", Nw, Nc), python, cloudpickle, pid, generation, setup, rank, tasks,
-  undelivered, max_frame, max_buffers}``, or ``{"ok": false, "error": ...}`` alone to a client without the secret.
+- worker (:class:`Hello`): ``{"sky": PROTOCOL_VERSION, "nonce": Nw}``, nothing else (no pid or versions before
+  authentication);
+- client (:class:`Answer`): ``{"nonce": Nc, "mac": proof("client", Nw, Nc), python, cloudpickle}``;
+- worker (:class:`Reply`): ``{"ok": ..., "mac": proof("worker", Nw, Nc), python, cloudpickle, pid, generation,
+  setup, rank, tasks, undelivered, max_frame, max_buffers, free_port}``, or (:class:`Refusal`)
+  ``{"ok": false, "error": ...}`` alone to a client without the secret.
 
 Each proof is HMAC-SHA256 under the pool secret over both nonces, with a label per direction, so an answer reflected
 back to its sender fails. Each side checks every field's type and the frame's size; neither unpickles anything from a
 peer that has not proven it knows the secret. Every frame's size is checked from its header before any of it is
 allocated (:data:`MAX_FRAME`, :data:`MAX_BUFFERS`).
+
+Message kinds are :data:`ClientKind` and :data:`WorkerKind`; what each frame's meta holds is a TypedDict here
+(:class:`CellMeta`, :class:`StreamMeta`, :class:`ErrorMeta`...): types for the checker, plain dicts on the wire.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import pickle
 import platform
 import secrets
+import socket
 import struct
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Literal, NotRequired, Protocol, Required, TypedDict, cast
 
 import cloudpickle
 
@@ -59,25 +66,86 @@ HANDSHAKE_TIMEOUT = 5.0
 MAX_UNAUTHENTICATED = 16
 
 # Message kinds. Client -> worker:
-TASK = "task"            # run a pickled (fn, args, kwargs)
-CELL = "cell"            # run notebook cell code in the persistent namespace
-SETUP = "setup"          # install plugins (around_app, decorate) and instance info, once per worker
-PULL = "pull"            # send back named values from the namespace
-INTERRUPT = "interrupt"  # raise KeyboardInterrupt in the running task
-PING = "ping"            # heartbeat; answered with PONG
-SHUTDOWN = "shutdown"    # exit (and clean up)
-ACK = "ack"              # meta: ids of tasks whose result or error arrived; the worker stops holding them
+TASK: Final = "task"            # run a pickled (fn, args, kwargs)
+CELL: Final = "cell"            # run notebook cell code in the persistent namespace (meta: CellMeta)
+SETUP: Final = "setup"          # install plugins (around_app, decorate) and instance info, once per worker
+PULL: Final = "pull"            # send back named values from the namespace (meta: PullMeta)
+INTERRUPT: Final = "interrupt"  # raise KeyboardInterrupt in the running task
+PING: Final = "ping"            # heartbeat; answered with PONG
+SHUTDOWN: Final = "shutdown"    # exit (and clean up)
+ACK: Final = "ack"              # meta: ids of tasks whose result or error arrived; the worker stops holding them
 # Worker -> client:
-RESULT = "result"
-ERROR = "error"
-STREAM = "stream"        # meta: {"name": "stdout"|"stderr", "text": ...}
-DISPLAY = "display"      # meta: a Jupyter MIME bundle message
-PONG = "pong"
-NOTICE = "notice"        # meta: {"text": ...} for the user, not tied to a task
+RESULT: Final = "result"
+ERROR: Final = "error"          # meta: ErrorMeta
+STREAM: Final = "stream"        # meta: StreamMeta
+DISPLAY: Final = "display"      # meta: a Jupyter MIME bundle message
+PONG: Final = "pong"            # meta: PongMeta
+NOTICE: Final = "notice"        # meta: NoticeMeta, for the user, not tied to a task
+
+ClientKind = Literal["task", "cell", "setup", "pull", "interrupt", "ping", "shutdown", "ack"]
+WorkerKind = Literal["result", "error", "stream", "display", "pong", "notice"]
+Kind = ClientKind | WorkerKind
+#: A received frame: (kind, task id, meta, buffers). Its kind is any string (unknown ones are ignored), not a Kind.
+Frame = tuple[str, int, Any, list[bytearray]]
+
+
+# What frames carry in their meta (plain dicts on the wire: these types cost nothing at run time).
+class SetupMeta(TypedDict):
+    info: dict[str, Any]  # InstanceInfo's fields
+    env: NotRequired[dict[str, str]]
+
+
+class SetupResult(TypedDict):
+    hostname: str
+    pid: int
+    python: str
+
+
+class CellMeta(TypedDict, total=False):
+    code: Required[str]  # as the user wrote it (IPython syntax included)
+    python: str  # the same as plain Python (IPython's transform), for nodes without IPython
+    filename: str  # what tracebacks name (the client registers the cell's lines under it)
+    inputs: list[tuple[str, int]]  # (name, number of buffers) of each input pickled into the frame, in order
+    refs: dict[str, str]  # alias -> the name of a value the node already holds
+    binds: list[str]  # the names the cell binds, to send back (or describe)
+    budget: int  # bytes of values that may come back
+    pull: bool  # whether values come back at all
+    display: bool  # the last value's rich repr instead of the value itself
+
+
+class PullMeta(TypedDict):
+    names: list[str]
+
+
+class StreamMeta(TypedDict):
+    name: Literal["stdout", "stderr"]
+    text: str
+
+
+class ErrorMeta(TypedDict):
+    type: str  # the exception's qualified name (builtins without their module)
+    message: str
+    traceback: str  # without the worker's own frames
+    restarted: NotRequired[bool]  # the worker was restarted (the code ignored an interrupt): its namespace is lost
+
+
+class PongMeta(TypedDict):
+    busy: int  # the running task's id, 0 when idle
+    pid: int
+
+
+class NoticeMeta(TypedDict):
+    text: str
 
 
 class Reader(Protocol):
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
+    def readinto(self, buffer: bytearray | memoryview, /) -> int | None: ...
+
+
+def socket_reader(sock: socket.socket, buffering: int = 256 * 1024) -> io.BufferedReader:
+    """A buffered reader of ``sock``, for :class:`FrameIO` (one ``recv`` brings a small frame whole)."""
+    # typeshed types makefile("rb", buffering=n) as IOBase, which has no readinto; what it returns is this.
+    return cast(io.BufferedReader, sock.makefile("rb", buffering=buffering))
 
 
 class FrameError(SkyError, ValueError):
@@ -104,7 +172,7 @@ def check_frame(head: int, sizes: Sequence[int], max_frame: int, max_buffers: in
         raise FrameError(f"a frame of {_size(total)} is over the limit of {_size(max_frame)}")
 
 
-def versions() -> dict[str, str]:
+def versions() -> Versions:
     """What must match between client and worker for pickles to travel both ways."""
     return {"python": ".".join(platform.python_version_tuple()[:2]), "cloudpickle": cloudpickle.__version__}
 
@@ -175,7 +243,7 @@ class FrameIO:
         return (MAX_FRAME if self.max_frame is None else self.max_frame,
                 MAX_BUFFERS if self.max_buffers is None else self.max_buffers)
 
-    def send(self, kind: str, task_id: int = 0, meta: Any = None,
+    def send(self, kind: Kind, task_id: int = 0, meta: Any = None,
              payload: Sequence[bytes | memoryview] = (), before: bytes = b"") -> None:
         """Send one frame; ``before`` (whole frames from :func:`frame`) goes out first, in the same write."""
         head = pickle.dumps((kind, task_id, meta), protocol=5)
@@ -185,7 +253,7 @@ class FrameIO:
         """Raise :class:`FrameError` if a frame with this payload would be over the limits (before sending it)."""
         check_frame(0, [memoryview(p).nbytes for p in payload], *self.limits)
 
-    def send_json(self, obj: dict[str, Any]) -> None:
+    def send_json(self, obj: Mapping[str, object]) -> None:
         self._send_parts(json.dumps(obj).encode(), ())
 
     def _send_parts(self, head: bytes, payload: Sequence[bytes | memoryview], before: bytes = b"") -> None:
@@ -215,7 +283,7 @@ class FrameIO:
         head = bytes(memoryview(rest)[nbufs * _LEN.size:])
         return head, [read_exact(self._reader, s) for s in sizes]
 
-    def recv(self) -> tuple[str, int, Any, list[bytearray]]:
+    def recv(self) -> Frame:
         head, frames = self._recv_parts()
         try:
             kind, task_id, meta = pickle.loads(head)
@@ -248,27 +316,78 @@ class FrameIO:
                 pass
 
 
-def frame(kind: str, task_id: int = 0, meta: Any = None) -> bytes:
+def frame(kind: Kind, task_id: int = 0, meta: Any = None) -> bytes:
     """A whole frame without buffers, as bytes (to go out with another frame: ``FrameIO.send(before=...)``)."""
     head = pickle.dumps((kind, task_id, meta), protocol=5)
     return _HEAD.pack(len(head), 0) + head
 
 
 # -- the handshake ------------------------------------------------------------------------------------------
-CLIENT, WORKER = "client", "worker"  # who proves: each direction's proof has its own label
+Side = Literal["client", "worker"]
+CLIENT: Final = "client"  # who proves: each direction's proof has its own label
+WORKER: Final = "worker"
+
+
+class Versions(TypedDict):
+    python: str  # major.minor
+    cloudpickle: str
+
+
+class Hello(TypedDict):
+    """The worker's first frame: the protocol it speaks and its nonce, nothing about itself."""
+
+    sky: int
+    nonce: str
+
+
+class Answer(Versions):
+    """The client's answer: its nonce and its proof."""
+
+    nonce: str
+    mac: str
+
+
+class WorkerState(TypedDict):
+    """Who the worker is, told only to a client that has proven it knows the secret."""
+
+    max_frame: int
+    max_buffers: int
+    pid: int
+    generation: int  # restarts so far (a restarted worker lost its namespace)
+    setup: bool  # whether a SETUP has run (a fresh worker needs one)
+    rank: int
+    tasks: list[int]  # every task it will still answer
+    undelivered: list[int]  # those whose end no client can have seen
+    free_port: int  # a free port on the node, for torch.distributed's MASTER_PORT
+
+
+class Reply(WorkerState, Versions):
+    """The worker's reply to a client that proved itself: its own proof and state; ``ok`` False with ``error``
+    when the versions differ."""
+
+    ok: bool
+    mac: str
+    error: NotRequired[str]
+
+
+class Refusal(TypedDict):
+    """The worker's reply to a client without the secret: nothing else."""
+
+    ok: Literal[False]
+    error: str
 
 
 def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def proof(secret: str, side: str, worker_nonce: str, client_nonce: str) -> str:
+def proof(secret: str, side: Side, worker_nonce: str, client_nonce: str) -> str:
     """What ``side`` sends to prove it knows ``secret``: an HMAC over both nonces, labelled with the side."""
     message = f"sky_jupyter/{PROTOCOL_VERSION} {side} proof\n{worker_nonce}\n{client_nonce}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def check_proof(secret: str, side: str, worker_nonce: str, client_nonce: str, answer: object) -> bool:
+def check_proof(secret: str, side: Side, worker_nonce: str, client_nonce: str, answer: object) -> bool:
     return isinstance(answer, str) and hmac.compare_digest(
         proof(secret, side, worker_nonce, client_nonce).encode(), answer.encode("utf-8", "replace"))
 
@@ -294,16 +413,19 @@ def _task_ids(v: object) -> bool:
     return isinstance(v, list) and all(type(t) is int for t in v)
 
 
-_VERSIONS = {"python": _short_text, "cloudpickle": _short_text}
-_LIMITS = {"max_frame": _count, "max_buffers": _count}
-#: Each handshake frame's fields and their checks (a frame may hold more fields; these must be there and valid).
-HELLO_FIELDS = {"sky": _count, "nonce": _hex(32)}
-ANSWER_FIELDS = {"nonce": _hex(32), "mac": _hex(64), **_VERSIONS}
-REPLY_FIELDS = {"ok": _flag, "mac": _hex(64), **_VERSIONS, **_LIMITS, "pid": _count, "generation": _count,
-                "setup": _flag, "rank": _count, "tasks": _task_ids, "undelivered": _task_ids, "free_port": _count}
+Check = Callable[[object], bool]
+_VERSIONS: dict[str, Check] = {"python": _short_text, "cloudpickle": _short_text}
+_LIMITS: dict[str, Check] = {"max_frame": _count, "max_buffers": _count}
+#: Each handshake frame's fields and their checks (a frame may hold more fields; these must be there and valid):
+#: the required keys of :class:`Hello`, :class:`Answer` and :class:`Reply`.
+HELLO_FIELDS: dict[str, Check] = {"sky": _count, "nonce": _hex(32)}
+ANSWER_FIELDS: dict[str, Check] = {"nonce": _hex(32), "mac": _hex(64), **_VERSIONS}
+REPLY_FIELDS: dict[str, Check] = {
+    "ok": _flag, "mac": _hex(64), **_VERSIONS, **_LIMITS, "pid": _count, "generation": _count, "setup": _flag,
+    "rank": _count, "tasks": _task_ids, "undelivered": _task_ids, "free_port": _count}
 
 
-def check_fields(obj: dict[str, Any], fields: dict[str, Callable[[object], bool]], what: str) -> dict[str, Any]:
+def check_fields(obj: dict[str, Any], fields: dict[str, Check], what: str) -> dict[str, Any]:
     """``obj`` when each of ``fields`` is there and passes its check, else :class:`HandshakeError` naming it."""
     for key, valid in fields.items():
         if key not in obj:

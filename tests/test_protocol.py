@@ -95,3 +95,20 @@ def test_versions_name_python_and_cloudpickle():
     v = P.versions()
     assert v["cloudpickle"] == cloudpickle.__version__ and v["python"].count(".") == 1
     assert pickle.HIGHEST_PROTOCOL >= 5
+
+
+def test_the_handshake_types_name_the_fields_each_side_checks():
+    """The TypedDicts the type checker sees and the checks a peer's frames pass describe the same frames."""
+    assert set(P.Hello.__annotations__) == set(P.HELLO_FIELDS)
+    assert set(P.Answer.__annotations__) == set(P.ANSWER_FIELDS)
+    assert set(P.Reply.__annotations__) == set(P.REPLY_FIELDS) | {"error"}  # error: only when ok is false
+    assert set(P.WorkerState.__annotations__) | set(P.Versions.__annotations__) | {"ok", "mac"} == set(P.REPLY_FIELDS)
+
+
+def test_message_kinds_are_the_literal_types():
+    from typing import get_args
+
+    client, worker = set(get_args(P.ClientKind)), set(get_args(P.WorkerKind))
+    assert client == {P.TASK, P.CELL, P.SETUP, P.PULL, P.INTERRUPT, P.PING, P.SHUTDOWN, P.ACK}
+    assert worker == {P.RESULT, P.ERROR, P.STREAM, P.DISPLAY, P.PONG, P.NOTICE}
+    assert not client & worker

@@ -94,7 +94,7 @@ def guarded_worker(tmp_path):
         log.close()
 
 
-def _ask(io: P.FrameIO, kind: str, task_id: int, meta: object = None, payload: list | tuple = ()
+def _ask(io: P.FrameIO, kind: P.ClientKind, task_id: int, meta: object = None, payload: list | tuple = ()
          ) -> tuple[str, object, list[str]]:
     """Send one job and collect its answer: (RESULT or ERROR, the value or the error's meta, the output)."""
     io.send(kind, task_id, meta, payload)

@@ -222,10 +222,10 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
             send = [n for n in sorted(frames)
                     if not (have.get(n) == hashes[n] or (have.get(n) == OWN and npool.client_hash.get(n) == hashes[n]))]
             payload = [f for n in send for f in frames[n]]
-            meta = {"code": source, "python": python, "filename": filename,
-                    "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
-                    "budget": options.budget, "pull": options.pull and rank == first,
-                    "display": rank == first or options.show_all}
+            meta: P.CellMeta = {"code": source, "python": python, "filename": filename,
+                                "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
+                                "budget": options.budget, "pull": options.pull and rank == first,
+                                "display": rank == first or options.show_all}
             requests.append((rank, meta, payload, send, output.sink(rank)))
         for rank, meta, payload, send, sink in requests:
             node = pool.nodes[rank]
@@ -332,7 +332,7 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
 def collect_leftovers(npool: NotebookPool, output: CellOutput) -> None:
     """Wait for what a kernel that died left running on the nodes of a pool this kernel attached to, its output
     written through ``output``; raises its error."""
-    calls = [(call.node.rank, call, []) for call in npool.pool.leftovers]
+    calls: list[tuple[int, Call, list[str]]] = [(call.node.rank, call, []) for call in npool.pool.leftovers]
     try:
         _, failures = _wait(calls, output, None)
     finally:

@@ -50,17 +50,9 @@ def missing_requirements(requirements: tuple[str, ...]) -> list[str]:
     """Requirements this interpreter does not satisfy (name and, when ``packaging`` is present, version)."""
     from importlib import metadata
 
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pragma: no cover - packaging ships with nearly every environment
-        Requirement = None  # type: ignore[assignment]
     missing = []
     for spec in requirements:
-        if Requirement is not None:
-            req = Requirement(spec)
-            name, specifier = req.name, req.specifier
-        else:
-            name, specifier = spec.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip(), None
+        name, specifier = _name_and_specifier(spec)
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -69,6 +61,16 @@ def missing_requirements(requirements: tuple[str, ...]) -> list[str]:
         if specifier is not None and version not in specifier:
             missing.append(spec)
     return missing
+
+
+def _name_and_specifier(spec: str) -> tuple[str, Any]:
+    """A requirement's distribution name and version specifier (None without ``packaging``: any version)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - packaging ships with nearly every environment
+        return spec.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip(), None
+    req = Requirement(spec)
+    return req.name, req.specifier
 
 
 class LocalWorker(WorkerHandle):
@@ -82,7 +84,7 @@ class LocalWorker(WorkerHandle):
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, sock.close, sock.settimeout)
+        return P.FrameIO(P.socket_reader(sock), sock.sendall, sock.close, sock.settimeout)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -26,9 +26,12 @@ import shutil
 import sys
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 
 def rebind(value: Any, namespace: dict[str, Any]) -> Any:
@@ -92,7 +95,7 @@ def _find_uv() -> str | None:
     return bootstrapped if os.access(bootstrapped, os.X_OK) else None
 
 
-def _node_shell_class() -> type:
+def _node_shell_class() -> type[InteractiveShell]:
     """IPython's InteractiveShell, adapted to run cells for a client far away. Raises ImportError without IPython."""
     from IPython.core.compilerop import CachingCompiler
     from IPython.core.displayhook import DisplayHook
@@ -127,6 +130,7 @@ def _node_shell_class() -> type:
         """The last expression's value: formatted for the cell's result (rank 0 only), not printed."""
 
         def compute_format_data(self, result: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+            assert self.shell is not None  # a display hook is made by its shell
             if not self.shell.want_display:
                 return {}, {}
             return super().compute_format_data(result)
@@ -141,6 +145,7 @@ def _node_shell_class() -> type:
             pass
 
         def write_format_data(self, format_dict: dict[str, Any], md_dict: dict[str, Any] | None = None) -> None:
+            assert self.shell is not None
             self.shell.value_bundle = portable_bundle(format_dict, md_dict)
 
         def log_output(self, format_dict: dict[str, Any]) -> None:
@@ -207,7 +212,7 @@ def make_shell(namespace: dict[str, Any], send_display: SendDisplay | None) -> A
     # No Out/_ cache on the node: the notebook keeps its own, and hidden references here would hold large values
     # (models, GPU tensors) after the user deleted them.
     config.InteractiveShell.cache_size = 0
-    shell = shell_class.instance(config=config, user_ns=namespace)
+    shell: Any = shell_class.instance(config=config, user_ns=namespace)  # a NodeShell, with its attributes
     # get_ipython() and friends stay in the builtins: this process exists to run cells (the trap nests, so the
     # shell's own ``with builtin_trap`` costs nothing more).
     shell.builtin_trap.activate()
@@ -244,8 +249,9 @@ def _compiled(source: str, filename: str) -> tuple[types.CodeType, types.CodeTyp
     client names a cell's file after its content, so a re-run cell finds its code here."""
     tree = ast.parse(source, filename)
     last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+    if tree.body and isinstance(end := tree.body[-1], ast.Expr):
+        tree.body.pop()
+        last = compile(ast.Expression(end.value), filename, "eval")
     return compile(tree, filename, "exec"), last
 
 
@@ -269,7 +275,7 @@ class CellRunner:
             self._shell = _NO_SHELL if shell is None else shell
         return None if self._shell is _NO_SHELL else self._shell
 
-    def load_inputs(self, meta: dict[str, Any], frames: list) -> None:
+    def load_inputs(self, meta: P.CellMeta, frames: list) -> None:
         pos = 0
         for name, count in meta.get("inputs", ()):
             part = frames[pos:pos + count]
@@ -311,7 +317,7 @@ class CellRunner:
         return value is not None, value
 
     @staticmethod
-    def _plain_python(shell: Any, meta: dict[str, Any]) -> bool:
+    def _plain_python(shell: Any, meta: P.CellMeta) -> bool:
         """A cell with no IPython syntax (the client's transform left it unchanged), on a shell with no
         per-cell hooks beyond the execute events, needs none of the shell's cell machinery."""
         if meta.get("python") != meta["code"]:
@@ -336,7 +342,7 @@ class CellRunner:
             shell.value_bundle = portable_bundle(*shell.display_formatter.format(value))
         return (False, None) if value is None else (has_value, value)
 
-    def collect(self, meta: dict[str, Any]) -> dict[str, Any]:
+    def collect(self, meta: P.CellMeta) -> dict[str, Any]:
         """Values of the names the cell bound: pickled while under budget, described otherwise."""
         out: dict[str, Any] = {"values": {}, "remote": {}, "modules": {}, "bound": [], "missing": []}
         budget = int(meta.get("budget", 64 << 20))
@@ -365,7 +371,7 @@ class CellRunner:
             out["values"][name] = [pickle.PickleBuffer(f) for f in frames]
         return out
 
-    def run(self, meta: dict[str, Any], frames: list) -> dict[str, Any]:
+    def run(self, meta: P.CellMeta, frames: list) -> dict[str, Any]:
         """Run one cell. ``meta["display"]``: send the last value's rich repr back (the notebook shows rank 0's);
         without that key the raw value comes back, as for direct callers."""
         self.load_inputs(meta, frames)

@@ -10,6 +10,7 @@ from .. import protocol as P
 from .output import log
 
 _MAX_PENDING = 20000
+Outgoing = tuple[P.WorkerKind, int, Any, list]  # (kind, task id, meta, payload) of a frame for the client
 
 
 class Outbox:
@@ -23,8 +24,8 @@ class Outbox:
     def __init__(self, limits: tuple[int, int] = (P.MAX_FRAME, P.MAX_BUFFERS)) -> None:
         self.limits = limits  # (bytes, buffers) of a frame: a result over them goes back as an error instead
         self._conn: P.FrameIO | None = None
-        self._pending: collections.deque[tuple[str, int, Any, list]] = collections.deque()
-        self._unacked: dict[int, tuple[str, int, Any, list]] = {}  # sent results, by task id, until acknowledged
+        self._pending: collections.deque[Outgoing] = collections.deque()
+        self._unacked: dict[int, Outgoing] = {}  # sent results, by task id, until acknowledged
         self._lock = threading.Lock()
 
     def attach(self, conn: P.FrameIO) -> None:
@@ -60,16 +61,18 @@ class Outbox:
             if self._conn is conn:
                 self._conn = None
 
-    def send(self, kind: str, task_id: int, meta: Any = None, payload: list | tuple = ()) -> None:
+    def send(self, kind: P.WorkerKind, task_id: int, meta: Any = None, payload: list | tuple = ()) -> None:
         if payload and kind in (P.RESULT, P.ERROR):
             try:
                 P.check_frame(0, [memoryview(p).nbytes for p in payload], *self.limits)
             except P.FrameError as exc:  # the caller learns why, instead of waiting for an answer never sent
                 what = "result" if kind == P.RESULT else "exception"
                 kind, payload = P.ERROR, ()
-                meta = {"type": "sky_jupyter.protocol.FrameError", "traceback": "",
-                        "message": f"the task's {what} is too large to send back ({exc}); return less per call, "
-                                   f"or write it to a file on the node and fetch that in parts."}
+                too_large: P.ErrorMeta = {
+                    "type": "sky_jupyter.protocol.FrameError", "traceback": "",
+                    "message": f"the task's {what} is too large to send back ({exc}); return less per call, or "
+                               f"write it to a file on the node and fetch that in parts."}
+                meta = too_large
         with self._lock:
             if self._conn is not None and self._try_send(kind, task_id, meta, payload):
                 if kind in (P.RESULT, P.ERROR):
@@ -82,7 +85,7 @@ class Outbox:
                             break
                 self._pending.append((kind, task_id, meta, list(payload)))
 
-    def _try_send(self, kind: str, task_id: int, meta: Any, payload: Any) -> bool:
+    def _try_send(self, kind: P.WorkerKind, task_id: int, meta: Any, payload: Any) -> bool:
         assert self._conn is not None
         try:
             self._conn.send(kind, task_id, meta, payload)

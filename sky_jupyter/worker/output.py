@@ -11,7 +11,7 @@ import select
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import protocol as P
 
@@ -35,7 +35,7 @@ class TaskStream(io.TextIOBase):
     for ``flush()``, the end of the task, or the worker's 0.1 s tick.
     """
 
-    def __init__(self, worker: Worker, name: str) -> None:
+    def __init__(self, worker: Worker, name: Literal["stdout", "stderr"]) -> None:
         super().__init__()
         self._worker = worker
         self._name = name
@@ -44,6 +44,8 @@ class TaskStream(io.TextIOBase):
         self._lock = threading.RLock()
         self.fd: int | None = None  # set while OutputCapture forwards this descriptor to the running task
 
+    # typeshed declares TextIOBase.encoding a plain attribute; in CPython it is a read-only property, so a subclass
+    # can only override it with another.
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return "utf-8"
@@ -84,7 +86,8 @@ class TaskStream(io.TextIOBase):
             text = "".join(self._parts)
             self._parts.clear()
             self._size = 0
-            self._worker.outbox.send(P.STREAM, self._worker.current_task, {"name": self._name, "text": text})
+            meta: P.StreamMeta = {"name": self._name, "text": text}
+            self._worker.outbox.send(P.STREAM, self._worker.current_task, meta)
 
 
 class OutputCapture:

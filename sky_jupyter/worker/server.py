@@ -28,13 +28,16 @@ import threading
 import time
 import traceback
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
 from ..info import InstanceInfo, _set_current
 from .handshake import authenticate
 from .outbox import Outbox
 from .output import OutputCapture, TaskStream, log
+
+if TYPE_CHECKING:
+    from .cells import CellRunner
 
 
 def _free_port() -> int:
@@ -53,9 +56,9 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def error_frames(exc: BaseException) -> tuple[dict[str, Any], list]:
+def error_frames(exc: BaseException) -> tuple[P.ErrorMeta, list]:
     """Meta (type name, message, traceback) and, when it round-trips, the pickled exception itself."""
-    meta = {
+    meta: P.ErrorMeta = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": str(exc),
         "traceback": _user_traceback(exc),
@@ -83,7 +86,7 @@ class Worker:
         self._turned_away_logged = 0.0
         self.outbox = Outbox((self.max_frame, self.max_buffers))
         # SimpleQueue hands a job to the main thread faster than Queue; ``queued`` says what waits in it.
-        self.jobs: queue.SimpleQueue[tuple[str, int, Any, list]] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[P.Frame] = queue.SimpleQueue()
         self.queued: set[int] = set()
         self._seen: set[int] = set()  # ids of the tasks received lately (a bounded window), to drop duplicates
         self._seen_order: collections.deque[int] = collections.deque(maxlen=100_000)
@@ -101,7 +104,7 @@ class Worker:
         self.stdout = TaskStream(self, "stdout")
         self.stderr = TaskStream(self, "stderr")
         self.capture: OutputCapture | None = None
-        self._cells: Any = None
+        self._cells: CellRunner | None = None
         self._shutdown_lock = threading.Lock()
         # The client's connection (the newest authenticated one), and whether a thread is reading it now: the main
         # thread while it has nothing to run, the connection's own thread while a task runs (under ``_reading``).
@@ -153,7 +156,7 @@ class Worker:
         undelivered = set(self.queued) | running | unsent
         return sorted(undelivered | unacked), sorted(undelivered)
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> P.WorkerState:
         """Who this worker is, for a client that has authenticated (the handshake's reply)."""
         tasks, undelivered = self.known_tasks()
         return {"max_frame": self.max_frame, "max_buffers": self.max_buffers, "pid": os.getpid(),
@@ -169,7 +172,7 @@ class Worker:
                 pass
             sock.close()
 
-        conn = P.FrameIO(sock.makefile("rb", buffering=256 * 1024), sock.sendall, close)
+        conn = P.FrameIO(P.socket_reader(sock), sock.sendall, close)
         conn.max_frame, conn.max_buffers = self.max_frame, self.max_buffers
         try:
             authenticated = authenticate(sock, self.secret, self.handshake_timeout, self.state)
@@ -215,7 +218,7 @@ class Worker:
                 self._read_taken = False
                 self._reading.notify_all()
 
-    def _read_one(self, conn: P.FrameIO) -> tuple[str, int, Any, list] | None:
+    def _read_one(self, conn: P.FrameIO) -> P.Frame | None:
         """Read one frame and act on it; returns it when it is work for the main thread."""
         try:
             kind, task_id, meta, frames = conn.recv()
@@ -233,7 +236,8 @@ class Worker:
         self.last_seen = time.monotonic()
         match kind:
             case P.PING:
-                conn.send(P.PONG, task_id, {"busy": self.current_task, "pid": os.getpid()})
+                pong: P.PongMeta = {"busy": self.current_task, "pid": os.getpid()}
+                conn.send(P.PONG, task_id, pong)
             case P.ACK:
                 self.outbox.ack(meta)
             case P.INTERRUPT:
@@ -247,7 +251,7 @@ class Worker:
                 log(f"unknown frame kind {kind!r} ignored")
         return None
 
-    def next_job(self) -> tuple[str, int, Any, list] | None:
+    def next_job(self) -> P.Frame | None:
         """The main thread's next job: one queued while the last task ran, else one it reads from the client's
         connection itself (no thread switch between the frame arriving and the task starting)."""
         with self._reading:
@@ -296,8 +300,8 @@ class Worker:
         """The running code ignored KeyboardInterrupt: replace this process, keeping the port."""
         text = (f"the code did not stop within {self.interrupt_grace:.0f} s of the interrupt; the worker "
                 f"was restarted and its namespace is lost")
-        self.outbox.send(P.ERROR, task_id, {"type": "KeyboardInterrupt", "message": text, "traceback": "",
-                                            "restarted": True}, [])
+        lost: P.ErrorMeta = {"type": "KeyboardInterrupt", "message": text, "traceback": "", "restarted": True}
+        self.outbox.send(P.ERROR, task_id, lost, [])
         log(text)
         read_fd, write_fd = os.pipe()
         os.write(write_fd, json.dumps(self.config).encode() + b"\n")
@@ -397,14 +401,14 @@ class Worker:
         return fn(*args, **kwargs)
 
     @property
-    def cells(self) -> Any:
+    def cells(self) -> CellRunner:
         if self._cells is None:
-            from .cells import CellRunner
+            from .cells import CellRunner  # on the first cell: nodes that only run tasks never import it
 
             self._cells = CellRunner(self.namespace, self.send_display)
         return self._cells
 
-    def setup(self, meta: dict[str, Any], frames: list) -> dict[str, Any]:
+    def setup(self, meta: P.SetupMeta, frames: list) -> P.SetupResult:
         plugins = P.loads(frames) if frames else []
         os.environ.update(meta.get("env", {}))
         info = InstanceInfo(**meta["info"])
