@@ -123,15 +123,23 @@ def parse_page(body: bytes, content_type: str, base: str) -> list[dict[str, obje
     return files
 
 
+def wheel_version(filename: str) -> str:
+    """The version in a wheel's file name."""
+    match = _WHEEL.match(filename)
+    if match is None:
+        raise ValueError(f"{filename!r} is not the file name of a wheel")
+    return match["version"]
+
+
 def choose(files: list[dict[str, object]], kind: str, arch: str, libc: tuple[int, int] | None,
            want: str | None) -> dict[str, object] | None:
     """The uv wheel for this platform: version ``want`` when listed, else the newest release; None if none fits."""
     fitting = [f for f in files if not f["yanked"] and fits(str(f["filename"]), kind, arch, libc)]
     for f in fitting:
-        if want and _WHEEL.match(str(f["filename"]))["version"] == want:  # type: ignore[index]
+        if want and wheel_version(str(f["filename"])) == want:
             return f
     releases = [(r, f) for f in fitting
-                if (r := _release(_WHEEL.match(str(f["filename"]))["version"])) is not None]  # type: ignore[index]
+                if (r := _release(wheel_version(str(f["filename"])))) is not None]
     return max(releases, key=lambda pair: pair[0])[1] if releases else None
 
 
@@ -189,7 +197,7 @@ def fetch(index: str, dest: str, want: str | None, kind: str, arch: str, libc: t
     finally:
         if os.path.exists(tmp_wheel):
             os.unlink(tmp_wheel)
-    return _WHEEL.match(str(wheel["filename"]))["version"]  # type: ignore[index]
+    return wheel_version(str(wheel["filename"]))
 
 
 def main(argv: list[str]) -> int:
@@ -211,9 +219,8 @@ def main(argv: list[str]) -> int:
         try:
             version = fetch(index, dest, want, kind, arch, libc)
         except (OSError, LookupError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            if isinstance(exc, urllib.error.HTTPError):
-                exc = f"HTTP {exc.code} {exc.reason}"  # type: ignore[assignment]
-            reasons.append(f"{shown(index)}: {exc}")
+            reason = f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError) else exc
+            reasons.append(f"{shown(index)}: {reason}")
             continue
         print(f"uv {version} for {uname} ({kind} {arch}) from {shown(index)}")
         return 0

@@ -146,7 +146,7 @@ class Image:
         return dataclasses.replace(self, apt=(*self.apt, *packages))
 
     def with_env(self, **env: str) -> Image:
-        return dataclasses.replace(self, env={**self.environ, **env})
+        return dataclasses.replace(self, env=_frozen_env({**self.environ, **env}))
 
     def __repr__(self) -> str:
         # Values may be secrets (HF_TOKEN): show names only.

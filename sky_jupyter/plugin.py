@@ -80,13 +80,15 @@ class Plugin:
 
 
 def check_plugins(plugins: Sequence[object]) -> tuple[Plugin, ...]:
+    checked = []
     for i, plugin in enumerate(plugins):
         if not isinstance(plugin, Plugin):
             raise ConfigError(
                 f"plugins[{i}] is {type(plugin).__name__}, not a sky.Plugin; pass e.g. "
                 f"sky.plugins.huggingface(token=...) (did you forget the call parentheses?)."
             )
-    return tuple(plugins)
+        checked.append(plugin)
+    return tuple(checked)
 
 
 def transform_image(image: Image, plugins: Sequence[Plugin], cluster: Cluster) -> Image:

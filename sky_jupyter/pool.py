@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import secrets
 import sys
 import threading
@@ -21,7 +22,7 @@ from .errors import ConfigError, ConnectionLostError, SerializationError, SkyErr
 from .image import Image
 from .node import Call, Node, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
-from .providers.base import Cost, Host, PoolSpec, Provider, in_parallel
+from .providers.base import Cost, Host, PoolSpec, Provider, WorkerHandle, in_parallel
 from .providers.local import Local
 from .redaction import redact, register, register_environment
 from .shipping import register_user_modules
@@ -105,6 +106,11 @@ def _why_unattached(node: Node, exc: Exception) -> str:
     if not alive:
         return f"node {node.rank}'s worker {handle.describe_exit() if handle else 'is gone'} (its namespace is lost)"
     return f"node {node.rank}: {type(exc).__name__}: {redact(str(exc))}"
+
+
+def _no_new_worker(host: Host) -> WorkerHandle:
+    """What a node that is only being shut down does when its worker is gone: nothing to start."""
+    raise ConnectionLostError(f"node {host.rank}: its worker is gone, and none is started while the pool shuts down")
 
 
 def check_nodes(nodes: object) -> int:
@@ -224,7 +230,9 @@ class ComputePool:
             self.hosts = self.provider.provision(spec)
             self._save_state()
             self.nodes = self._bring_up(self.hosts, plan)
-            self.head_port = self.nodes[0].link.hello["free_port"]  # told when it connected
+            head = self.nodes[0].link
+            assert head is not None  # every node is connected once brought up
+            self.head_port = head.hello["free_port"]  # told when it connected
             self._setup_all()
             self.started_at = time.time()
             self._save_state()
@@ -285,7 +293,7 @@ class ComputePool:
             node.start_worker(lambda host: self.provider.bring_up(host, plan, self._worker_config(host),
                                                                   self.progress))
 
-        results = in_parallel([lambda n=n: one(n) for n in nodes])
+        results = in_parallel([functools.partial(one, node) for node in nodes])
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
             self._parallel([node.close for node in nodes], raise_first=False)
@@ -365,8 +373,11 @@ class ComputePool:
             pool.hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
             nodes = [Node(h.rank, h, pool.secret, pool._start_worker, pool._setup_one, name) for h in pool.hosts]
             sink_for = leftover_sink or (lambda rank: pool._sink(nodes[rank]))
-            found = in_parallel([lambda n=n: n.attach(provider.worker(n.host, *workers[n.rank]), sink_for(n.rank))
-                                 for n in nodes])
+
+            def attach(node: Node) -> list[Call]:
+                return node.attach(provider.worker(node.host, *workers[node.rank]), sink_for(node.rank))
+
+            found = in_parallel([functools.partial(attach, n) for n in nodes])
             failed = [(n, r) for n, r in zip(nodes, found) if isinstance(r, Exception)]
             if failed:
                 raise ConnectionLostError(
@@ -374,7 +385,7 @@ class ComputePool:
                     + f". The nodes are left as they were: `%sky down {name}` (or ComputePool.release_detached("
                     f"{name!r})) stops what is left and releases the machines.")
             pool.nodes = nodes
-            pool.leftovers = [call for calls in found for call in calls]  # type: ignore[union-attr]
+            pool.leftovers = [call for calls in found if not isinstance(calls, Exception) for call in calls]
             for node in nodes:
                 if node.state != "ready":  # a worker that restarted itself lost its setup: set it up again
                     pool._setup_one(node)
@@ -407,7 +418,7 @@ class ComputePool:
                 pass  # unreachable or gone: the workers' dead-man switch ends them; the machines go below
             else:
                 def stop(host: Host) -> None:
-                    node = Node(host.rank, host, recorded["secret"], lambda h: None, lambda n: None, name)
+                    node = Node(host.rank, host, recorded["secret"], _no_new_worker, lambda n: None, name)
                     handle = provider.worker(host, *workers[host.rank])
                     try:
                         node.attach(handle, lambda kind, meta: None)  # then asked to shut down: its plugins' exits run
@@ -415,7 +426,7 @@ class ComputePool:
                         node.handle = handle
                     node.close(timeout)
 
-                in_parallel([lambda h=h: stop(h) for h in hosts if h.rank in workers])
+                in_parallel([functools.partial(stop, h) for h in hosts if h.rank in workers])
             provider.release(hosts)
         finally:
             provider.disconnect(hosts)

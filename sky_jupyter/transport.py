@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import paramiko
 
@@ -345,7 +345,7 @@ class ChannelReader:
         self._view = memoryview(b"")
         self._pos = 0
 
-    def readinto(self, buffer: memoryview, /) -> int:
+    def readinto(self, buffer: bytearray | memoryview, /) -> int:
         want = len(buffer)
         if want == 0:
             return 0
@@ -366,12 +366,17 @@ class ChannelReader:
         return n
 
 
+def send_view(channel: paramiko.Channel, data: bytes | bytearray | memoryview) -> None:
+    """``channel.sendall(data)`` through a memoryview: paramiko slices what is left after each packet, which
+    copies when it is bytes."""
+    # types-paramiko says bytes or bytearray; sendall only slices and measures it, as a memoryview allows.
+    channel.sendall(memoryview(data).cast("B"))  # type: ignore[arg-type]
+
+
 def _sender(channel: paramiko.Channel) -> Any:
     def sendall(data: bytes | memoryview) -> None:
-        # A memoryview: paramiko slices what is left after each packet, which copies when it is bytes.
-        view = memoryview(data).cast("B")
         try:
-            channel.sendall(view)
+            send_view(channel, data)
         except (paramiko.SSHException, EOFError) as exc:  # FrameIO users expect OSError when the stream breaks
             raise ConnectionResetError(f"SSH connection lost: {exc or type(exc).__name__}") from None
 
@@ -388,10 +393,10 @@ class RemoteProcess:
         self.channel = channel
         self.command = command
         self.label = label
-        self._file: IO[bytes] = channel.makefile("rb", 64 * 1024)
+        self._file = channel.makefile("rb", 64 * 1024)
 
     def write(self, data: bytes | str) -> None:
-        self.channel.sendall(memoryview(data.encode() if isinstance(data, str) else data))
+        send_view(self.channel, data.encode() if isinstance(data, str) else data)
 
     def close_stdin(self) -> None:
         self.channel.shutdown_write()
@@ -627,7 +632,7 @@ class Connection:
             err_thread = threading.Thread(target=read_err, daemon=True)
             err_thread.start()
             if input is not None:
-                chan.sendall(memoryview(input.encode() if isinstance(input, str) else input).cast("B"))
+                send_view(chan, input.encode() if isinstance(input, str) else input)
             chan.shutdown_write()
             out_parts = []
             while True:
@@ -690,11 +695,11 @@ class Connection:
         try:
             chan.exec_command(command)
             if isinstance(data, bytes):
-                chan.sendall(memoryview(data))
+                send_view(chan, data)
             else:
                 with open(data, "rb") as f:
                     while chunk := f.read(4 << 20):
-                        chan.sendall(memoryview(chunk))
+                        send_view(chan, chunk)
             chan.shutdown_write()
             err = chan.makefile_stderr("rb").read().decode(errors="replace")
             code = chan.recv_exit_status()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh machine (system packages when root, a .venv with the
-# package and its test extras) and runs the suite. Extra arguments go to pytest.
+# package and its test extras), checks the code with ruff and mypy, and runs the suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +19,7 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q -e '.[test]'
+# Lint and type-check first: either failing fails the run (set -e).
+.venv/bin/python -m ruff check sky_jupyter tests bench
+.venv/bin/python -m mypy sky_jupyter
 exec .venv/bin/python -m pytest -q "$@"

@@ -355,7 +355,7 @@ class _ScopeBuilder(ast.NodeVisitor):
         self.cur.bound.add(node.name)
         self._function(node, node.args, node.body, node.decorator_list, node.returns)
 
-    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+    visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_Lambda(self, node: ast.Lambda) -> None:
         self._function(node, node.args, [node.body], [], None)
@@ -381,7 +381,7 @@ class _ScopeBuilder(ast.NodeVisitor):
     def visit_ListComp(self, node: ast.ListComp | ast.SetComp | ast.GeneratorExp) -> None:
         self._comprehension(node, node.generators, [node.elt])
 
-    visit_SetComp = visit_GeneratorExp = visit_ListComp  # type: ignore[assignment]
+    visit_SetComp = visit_GeneratorExp = visit_ListComp
 
     def visit_DictComp(self, node: ast.DictComp) -> None:
         self._comprehension(node, node.generators, [node.key, node.value])
@@ -660,12 +660,12 @@ class _Flow:
         self._expr(node.value)
 
     def _s_Assign(self, node: ast.Assign) -> None:
-        target = node.targets[0]
-        if (isinstance(node.value, ast.Lambda) and len(node.targets) == 1 and isinstance(target, ast.Name)
+        target, value = node.targets[0], node.value
+        if (isinstance(value, ast.Lambda) and len(node.targets) == 1 and isinstance(target, ast.Name)
                 and not self.function):
             # ``f = lambda: g`` is a def by another name: its lookups wait until f is used
-            self._defaults(node.value.args)
-            needs = self._deferred(node.value, lambda: self._expr(node.value.body))
+            self._defaults(value.args)
+            needs = self._deferred(value, lambda: self._expr(value.body))
             self._bind_callable(target.id, needs, runs_now=False)
             return
         self._expr(node.value)

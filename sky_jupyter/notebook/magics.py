@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import html
 import shlex
 import sys
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
@@ -36,6 +38,12 @@ def _render_remote_traceback(exc: BaseException) -> list[str]:
     return lines
 
 
+def _show_remote_traceback(exc: BaseException) -> None:
+    """Make IPython print ``exc`` with :func:`_render_remote_traceback` (it calls an exception's
+    ``_render_traceback_`` when there is one)."""
+    vars(exc)["_render_traceback_"] = functools.partial(_render_remote_traceback, exc)
+
+
 def _is_remote(exc: BaseException) -> bool:
     """An error raised by the user's code on a node (it carries the node's traceback)."""
     return exc.__cause__ is not None or hasattr(exc, "traceback")
@@ -43,6 +51,12 @@ def _is_remote(exc: BaseException) -> bool:
 
 @magics_class
 class SkyMagics(Magics):
+    @property
+    def ipython(self) -> InteractiveShell:
+        """The shell these magics were registered with (``Magics.shell`` is None only before that)."""
+        assert self.shell is not None
+        return self.shell
+
     @magic_arguments()
     @argument("--provider", choices=PROVIDERS, help="where nodes come from (default: the configured one, local)")
     @argument("--nodes", type=int, help="run on ranks 0..N-1 (the pool grows to N nodes if needed)")
@@ -126,8 +140,10 @@ class SkyMagics(Magics):
             raise UsageError(f"pool {name!r} is still running a background cell (started "
                              f"{time.monotonic() - existing.background.started:.0f} s ago); %sky wait {name} waits "
                              f"for it, or give this cell another --pool")
-        running = existing is not None and existing.pool.running
-        size = max(nodes, (args.rank + 1) if args.rank is not None else 0, existing.pool.size if running else 0)
+        running_pool = existing.pool if existing is not None and existing.pool.running else None
+        running = running_pool is not None
+        size = max(nodes, (args.rank + 1) if args.rank is not None else 0,
+                   running_pool.size if running_pool is not None else 0)
         if running:
             # A running pool serves every cell that does not ask for something it lacks.
             have = mgr.requests[name]
@@ -153,7 +169,7 @@ class SkyMagics(Magics):
         if args.bg and not plain_mode(self.shell):
             return self._in_background(npool, cell, options)
         try:
-            return run_cell(npool, cell, self.shell.user_ns, self.shell.user_ns_hidden, options,
+            return run_cell(npool, cell, self.ipython.user_ns, self.ipython.user_ns_hidden, options,
                             plain_mode(self.shell))
         except (ConfigError, SyntaxError) as exc:
             raise UsageError(str(exc)) from None
@@ -161,7 +177,7 @@ class SkyMagics(Magics):
             raise
         except Exception as exc:  # noqa: BLE001 - any error of the user's code is re-raised with context
             if _is_remote(exc):
-                exc._render_traceback_ = lambda e=exc: _render_remote_traceback(e)  # type: ignore[attr-defined]
+                _show_remote_traceback(exc)
             raise exc.with_traceback(None) from exc.__cause__
 
     def _in_background(self, npool: NotebookPool, cell: str, options: CellOptions) -> None:
@@ -179,7 +195,7 @@ class SkyMagics(Magics):
 
         def body() -> None:
             try:
-                value = run_cell(npool, cell, self.shell.user_ns, self.shell.user_ns_hidden, options, False,
+                value = run_cell(npool, cell, self.ipython.user_ns, self.ipython.user_ns_hidden, options, False,
                                  on_sent=sent)
                 if value is not None:
                     display(value)
@@ -270,7 +286,7 @@ class SkyMagics(Magics):
         if job.error is not None:
             exc = job.error
             if _is_remote(exc):
-                exc._render_traceback_ = lambda e=exc: _render_remote_traceback(e)  # type: ignore[attr-defined]
+                _show_remote_traceback(exc)
             raise exc.with_traceback(None) from exc.__cause__
         print(f"the background cell on pool {name!r} finished")
 
@@ -329,13 +345,13 @@ class SkyMagics(Magics):
         name = names[0]
         mgr = manager()
         npool = mgr.get(pool_name or mgr.settings.pool)
-        handle = self.shell.user_ns.get(name)
+        handle = self.ipython.user_ns.get(name)
         remote_name = getattr(handle, "name", name)
         nodes = npool.pool.nodes if everything else [npool.pool.nodes[getattr(handle, "rank", 0)]]
         calls = [n.submit(P.PULL, {"names": [remote_name]}) for n in nodes]
         values = [c.wait()[remote_name] for c in calls]
         value = values if everything else values[0]
-        self.shell.user_ns[name] = value
+        self.ipython.user_ns[name] = value
         print(f"pulled {name} from {'every node' if everything else nodes[0].label}")
         return value  # so that `vals = %sky pull x --all` binds it too
 

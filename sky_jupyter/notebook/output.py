@@ -92,9 +92,11 @@ class _Transcript:
 
     def add(self, kind: str, meta: dict[str, Any]) -> None:
         if kind == P.STREAM:
-            if not self.items or not isinstance(self.items[-1], _Text):
-                self.items.append(_Text())
-            self.items[-1].add(meta["name"], meta["text"])  # type: ignore[union-attr]
+            text = self.items[-1] if self.items else None
+            if not isinstance(text, _Text):
+                text = _Text()
+                self.items.append(text)
+            text.add(meta["name"], meta["text"])
             return
         if meta.get("clear"):
             self.items.clear()

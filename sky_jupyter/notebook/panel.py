@@ -353,8 +353,9 @@ class Panel:
 
         settings = self.manager.settings
         existing = self.manager.pools.get(settings.pool)
-        running = existing is not None and existing.pool.running
-        size = max(settings.nodes, existing.pool.size if running else 0)
+        running_pool = existing.pool if existing is not None and existing.pool.running else None
+        running = running_pool is not None
+        size = max(settings.nodes, running_pool.size if running_pool is not None else 0)
         torch = settings.torch
         if torch is None:
             torch = self.manager.requests[settings.pool].torch if running else torch_by_default(settings.provider,

@@ -351,10 +351,10 @@ class AWS(SSH):
                                   f"public_key='ssh-ed25519 AAAA...' too.")
             return f"{key.get_name()} {key.get_base64()}", self.key_file
         for name in ("id_ed25519", "id_rsa"):
-            private = Path.home() / ".ssh" / name
-            pub = private.with_name(name + ".pub")
-            if pub.is_file() and private.is_file():
-                return " ".join(pub.read_text().split()[:2]), str(private)
+            default = Path.home() / ".ssh" / name
+            pub = default.with_name(name + ".pub")
+            if pub.is_file() and default.is_file():
+                return " ".join(pub.read_text().split()[:2]), str(default)
         return self._generated_key()
 
     @staticmethod

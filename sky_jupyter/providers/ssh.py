@@ -9,6 +9,7 @@ reached through a ``direct-tcpip`` channel to its localhost port. The AWS provid
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -549,7 +550,7 @@ class SSH(Provider):
             found = [(h, self._conns.get((str(h.extra.get("pool", "")), h.rank))) for h in hosts]
         reachable = [(h, c) for h, c in found if c is not None]
         command = f"bash -c {shlex.quote(forget_secrets())}"
-        results = in_parallel([lambda c=c: c.run(command, timeout=15, check=True, patience=2.0)
+        results = in_parallel([functools.partial(c.run, command, timeout=15, check=True, patience=2.0)
                                for _, c in reachable])
         for (host, _), result in zip(reachable, results):
             if isinstance(result, Exception):
