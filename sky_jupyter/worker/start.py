@@ -21,10 +21,17 @@ from .server import Worker
 
 
 def _watch_stdin(worker: Worker) -> None:
-    """Local workers: the client holds our stdin; when it closes, the client is gone."""
+    """Local workers: the client holds our stdin; when it closes, the client is gone.
+
+    Reads the file descriptor itself, not ``sys.stdin``: a thread blocked in ``sys.stdin.buffer.read`` holds the
+    buffer's lock, a task that forks (a fork Pool, DataLoader workers) copies it held, and the child blocks
+    forever when multiprocessing closes its stdin."""
     try:
-        while sys.__stdin__ is not None and sys.__stdin__.buffer.read(1024):
+        fd = sys.__stdin__.fileno() if sys.__stdin__ is not None else -1
+        while fd >= 0 and os.read(fd, 1024):
             pass
+    except OSError:
+        pass  # stdin closed or gone: the client is gone too
     finally:
         worker.shutdown("the client closed the worker's stdin")
 
