@@ -197,6 +197,7 @@ def test_error_has_its_type_and_the_cells_lines(shell):
     text = out + err  # what IPython printed for the error
     assert "return v / 0" in text and "ZeroDivisionError" in text
     assert "magics.py" not in text
+    assert "  (raised on node 0" in text and "((raised" not in text  # one pair of parentheses around the note
 
 
 def test_multi_node_error_names_the_failed_ranks(shell):

@@ -34,7 +34,7 @@ def _render_remote_traceback(exc: BaseException) -> list[str]:
     lines = [line for line in tb.rstrip("\n").splitlines()]
     if not lines:
         lines = [f"{type(exc).__name__}: {exc}"]
-    lines += [f"  ({note})" for note in getattr(exc, "__notes__", ())]
+    lines += [f"  {note}" if note.startswith("(") else f"  ({note})" for note in getattr(exc, "__notes__", ())]
     return lines
 
 
