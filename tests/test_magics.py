@@ -214,11 +214,19 @@ def test_multi_node_error_names_the_failed_ranks(shell):
 def test_bad_lines_are_one_line_usage_errors_and_run_nothing(shell):
     for line, words in [("%%sky --nodes 0", "--nodes must be at least 1"), ("%%sky --nodes x", "invalid int"),
                         ("%%sky --provider moon", "invalid choice"), ("%%sky --bogus", "unrecognized"),
-                        ("%%sky --rank -1", "--rank must be"), ("%%sky extra words", "only options")]:
+                        ("%%sky --rank -1", "--rank must be"), ("%%sky --rank 5", "--rank 5 is not a node of pool"),
+                        ("%%sky extra words", "only options")]:
         result, out, err = run(shell, f"{line}\nran_anyway = True")
         assert result.error_in_exec is not None or result.error_before_exec is not None, line
         assert words in out + err + str(result.error_in_exec), (line, out, err)
         assert "ran_anyway" not in shell.user_ns
+
+
+def test_logs_of_a_node_that_is_not_a_number_is_a_usage_error(shell):
+    ok(shell, "%%sky\nx = 1")
+    result, out, err = run(shell, "%sky logs abc")
+    assert "takes a node number, not 'abc'" in out + err + str(result.error_in_exec)
+    assert "invalid literal" not in out + err
 
 
 def test_cell_that_does_not_parse_runs_nothing(shell):

@@ -142,8 +142,11 @@ class SkyMagics(Magics):
                              f"for it, or give this cell another --pool")
         running_pool = existing.pool if existing is not None and existing.pool.running else None
         running = running_pool is not None
-        size = max(nodes, (args.rank + 1) if args.rank is not None else 0,
-                   running_pool.size if running_pool is not None else 0)
+        size = max(nodes, running_pool.size if running_pool is not None else 0)
+        if args.rank is not None and args.rank >= size:
+            # Never grow a pool for --rank alone: on AWS a typo would start machines.
+            raise UsageError(f"--rank {args.rank} is not a node of pool {name!r} ({size} node"
+                             f"{'s' if size > 1 else ''}: ranks 0-{size - 1}); add --nodes {args.rank + 1} to grow it")
         if running:
             # A running pool serves every cell that does not ask for something it lacks.
             have = mgr.requests[name]
@@ -358,6 +361,8 @@ class SkyMagics(Magics):
     def _logs(self, rest: list[str]) -> None:
         mgr = manager()
         npool = mgr.get(mgr.settings.pool)
+        if rest and not rest[0].isdigit():
+            raise UsageError(f"%sky logs takes a node number, not {rest[0]!r}: e.g. %sky logs 1")
         rank = int(rest[0]) if rest else 0
         if not 0 <= rank < len(npool.pool.nodes):
             raise UsageError(f"node {rank} does not exist; the pool has {len(npool.pool.nodes)} nodes")
