@@ -34,7 +34,6 @@ from ..bootstrap import (
     NODE_ENV_FILE,
     NODE_HOME,
     NODE_PYTHON,
-    NODE_UV,
     BootstrapPlan,
     env_file,
     follow,
@@ -239,10 +238,33 @@ def _cleanup(run_dir: str, env: dict[str, str]) -> list[str]:
     return paths
 
 
+def _detached(config: dict[str, Any], run_dir: str, env: dict[str, str]) -> dict[str, Any]:
+    """A worker's config for a node: detached from the SSH session, logging in its run folder, on a free port."""
+    return {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0, "cleanup": _cleanup(run_dir, env)}
+
+
+def _await_ready(lines: Iterator[str], conn: Connection, host: Host, label: str, run_dir: str) -> SSHWorker:
+    """The started worker, once its READY line comes (within 60 s); else what it printed, in a ProvisionError."""
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    try:
+        for line in lines:
+            if line.startswith(P.READY):
+                ready = json.loads(line[len(P.READY):])
+                return SSHWorker(conn, int(ready["port"]), int(ready["pid"]), host.display, run_dir)
+            seen.append(line)
+            if time.monotonic() > deadline:
+                break
+    except TimeoutError:
+        pass
+    tail = redact("".join(seen[-20:]).strip()) or "(no output)"
+    raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
+                         f"Its log is {run_dir}/worker.log on the node.")
+
+
 def _worker_running(pid: int) -> str:
     """Shell test: is ``pid`` still our worker (not a reused pid)?"""
     return f"kill -0 {pid} 2>/dev/null && grep -qa sky_jupyter.worker /proc/{pid}/cmdline 2>/dev/null"
-
 
 
 # The node's side of a bring-up (the command line: paths only, no secrets). stdin brings: the env file and the
@@ -604,20 +626,16 @@ class SSH(Provider):
         script = plan.script().encode()
         env = env_file(plan.environ).encode()
         command = _BRING_UP.format(
-            home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"),
-            marker=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.done"), pkg=pkg_dir, uv=remote_path(NODE_UV),
+            home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"), pkg=pkg_dir,
             run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "",
             need=NEED, restore=self._restore(plan))
         if config is not None:
-            config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0,
-                      "cleanup": _cleanup(run_dir, {**plan.environ, **config.get("env", {})})}
+            config = _detached(config, run_dir, {**plan.environ, **config.get("env", {})})
         # The package goes out unasked unless this client has seen the node holding it: on a slow link, sending
         # half a megabyte costs less than the round trip of being asked for it.
         package = b"" if _has_package(host) else package_archive()[1]
         payload = (b"%d\n" % len(env) + env + b"%d\n" % len(script) + script
                    + json.dumps(config or {}).encode() + b"\n" + b"%d\n" % len(package) + package)
-        lines: list[str] = []
-        deadline = None
         with conn.start(command, timeout=None) as proc:
             proc.write(payload)  # OpenSSH opens a session's window only when its command starts: no sooner
 
@@ -637,20 +655,7 @@ class SSH(Provider):
                     raise ProvisionError(f"{label}: the bootstrap ended with exit code {code} after finishing")
                 return None
             proc.channel.settimeout(60)
-            deadline = time.monotonic() + 60
-            try:
-                for line in output:
-                    if line.startswith(P.READY):
-                        ready = json.loads(line[len(P.READY):])
-                        return SSHWorker(conn, int(ready["port"]), int(ready["pid"]), host.display, run_dir)
-                    lines.append(line)
-                    if time.monotonic() > deadline:
-                        break
-            except TimeoutError:
-                pass
-        tail = redact("".join(lines[-20:]).strip()) or "(no output)"
-        raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
-                             f"Its log is {run_dir}/worker.log on the node.")
+            return _await_ready(output, conn, host, label, run_dir)
 
     @staticmethod
     def _restore(plan: BootstrapPlan) -> str:
@@ -699,30 +704,14 @@ class SSH(Provider):
         run_dir = _run_dir(pool, host.rank)
         pkg_dir = _node_package_dir()
         python = remote_path(NODE_PYTHON)
-        config = {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0,
-                  "cleanup": _cleanup(run_dir, config.get("env", {}))}
+        config = _detached(config, run_dir, config.get("env", {}))
         # The worker keeps the user's umask and starts in $HOME.
         command = f"""(umask 077; mkdir -p {remote_path(run_dir)}) || exit 1
 cd && PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker"""
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
         with conn.start(command, timeout=60) as proc:
             proc.write(json.dumps(config) + "\n")
             proc.close_stdin()
-            while time.monotonic() < deadline:
-                try:
-                    line = proc.readline()
-                except TimeoutError:
-                    break
-                if not line:
-                    break
-                if line.startswith(P.READY):
-                    ready = json.loads(line[len(P.READY):])
-                    return SSHWorker(conn, int(ready["port"]), int(ready["pid"]), host.display, run_dir)
-                lines.append(line)
-        tail = redact("".join(lines[-20:]).strip()) or "(no output)"
-        raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
-                             f"Its log is {run_dir}/worker.log on the node.")
+            return _await_ready(iter(proc), conn, host, label, run_dir)
 
 
 __all__ = ["SSH", "SSHConnectError", "SSHWorker", "package_archive", "package_digest", "parse_host"]
