@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import shlex
+import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -221,7 +222,7 @@ fi"""
 
 
 def _indent(text: str, n: int) -> str:
-    return "\n".join(" " * n + line for line in text.splitlines())
+    return textwrap.indent(text, " " * n)
 
 
 def env_phase() -> Phase:

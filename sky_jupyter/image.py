@@ -6,26 +6,15 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .fetch_uv import shown as shown_url  # one way to hide a URL's password, for the client and the node alike
 from .redaction import register
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: ``scheme://user:password@``: the password part, masked in messages that quote what the user wrote.
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
-
-
-def shown_url(url: str) -> str:
-    """``url`` as it may be shown: the password of ``https://user:password@host/...`` replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _index_url(url: object, what: str) -> str:
