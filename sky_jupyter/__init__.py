@@ -31,7 +31,7 @@ from .errors import (
     VersionMismatchError,
     WorkerLostError,
 )
-from .info import InstanceInfo, instance_info, shard
+from .info import InstanceInfo, instance_info, shard, silent, stdout
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,7 @@ __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
     "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "VersionMismatchError",
-    "WorkerLostError", "compute", "gather", "instance_info", "panel", "plugins", "shard",
+    "WorkerLostError", "compute", "gather", "instance_info", "panel", "plugins", "shard", "silent", "stdout",
 ]
 
 if TYPE_CHECKING:

@@ -67,7 +67,7 @@ class PendingGroup:
     def __matmul__(self, pool: ComputePool) -> list[tuple[Any, ...]]:
         target = _pool(pool, "@")
         per_item = [target.broadcast(item) for item in self.items]
-        return [tuple(results[rank] for results in per_item) for rank in range(len(target.nodes))]
+        return [tuple(results[rank] for results in per_item) for rank in range(len(target.workers))]
 
 
 def gather(*pendings: PendingCompute[Any]) -> PendingGroup:

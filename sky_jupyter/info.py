@@ -1,15 +1,27 @@
-"""Where am I? ``sky.instance_info()`` for code running on a node, and ``sky.shard`` to split data by rank."""
+"""Where am I? ``sky.instance_info()`` for code running on a node, ``sky.shard`` to split data by rank, and the
+``sky.stdout(only="head")`` and ``sky.silent`` decorators for what a function prints on the workers."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceInfo:
-    """The node's place in its pool. Also answers the Skyward names (``node``, ``total_nodes``, ...)."""
+    """This worker's place in its pool, with Skyward's names too.
+
+    ``rank`` and ``world_size`` count workers over the whole pool (torch's RANK and WORLD_SIZE): node by node, then
+    within a node. ``node`` is this node's index, ``worker`` this worker's index on it (LOCAL_RANK), of
+    ``workers_per_node``; ``accelerators`` the GPUs this node has. With one worker per node, rank and node agree.
+    """
 
     rank: int
     world_size: int
@@ -19,13 +31,25 @@ class InstanceInfo:
     pool_name: str | None
     head_port: int = 0
     local: bool = False
+    node: int = -1  # -1: the same as rank (one worker per node)
+    worker: int = 0
+    workers_per_node: int = 1
+    accelerators: int = 0
 
-    @property
-    def node(self) -> int:
-        return self.rank
+    def __post_init__(self) -> None:
+        if self.node < 0:
+            object.__setattr__(self, "node", self.rank)
 
     @property
     def total_nodes(self) -> int:
+        return len(self.node_addrs) or 1
+
+    @property
+    def global_worker_index(self) -> int:
+        return self.rank
+
+    @property
+    def total_workers(self) -> int:
         return self.world_size
 
     @property
@@ -38,7 +62,7 @@ class InstanceInfo:
 
     @property
     def addr(self) -> str:
-        return self.node_addrs[self.rank] if self.node_addrs else self.head_addr
+        return self.node_addrs[self.node] if self.node_addrs else self.head_addr
 
 
 _current: InstanceInfo | None = None
@@ -47,7 +71,7 @@ _LOCAL = InstanceInfo(rank=0, world_size=1, head_addr="127.0.0.1", node_addrs=("
 
 
 def instance_info() -> InstanceInfo:
-    """This node's rank, world size, head and node addresses, accelerator and pool name.
+    """This worker's rank, world size, node, local rank, head and node addresses, accelerator and pool name.
 
     Outside a pool (``fn.local(...)``, plain scripts) it describes a one-node world with ``local=True``.
     """
@@ -61,7 +85,8 @@ def _set_current(info: InstanceInfo | None) -> None:
 
 def shard(*data: Any, shuffle: bool = False, seed: int = 0, drop_last: bool = False, node: int | None = None,
           total_nodes: int | None = None, rank: int | None = None, world_size: int | None = None) -> Any:
-    """This node's contiguous block of each sequence in ``data`` (Skyward's ``shard``), keeping each one's type.
+    """This worker's contiguous block of each sequence in ``data`` (Skyward's ``shard``), keeping each one's type:
+    split over every worker of the pool (by ``rank`` of ``world_size``) unless ``node``/``total_nodes`` say.
 
     Several sequences are cut at the same indices (``x_part, y_part = sky.shard(x, y)``: a tuple); one sequence
     gives its part alone. Blocks are contiguous and as even as possible (the first ``len % nodes`` nodes hold one
@@ -116,3 +141,35 @@ def _take(seq: Any, idx: list[int]) -> Any:
         return type(seq)(items)
     except TypeError:
         return items
+
+
+def stdout(only: str = "head") -> Callable[[F], F]:
+    """Decorator (Skyward's ``sky.stdout``): what the function prints to stdout shows from the head worker alone
+    (``only="head"``), or from every worker (``only="all"``). stderr always shows. Python-level output: what C code
+    writes to file descriptor 1 still shows."""
+    if only not in ("head", "all"):
+        raise ValueError(f"sky.stdout(only=...) takes 'head' or 'all', got {only!r}")
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def quiet_unless_head(*args: Any, **kwargs: Any) -> Any:
+            if only == "all" or instance_info().is_head:
+                return fn(*args, **kwargs)
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                return fn(*args, **kwargs)
+
+        return cast(F, quiet_unless_head)
+
+    return decorate
+
+
+def silent(fn: F) -> F:
+    """Decorator (Skyward's ``sky.silent``): the function prints nothing to stdout or stderr, on any worker
+    (Python-level output; errors still come back)."""
+
+    @functools.wraps(fn)
+    def silenced(*args: Any, **kwargs: Any) -> Any:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            return fn(*args, **kwargs)
+
+    return cast(F, silenced)

@@ -1,5 +1,6 @@
-"""The client's end of one node: a worker link that routes frames to the calls that sent them, and the node
-that keeps that link alive (reconnecting, or restarting a dead worker)."""
+"""The client's end of one worker process (a node runs one, or one per GPU): a link that routes frames to the calls
+that sent them, and the :class:`RemoteWorker` that keeps that link alive (reconnecting, or restarting a dead
+worker)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Call:
     __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "kind", "node", "on_done", "request",
                  "sink", "task_id")
 
-    def __init__(self, node: Node, sink: Sink | None, code: tuple[Any, ...] = (),
+    def __init__(self, node: RemoteWorker, sink: Sink | None, code: tuple[Any, ...] = (),
                  on_done: Callable[[], None] | None = None, task_id: int | None = None, kind: str = "") -> None:
         self.task_id = next(_task_ids) if task_id is None else task_id
         self.kind = kind  # what was sent: a cell's result carries the display bundle of its last value
@@ -346,17 +347,22 @@ class WorkerLink:
         self.io.close()
 
 
-class Node:
-    """One node of a pool as the client sees it: its host, its worker, and a live link to that worker.
+class RemoteWorker:
+    """One worker of a pool as the client sees it: its host, its place (``rank`` over the whole pool; ``node``, and
+    ``local_rank`` among the ``per_node`` workers of that node), its process, and a live link to it.
 
-    When the link drops, the node reconnects if the worker still runs (the worker resends results it could not
-    deliver) or, if the worker died, fails the calls in flight with WorkerLostError and starts a fresh worker for
-    the next task.
+    When the link drops, it reconnects if the worker still runs (the worker resends results it could not deliver)
+    or, if the worker died, fails the calls in flight with WorkerLostError and starts a fresh worker (the same
+    local rank) for the next task.
     """
 
-    def __init__(self, rank: int, host: Host, secret: str, start_worker: Callable[[Host], WorkerHandle],
-                 setup: Callable[[Node], None], pool: str = "") -> None:
-        self.rank = rank
+    def __init__(self, host: Host, secret: str, start_worker: Callable[[Host, int], WorkerHandle],
+                 setup: Callable[[RemoteWorker], None], pool: str = "", local_rank: int = 0, per_node: int = 1,
+                 rank: int | None = None) -> None:
+        self.node = host.rank
+        self.local_rank = local_rank
+        self.per_node = per_node
+        self.rank = host.rank if rank is None else rank  # the pool numbers its workers once all have started
         self.host = host
         self.secret = secret
         self.pool = pool  # the pool's name, for messages
@@ -364,6 +370,8 @@ class Node:
         self._setup = setup
         self.handle: WorkerHandle | None = None
         self.link: WorkerLink | None = None
+        #: Counts the worker processes (namespaces) behind this rank: a fresh one knows none of what was sent before.
+        self.incarnation = 0
         self.state = "new"
         self.notices: list[str] = []
         self.hostname = ""
@@ -372,24 +380,27 @@ class Node:
 
     @property
     def label(self) -> str:
-        return f"node {self.rank} ({self.host.display})"
+        if self.per_node == 1:
+            return f"node {self.node} ({self.host.display})"
+        return f"rank {self.rank} (node {self.node} worker {self.local_rank}, {self.host.display})"
 
     def in_flight(self) -> int:
         link = self.link
         return len(link.calls) if link is not None else 0
 
     # -- connecting ----------------------------------------------------------------------------------------
-    def start_worker(self, start: Callable[[Host], WorkerHandle] | None = None) -> None:
-        """Start the worker (with ``start`` when given: a bring-up that bootstraps first) and connect to it (the
-        pool runs setup on all nodes together afterwards)."""
+    def start_worker(self, handle: WorkerHandle | None = None) -> None:
+        """Connect to ``handle`` (a worker its node's bring-up started), or start a worker and connect to it (the
+        pool runs setup on all workers together afterwards)."""
         with self._lock:
-            self.handle = (start or self._start_worker)(self.host)
+            self.handle = handle if handle is not None else self._start_worker(self.host, self.local_rank)
             self._connect()
             self.state = "connected"
 
     def start(self) -> None:
         """Start the worker, connect, and run the pool's setup on it."""
         with self._lock:
+            self.incarnation += 1
             self.start_worker()
             self._setup(self)
             self.state = "ready"
@@ -535,6 +546,7 @@ class Node:
         """The worker replaced itself after ignoring an interrupt: calls in flight are lost, setup runs again."""
         assert self.link is not None
         text = f"{self.label}: the worker was restarted; its remote namespace was lost."
+        self.incarnation += 1
         self.notices.append(text)
         for call in self.link.take_calls().values():
             call._finish(lost=WorkerLostError(text))
@@ -575,10 +587,19 @@ class Node:
 
     # -- work ----------------------------------------------------------------------------------------------
     def submit(self, kind: P.ClientKind, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
-               code: tuple[Any, ...] = (), on_done: Callable[[], None] | None = None) -> Call:
+               code: tuple[Any, ...] = (), on_done: Callable[[], None] | None = None,
+               share: tuple[str, int, int] | None = None) -> Call:
+        """Send one job. ``share`` (key, copies, copy): its payload is shared with sibling workers of this node
+        (see :data:`~sky_jupyter.protocol.SHARED`): this worker carries it for ``copies`` siblings, or (``copy``
+        > 0, no payload here) reads the copy a sibling carried."""
         link = self.ensure_link()
         call = Call(self, sink, code, on_done, kind=kind)
-        link.submit(call, kind, meta, payload)
+        if share is None:
+            link.submit(call, kind, meta, payload)
+        else:
+            key, copies, copy = share
+            shared: P.SharedMeta = {"kind": cast(Any, kind), "meta": meta, "key": key, "copies": copies, "copy": copy}
+            link.submit(call, P.SHARED, shared, payload)
         return call
 
     def interrupt(self, task_id: int = 0) -> None:

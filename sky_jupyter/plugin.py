@@ -32,6 +32,7 @@ class Cluster:
     provider: str
     pool_name: str
     gpu: bool = False
+    workers_per_node: int | str = 1  # a number, or "auto" (one per GPU with the torch plugin)
 
 
 Transform = Callable[[Image, Cluster], Image]

@@ -1,5 +1,7 @@
-"""``sky.ComputePool``: provisions nodes through a provider, bootstraps them once, keeps a worker link to each,
-and dispatches work: ``>>`` to the least busy node, ``@`` to every node in parallel."""
+"""``sky.ComputePool``: provisions nodes through a provider, bootstraps them once, starts their workers (one per
+node, a given number, or one per GPU), keeps a link to each worker, and dispatches work: ``>>`` to the least busy
+worker, ``@`` to every worker in parallel, with a payload that several workers of a node need sent to that node
+once."""
 
 from __future__ import annotations
 
@@ -20,14 +22,16 @@ from .bootstrap import BootstrapPlan
 from .compute import PendingCompute
 from .errors import ConfigError, ConnectionLostError, SerializationError, SkyError
 from .image import Image
-from .node import Call, Node, Sink
+from .node import Call, RemoteWorker, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
-from .providers.base import Cost, Host, PoolSpec, Provider, WorkerHandle, in_parallel
+from .providers.base import PER_GPU, Cost, Host, PoolSpec, Provider, WorkerHandle, check_workers, in_parallel
 from .providers.local import Local
 from .redaction import redact, register, register_environment
 from .shipping import register_user_modules
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
+#: Bytes from which a payload that several workers of one node get crosses the link to that node once.
+SHARE_AT = 256 * 1024
 DEFAULT_GRACE = 10 * 60.0
 
 _open_pools: set[ComputePool] = set()  # started and not closed: shut down at interpreter exit
@@ -71,11 +75,14 @@ def _detached_state(name: str) -> dict[str, Any]:
     return recorded
 
 
-def _recorded_nodes(recorded: dict[str, Any]) -> tuple[list[Host], dict[int, tuple[int, int]]]:
-    """A state file's hosts, and its workers' (port, pid) by rank."""
+def _recorded_nodes(recorded: dict[str, Any]) -> tuple[list[Host], dict[int, list[tuple[int, int, int]]]]:
+    """A state file's hosts, and each node's workers as (local rank, port, pid), in local rank order."""
     hosts = [Host(**h) for h in recorded.get("hosts") or ()]
-    workers = {w["rank"]: (w["port"], w["pid"]) for w in recorded.get("workers") or () if w.get("pid")}
-    return hosts, workers
+    workers: dict[int, list[tuple[int, int, int]]] = {}
+    for w in recorded.get("workers") or ():
+        if w.get("pid"):
+            workers.setdefault(w.get("node", w["rank"]), []).append((w.get("local_rank", 0), w["port"], w["pid"]))
+    return hosts, {node: sorted(found) for node, found in workers.items()}
 
 
 def provider_from_state(recorded: dict[str, Any]) -> Provider:
@@ -96,21 +103,37 @@ def provider_from_state(recorded: dict[str, Any]) -> Provider:
                       f"({kind!r}); pass provider=... to attach to it.")
 
 
-def _why_unattached(node: Node, exc: Exception) -> str:
-    """Why a node's worker could not be attached to, in a few words."""
-    handle = node.handle
+def _why_unattached(worker: RemoteWorker, exc: Exception) -> str:
+    """Why a worker could not be attached to, in a few words."""
+    handle = worker.handle
     try:
         alive = handle is not None and handle.alive()
     except Exception:  # noqa: BLE001 - the node cannot be asked: report the original failure
         alive = True
+    who = f"node {worker.node}" if worker.per_node == 1 else f"rank {worker.rank} (node {worker.node} worker " \
+                                                              f"{worker.local_rank})"
     if not alive:
-        return f"node {node.rank}'s worker {handle.describe_exit() if handle else 'is gone'} (its namespace is lost)"
-    return f"node {node.rank}: {type(exc).__name__}: {redact(str(exc))}"
+        return f"{who}'s worker {handle.describe_exit() if handle else 'is gone'} (its namespace is lost)"
+    return f"{who}: {type(exc).__name__}: {redact(str(exc))}"
 
 
-def _no_new_worker(host: Host) -> WorkerHandle:
-    """What a node that is only being shut down does when its worker is gone: nothing to start."""
-    raise ConnectionLostError(f"node {host.rank}: its worker is gone, and none is started while the pool shuts down")
+def _no_new_worker(host: Host, local_rank: int) -> WorkerHandle:
+    """What a worker that is only being shut down does when its process is gone: nothing to start."""
+    raise ConnectionLostError(f"node {host.rank} worker {local_rank}: its process is gone, and none is started while "
+                              f"the pool shuts down")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """One job for :meth:`ComputePool.submit_many`: what :meth:`RemoteWorker.submit` takes."""
+
+    worker: RemoteWorker
+    kind: P.ClientKind
+    meta: Any
+    payload: list | tuple
+    sink: Sink | None = None
+    code: tuple[Any, ...] = ()
+    on_done: Callable[[], None] | None = None
 
 
 def check_nodes(nodes: object) -> int:
@@ -119,20 +142,36 @@ def check_nodes(nodes: object) -> int:
     return nodes
 
 
+def check_workers_per_node(value: object) -> int | str:
+    """``workers_per_node``: "auto" (one per GPU when the torch plugin is in the chain, else one) or a whole number."""
+    if value == "auto" or (type(value) is int and 1 <= value <= 1024):
+        return value
+    raise ConfigError(f"workers_per_node must be 'auto' (one per GPU with the torch plugin, else 1) or a whole "
+                      f"number from 1 to 1024, got {value!r}; e.g. workers_per_node=8.")
+
+
+OUTPUTS = ("head", "all")
+
+
 class StreamPrinter:
     """Where a Python-API call's remote output goes: the stdout/stderr current when it was submitted,
-    with a ``[node K]`` prefix on each line when the pool has several nodes."""
+    with a ``[node K]`` (or ``[rank R]``) prefix on each line when the pool has several workers; ``stdout=False``
+    drops what goes to stdout (a worker other than the head, on a pool that shows the head's alone)."""
 
-    def __init__(self, prefix: str = "", out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(self, prefix: str = "", out: TextIO | None = None, err: TextIO | None = None,
+                 stdout: bool = True) -> None:
         self.prefix = prefix
         self.streams = {"stdout": out or sys.stdout, "stderr": err or sys.stderr}
         self.at_line_start = {"stdout": True, "stderr": True}
+        self.stdout = stdout
 
     def __call__(self, kind: str, meta: Any) -> None:
         if kind == P.STREAM:
             name, text = meta["name"], meta["text"]
         else:  # a display bundle: its plain-text form
             name, text = "stdout", str(meta.get("data", {}).get("text/plain", "")) + "\n"
+        if name != "stderr" and not self.stdout:
+            return
         stream = self.streams.get(name, self.streams["stdout"])
         if self.prefix:
             pieces = []
@@ -148,11 +187,17 @@ class ComputePool:
     """A pool of nodes, used as a context manager that always tears down what it started.
 
     ``provider`` defaults to ``sky.Local()``. ``plugins`` shape the image, the bootstrap and every worker.
+    ``workers_per_node``: worker processes per node, "auto" (one per GPU the node has when the torch plugin is in
+    the chain, else one) or a number. Workers are numbered over the whole pool (``rank``: node by node, then
+    within a node), as torchrun numbers its processes. ``output``: "head" shows only the head worker's stdout (every
+    worker's stderr and errors still show, each line labelled), "all" every worker's; by default "head" on pools
+    with several workers per node, else "all".
     """
 
     def __init__(self, provider: Provider | None = None, nodes: int = 1, accelerator: str | None = None,
                  image: Image | None = None, plugins: Sequence[Plugin] = (),
                  idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, name: str | None = None, *,
+                 workers_per_node: int | str = "auto", output: str | None = None,
                  grace: float = DEFAULT_GRACE, interrupt_grace: float = 10.0,
                  progress: Callable[[int, str, str], None] | None = None) -> None:
         if provider is None:
@@ -166,8 +211,12 @@ class ComputePool:
             raise ConfigError(f"image must be a sky.Image, not {type(image).__name__}")
         if name is not None and (not name or not all(c.isalnum() or c in "-_" for c in name)):
             raise ConfigError(f"pool name {name!r} may hold only letters, digits, '-' and '_'")
+        if output is not None and output not in OUTPUTS:
+            raise ConfigError(f"output must be 'head' or 'all', got {output!r}")
         self.provider = provider
         self.size = check_nodes(nodes)
+        self.workers_per_node = check_workers_per_node(workers_per_node)
+        self.output = output
         self.accelerator = accelerator or None
         self.base_image = image
         self.plugins = check_plugins(plugins)
@@ -179,8 +228,9 @@ class ComputePool:
         self.secret = secrets.token_urlsafe(32)
         register(self.secret)
         register_environment()  # tokens and cloud credentials set here never show in what comes back from nodes
-        self.nodes: list[Node] = []
+        self.workers: list[RemoteWorker] = []
         self.hosts: list[Host] = []
+        self.gpus: dict[int, int] = {}  # GPUs per node, as its bring-up counted them
         self.leftovers: list[Call] = []  # what a dead client left running on the nodes (see attach)
         self.image = image
         self.head_port = 0
@@ -194,12 +244,31 @@ class ComputePool:
 
     def __repr__(self) -> str:
         state_ = "running" if self.started_at and not self._closed else ("closed" if self._closed else "new")
-        return f"<ComputePool {self.name!r} {self.provider!r} nodes={self.size} {state_}>"
+        workers = f" workers={len(self.workers)}" if len(self.workers) > self.size else ""
+        return f"<ComputePool {self.name!r} {self.provider!r} nodes={self.size}{workers} {state_}>"
 
     @property
     def cluster(self) -> Cluster:
         return Cluster(nodes=self.size, accelerator=self.accelerator, provider=self.provider.name,
-                       pool_name=self.name, gpu=bool(self.accelerator and self.accelerator.lower() != "cpu"))
+                       pool_name=self.name, gpu=bool(self.accelerator and self.accelerator.lower() != "cpu"),
+                       workers_per_node=self.workers_per_node)
+
+    @property
+    def several_per_node(self) -> bool:
+        """Whether some node runs more than one worker."""
+        return any(w.per_node > 1 for w in self.workers)
+
+    def shows_stdout(self, worker: RemoteWorker, output: str | None = None, alone: bool = False) -> bool:
+        """Whether ``worker``'s stdout is shown under ``output`` (else the pool's, else its default) for work sent
+        to several workers at once; work that runs on one worker ``alone`` (``>>``, ``--rank K``) shows it."""
+        chosen = output or self.output or ("head" if self.several_per_node else "all")
+        return alone or chosen == "all" or worker.rank == 0
+
+    def _node_workers(self) -> int | str:
+        """What each node's bring-up is asked to start: a number, or one per GPU."""
+        if self.workers_per_node != "auto":
+            return check_workers(self.workers_per_node)
+        return PER_GPU if any(p.name == "torch" for p in self.plugins) else 1
 
     @property
     def running(self) -> bool:
@@ -229,8 +298,8 @@ class ComputePool:
             self._save_state(fresh=True)  # a record of an earlier pool of the same name is replaced, not merged
             self.hosts = self.provider.provision(spec)
             self._save_state()
-            self.nodes = self._bring_up(self.hosts, plan)
-            head = self.nodes[0].link
+            self.workers = self._bring_up(self.hosts, plan)
+            head = self.workers[0].link
             assert head is not None  # every node is connected once brought up
             self.head_port = head.hello["free_port"]  # told when it connected
             self._setup_all()
@@ -261,21 +330,21 @@ class ComputePool:
         self._require_running()
         if nodes <= self.size:
             return
-        old_size, old_hosts, old_nodes = self.size, list(self.hosts), list(self.nodes)
+        old_size, old_hosts, old_workers = self.size, list(self.hosts), list(self.workers)
         self.size = nodes
-        new_nodes: list[Node] = []
+        new_workers: list[RemoteWorker] = []
         try:
             hosts = self.provider.provision(PoolSpec(self.name, nodes, self.accelerator))
             new_hosts = hosts[old_size:]
             plan = self._plan()
             self.hosts = old_hosts + new_hosts
-            new_nodes = self._bring_up(new_hosts, plan)
-            self.nodes = old_nodes + new_nodes
+            new_workers = self._bring_up(new_hosts, plan, first_rank=len(old_workers))
+            self.workers = old_workers + new_workers
             self._setup_all()
             self._save_state()
         except BaseException:
-            self._parallel([node.close for node in new_nodes], raise_first=False)
-            self.size, self.hosts, self.nodes = old_size, old_hosts, old_nodes
+            self._parallel([worker.close for worker in new_workers], raise_first=False)
+            self.size, self.hosts, self.workers = old_size, old_hosts, old_workers
             raise
 
     def _plan(self) -> BootstrapPlan:
@@ -283,22 +352,35 @@ class ComputePool:
         plan = self.provider.plan(self.image, bootstrap_ops(self.plugins, self.cluster))
         return dataclasses.replace(plan, secrets=tuple(sorted({k for p in self.plugins for k in p.secrets})))
 
-    def _bring_up(self, hosts: list[Host], plan: BootstrapPlan) -> list[Node]:
-        """Bootstrap each host and start its worker, every node at its own pace (one waiting for the slowest
-        bootstrap before starting its worker would add the stragglers' times up). On a failure, the workers that
-        did start are stopped and the first failure in rank order is raised."""
-        nodes = [Node(h.rank, h, self.secret, self._start_worker, self._setup_one, self.name) for h in hosts]
+    def _bring_up(self, hosts: list[Host], plan: BootstrapPlan, first_rank: int = 0) -> list[RemoteWorker]:
+        """Bootstrap each host, start its workers and connect to them, every node at its own pace (one waiting for
+        the slowest bootstrap before starting its workers would add the stragglers' times up). Workers are numbered
+        from ``first_rank``, node by node. On a failure, the workers that did start are stopped and the first
+        failure in node order is raised."""
+        started: list[list[RemoteWorker]] = [[] for _ in hosts]
 
-        def one(node: Node) -> None:
-            node.start_worker(lambda host: self.provider.bring_up(host, plan, self._worker_config(host),
-                                                                  self.progress))
+        def one(i: int, host: Host) -> None:
+            node = self.provider.bring_up(host, plan, self._worker_config(host, 0), self.progress)
+            self.gpus[host.rank] = node.gpus
+            started[i] = [RemoteWorker(host, self.secret, self._start_worker, self._setup_one, self.name,
+                                       local_rank=local, per_node=len(node.workers))
+                          for local in range(len(node.workers))]
+            for worker, handle in zip(started[i], node.workers):
+                worker.handle = handle  # stopped with the others should a connection below fail
+            failed = [r for r in in_parallel([functools.partial(w.start_worker, h)
+                                               for w, h in zip(started[i], node.workers)]) if isinstance(r, Exception)]
+            if failed:
+                raise failed[0]
 
-        results = in_parallel([functools.partial(one, node) for node in nodes])
+        results = in_parallel([functools.partial(one, i, host) for i, host in enumerate(hosts)])
+        workers = [worker for node in started for worker in node]
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
-            self._parallel([node.close for node in nodes], raise_first=False)
+            self._parallel([worker.close for worker in workers], raise_first=False)
             raise failures[0]
-        return nodes
+        for rank, worker in enumerate(workers, start=first_rank):
+            worker.rank = rank
+        return workers
 
     def close(self) -> None:
         """Shut down workers, give machines back, and forget the pool. Safe to call more than once."""
@@ -311,7 +393,7 @@ class ComputePool:
             _open_pools.discard(self)
         errors: list[BaseException] = []
         try:
-            self._parallel([node.close for node in self.nodes], raise_first=False)
+            self._parallel([worker.close for worker in self.workers], raise_first=False)
         finally:
             try:
                 self.provider.release(self.hosts)
@@ -333,8 +415,10 @@ class ComputePool:
             interrupt_grace=self.interrupt_grace, head_port=self.head_port,
             hosts=[{**dataclasses.asdict(h), "extra": {k: v for k, v in h.extra.items() if _plain(v)}}
                    for h in self.hosts],
-            workers=[{"rank": n.rank, "port": getattr(n.handle, "port", None), "pid": getattr(n.handle, "pid", None)}
-                     for n in self.nodes],
+            workers=[{"rank": w.rank, "node": w.node, "local_rank": w.local_rank,
+                      "port": getattr(w.handle, "port", None), "pid": getattr(w.handle, "pid", None)}
+                     for w in self.workers],
+            workers_per_node=self.workers_per_node, output=self.output, gpus=self.gpus,
             cloud=self.provider.pool_state(self.name),
         )
 
@@ -355,49 +439,58 @@ class ComputePool:
         recorded = _detached_state(name)
         provider = provider or provider_from_state(recorded)
         hosts, workers = _recorded_nodes(recorded)
-        if not hosts or any(h.rank not in workers for h in hosts):
+        if not hosts or any(not workers.get(h.rank) for h in hosts):
             raise ConfigError(f"pool {name!r} had not finished starting when its client stopped, so there are no "
                               f"workers to attach to; `%sky down {name}` (or ComputePool.release_detached("
                               f"{name!r})) releases what it started.")
         pool = cls(provider, nodes=len(hosts), accelerator=recorded.get("accelerator"), image=image,
                    plugins=plugins, idle_timeout=recorded.get("idle_timeout", DEFAULT_IDLE_TIMEOUT), name=name,
                    grace=recorded.get("grace", DEFAULT_GRACE), interrupt_grace=recorded.get("interrupt_grace", 10.0),
-                   progress=progress)
+                   progress=progress, workers_per_node=recorded.get("workers_per_node", "auto"),
+                   output=recorded.get("output"))
+        pool.gpus = {int(node): count for node, count in (recorded.get("gpus") or {}).items()}
         pool.secret = recorded["secret"]
         register(pool.secret)
         pool.head_port = int(recorded.get("head_port") or 0)
         pool._stack = ExitStack()
-        nodes: list[Node] = []
+        attached: list[RemoteWorker] = []
         try:
             pool._prepare_client()
             pool.hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
-            nodes = [Node(h.rank, h, pool.secret, pool._start_worker, pool._setup_one, name) for h in pool.hosts]
-            sink_for = leftover_sink or (lambda rank: pool._sink(nodes[rank]))
+            for host in pool.hosts:
+                found_here = workers[host.rank]
+                attached += [RemoteWorker(host, pool.secret, pool._start_worker, pool._setup_one, name,
+                                          local_rank=local, per_node=len(found_here)) for local, _, _ in found_here]
+            for rank, worker in enumerate(attached):
+                worker.rank = rank
+            sink_for = leftover_sink or (lambda rank: pool._sink(attached[rank]))
 
-            def attach(node: Node) -> list[Call]:
-                return node.attach(provider.worker(node.host, *workers[node.rank]), sink_for(node.rank))
+            def attach(worker: RemoteWorker) -> list[Call]:
+                _, port, pid = workers[worker.node][worker.local_rank]
+                return worker.attach(provider.worker(worker.host, port, pid, worker.local_rank),
+                                     sink_for(worker.rank))
 
-            found = in_parallel([functools.partial(attach, n) for n in nodes])
-            failed = [(n, r) for n, r in zip(nodes, found) if isinstance(r, Exception)]
+            found = in_parallel([functools.partial(attach, w) for w in attached])
+            failed = [(w, r) for w, r in zip(attached, found) if isinstance(r, Exception)]
             if failed:
                 raise ConnectionLostError(
-                    f"pool {name!r}: " + "; ".join(_why_unattached(n, exc) for n, exc in failed)
+                    f"pool {name!r}: " + "; ".join(_why_unattached(w, exc) for w, exc in failed)
                     + f". The nodes are left as they were: `%sky down {name}` (or ComputePool.release_detached("
                     f"{name!r})) stops what is left and releases the machines.")
-            pool.nodes = nodes
+            pool.workers = attached
             pool.leftovers = [call for calls in found if not isinstance(calls, Exception) for call in calls]
-            for node in nodes:
-                if node.state != "ready":  # a worker that restarted itself lost its setup: set it up again
-                    pool._setup_one(node)
-                    node.state = "ready"
+            for worker in attached:
+                if worker.state != "ready":  # a worker that restarted itself lost its setup: set it up again
+                    pool._setup_one(worker)
+                    worker.state = "ready"
             pool.started_at = time.time()
             pool._save_state()  # this client owns the pool now
             pool._keeper = threading.Thread(target=pool._keep, daemon=True, name=f"sky-keeper-{name}")
             pool._keeper.start()
             _track(pool)
         except BaseException:
-            for node in nodes:
-                node.detach()
+            for worker in attached:
+                worker.detach()
             provider.disconnect(pool.hosts or hosts)
             pool._closed = True
             pool._stack.close()
@@ -417,16 +510,17 @@ class ComputePool:
             except (SkyError, OSError):
                 pass  # unreachable or gone: the workers' dead-man switch ends them; the machines go below
             else:
-                def stop(host: Host) -> None:
-                    node = Node(host.rank, host, recorded["secret"], _no_new_worker, lambda n: None, name)
-                    handle = provider.worker(host, *workers[host.rank])
+                def stop(host: Host, local: int, port: int, pid: int) -> None:
+                    worker = RemoteWorker(host, recorded["secret"], _no_new_worker, lambda w: None, name,
+                                          local_rank=local)
+                    handle = provider.worker(host, port, pid, local)
                     try:
-                        node.attach(handle, lambda kind, meta: None)  # then asked to shut down: its plugins' exits run
+                        worker.attach(handle, lambda kind, meta: None)  # asked to shut down next: plugins' exits run
                     except (SkyError, OSError, EOFError):
-                        node.handle = handle
-                    node.close(timeout)
+                        worker.handle = handle
+                    worker.close(timeout)
 
-                in_parallel([functools.partial(stop, h) for h in hosts if h.rank in workers])
+                in_parallel([functools.partial(stop, h, *found) for h in hosts for found in workers.get(h.rank, ())])
             provider.release(hosts)
         finally:
             provider.disconnect(hosts)
@@ -434,7 +528,7 @@ class ComputePool:
 
     @staticmethod
     def _parallel(fns: list[Callable[[], Any]], raise_first: bool = True) -> list[Any]:
-        """One thread per node; the first failure (in order) is raised, or with ``raise_first=False`` None."""
+        """One thread each; the first failure (in order) is raised, or with ``raise_first=False`` None."""
         results = in_parallel(fns)
         for result in results:
             if isinstance(result, Exception) and raise_first:
@@ -447,19 +541,22 @@ class ComputePool:
         elif line.startswith("warning:"):  # phases flag what the user must know (e.g. an unchecked HF token)
             print(f"[{self.name} node {rank}] {phase}: {line}", file=sys.stderr)
 
-    def _worker_config(self, host: Host) -> dict[str, Any]:
+    def _worker_config(self, host: Host, local_rank: int) -> dict[str, Any]:
         return {**self.provider.worker_options(),
-                "secret": self.secret, "rank": host.rank, "world_size": self.size, "pool": self.name,
+                "secret": self.secret, "rank": host.rank, "local_rank": local_rank,
+                "workers_per_node": self._node_workers(), "world_size": self.size, "pool": self.name,
                 "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ,
                 "max_frame": P.MAX_FRAME, "max_buffers": P.MAX_BUFFERS}
 
-    def _start_worker(self, host: Host):  # -> WorkerHandle
-        return self.provider.start_worker(host, self._worker_config(host))
+    def _start_worker(self, host: Host, local_rank: int) -> WorkerHandle:
+        return self.provider.start_worker(host, self._worker_config(host, local_rank))
 
-    def _setup_meta(self, node: Node) -> dict[str, Any]:
+    def _setup_meta(self, worker: RemoteWorker) -> dict[str, Any]:
         addrs = tuple(h.private_addr for h in self.hosts)
-        info = {"rank": node.rank, "world_size": self.size, "head_addr": addrs[0], "node_addrs": addrs,
-                "accelerator": self.accelerator, "pool_name": self.name, "head_port": self.head_port}
+        info = {"rank": worker.rank, "world_size": len(self.workers), "head_addr": addrs[0], "node_addrs": addrs,
+                "accelerator": self.accelerator, "pool_name": self.name, "head_port": self.head_port,
+                "node": worker.node, "worker": worker.local_rank, "workers_per_node": worker.per_node,
+                "accelerators": self.gpus.get(worker.node, 0)}
         return {"info": info}
 
     def _setup_payload(self) -> list:
@@ -470,28 +567,29 @@ class ComputePool:
     def _setup_all(self) -> None:
         payload = self._setup_payload()
         # What plugins print while setting up (a warning from torch.distributed, say) is shown like a task's output.
-        calls = [n.submit(P.SETUP, self._setup_meta(n), payload, sink=self._sink(n)) for n in self.nodes]
+        calls = [w.submit(P.SETUP, self._setup_meta(w), payload, sink=self._sink(w, alone=False))
+                 for w in self.workers]
         self._wait_all(calls, timeout=600)
-        for node, call in zip(self.nodes, calls):
-            node.hostname = call.wait()["hostname"]
-            node.state = "ready"
+        for worker, call in zip(self.workers, calls):
+            worker.hostname = call.wait()["hostname"]
+            worker.state = "ready"
         # The hosts' record learns their hostnames from the workers (what attach shows before reconnecting).
-        names = {node.rank: node.hostname for node in self.nodes}
+        names = {worker.node: worker.hostname for worker in self.workers}
         self.hosts = [dataclasses.replace(h, hostname=names.get(h.rank) or h.hostname) for h in self.hosts]
 
-    def _setup_one(self, node: Node) -> None:
-        node.hostname = node.submit(P.SETUP, self._setup_meta(node), self._setup_payload(),
-                                    sink=self._sink(node)).wait(600)["hostname"]
+    def _setup_one(self, worker: RemoteWorker) -> None:
+        worker.hostname = worker.submit(P.SETUP, self._setup_meta(worker), self._setup_payload(),
+                                        sink=self._sink(worker)).wait(600)["hostname"]
 
     def _keep(self) -> None:
         """Heartbeats keep the workers' dead-man switch quiet and find broken links early."""
         interval = max(1.0, min(30.0, self.grace / 4))
         while not self._stop.wait(interval):
-            for node in self.nodes:
+            for worker in self.workers:
                 if self._stop.is_set():
                     return
                 try:
-                    node.ping(timeout=10)
+                    worker.ping(timeout=10)
                 except (SkyError, OSError, EOFError):
                     pass  # the node records its state; the next task reports or repairs it
 
@@ -501,8 +599,16 @@ class ComputePool:
             raise SkyError(f"pool {self.name!r} is not running; use `with sky.ComputePool(...) as pool:` "
                            f"or call pool.start() first.")
 
-    def _sink(self, node: Node) -> Sink:
-        return StreamPrinter(f"[node {node.rank}] " if self.size > 1 else "")
+    def _sink(self, worker: RemoteWorker, alone: bool = True) -> Sink:
+        return StreamPrinter(self.prefix(worker), stdout=self.shows_stdout(worker, alone=alone))
+
+    def tag(self, worker: RemoteWorker) -> str:
+        """How output and messages name ``worker``: its node with one worker per node, else its rank."""
+        return f"rank {worker.rank}" if self.several_per_node else f"node {worker.node}"
+
+    def prefix(self, worker: RemoteWorker) -> str:
+        """What each line of ``worker``'s output starts with, when the pool has several workers."""
+        return f"[{self.tag(worker)}] " if len(self.workers) > 1 else ""
 
     def _payload(self, pending: PendingCompute[Any]) -> list:
         register_user_modules()
@@ -511,16 +617,17 @@ class ComputePool:
         except Exception as exc:  # noqa: BLE001 - (un)pickling user objects can raise anything
             raise SerializationError(_explain_pickle_failure(pending, exc)) from None
 
-    def ranked_nodes(self) -> list[Node]:
-        """Nodes in the order ``>>`` tries them: reachable first, then least busy, then lowest rank."""
-        return sorted(self.nodes, key=lambda n: (n.state == "unreachable", n.in_flight(), n.rank))
+    def ranked_workers(self) -> list[RemoteWorker]:
+        """Workers in the order ``>>`` tries them: reachable first, then least busy, then lowest rank."""
+        return sorted(self.workers, key=lambda w: (w.state == "unreachable", w.in_flight(), w.rank))
 
-    def submit(self, pending: PendingCompute[Any], node: Node | None = None, sink: Sink | None = None) -> Call:
-        """Send one task. Without a given node, a node that cannot be reached is skipped for the next one."""
+    def submit(self, pending: PendingCompute[Any], node: RemoteWorker | None = None, sink: Sink | None = None) -> Call:
+        """Send one task (to ``node``, a worker, when given). Otherwise a worker that cannot be reached is skipped
+        for the next one."""
         self._require_running()
         self.last_used = time.monotonic()
         payload = self._payload(pending)
-        candidates = [node] if node is not None else self.ranked_nodes()
+        candidates = [node] if node is not None else self.ranked_workers()
         first_error: ConnectionLostError | None = None
         for candidate in candidates:
             try:
@@ -531,32 +638,64 @@ class ComputePool:
         raise first_error
 
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
-        """``pending >> pool``: run on one node (the least busy, or ``rank``) and return its value."""
-        node = self.nodes[rank] if rank is not None else None
-        return self.submit(pending, node).wait()
+        """``pending >> pool``: run on one worker (the least busy, or ``rank``) and return its value."""
+        worker = self.workers[rank] if rank is not None else None
+        return self.submit(pending, worker).wait()
 
     def broadcast(self, pending: PendingCompute[Any]) -> list[Any]:
-        """``pending @ pool``: run on every node at once; the values in rank order."""
+        """``pending @ pool``: run on every worker at once; the values in rank order."""
         self._require_running()
         self.last_used = time.monotonic()
         payload = self._payload(pending)
-        calls = [n.submit(P.TASK, None, payload, self._sink(n), (pending.fn,)) for n in self.nodes]
+        calls = self.submit_many([Request(w, P.TASK, None, payload, self._sink(w, alone=False), (pending.fn,))
+                                  for w in self.workers])
         return self._wait_all(calls)
 
+    def submit_many(self, requests: Sequence[Request]) -> list[Call]:
+        """Send several jobs at once, a payload that several workers of one node get (the same buffers) crossing
+        the link to that node once (:data:`~sky_jupyter.protocol.SHARED`): the worker that carries it is sent its
+        job first, so it has the payload by the time its siblings look for it. If a job cannot be sent, the ones
+        already sent are interrupted and the error raised."""
+        carriers: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        for i, request in enumerate(requests):
+            size = sum(memoryview(p).nbytes for p in request.payload)
+            if size >= SHARE_AT:
+                carriers.setdefault((request.worker.node, tuple(map(id, request.payload))), []).append(i)
+        shares: dict[int, tuple[str, int, int]] = {}
+        for group in carriers.values():
+            if len(group) > 1:
+                key = secrets.token_hex(8)
+                shares[group[0]] = (key, len(group) - 1, 0)
+                shares.update({i: (key, 0, copy) for copy, i in enumerate(group[1:], start=1)})
+        order = sorted(range(len(requests)), key=lambda i: shares.get(i, ("", 0, 0))[2] > 0)  # carriers first
+        calls: dict[int, Call] = {}
+        try:
+            for i in order:
+                r, share = requests[i], shares.get(i)
+                payload = () if share is not None and share[2] else r.payload
+                calls[i] = r.worker.submit(r.kind, r.meta, payload, r.sink, r.code, r.on_done, share=share)
+        except BaseException:
+            for call in calls.values():
+                call.interrupt()
+            for call in calls.values():
+                call.join(15)
+            raise
+        return [calls[i] for i in range(len(requests))]
+
     def gather(self, items: Sequence[PendingCompute[Any]]) -> tuple[Any, ...]:
-        """Several computations at once, spread over the nodes; values in order."""
+        """Several computations at once, spread over the workers; values in order."""
         self._require_running()
-        load = {n.rank: n.in_flight() for n in self.nodes}
+        load = {w.rank: w.in_flight() for w in self.workers}
         calls = []
         for item in items:
             rank = min(load, key=lambda r: (load[r], r))
             load[rank] += 1
-            calls.append(self.submit(item, self.nodes[rank]))
+            calls.append(self.submit(item, self.workers[rank]))
         return tuple(self._wait_all(calls))
 
     @staticmethod
     def _wait_all(calls: list[Call], timeout: float | None = None) -> list[Any]:
-        """Wait for every call; raise the first failure (by position) naming every node that failed."""
+        """Wait for every call; raise the first failure (by position) naming every worker that failed."""
         results: list[Any] = []
         failures: list[tuple[Call, BaseException]] = []
         try:
@@ -579,21 +718,32 @@ class ComputePool:
             first = failures[0][1]
             if len(calls) > 1:
                 ranks = ", ".join(str(c.node.rank) for c, _ in failures)
-                first.add_note(f"failed on {len(failures)} of {len(calls)} nodes (ranks {ranks})")
+                unit = "workers" if any(c.node.per_node > 1 for c in calls) else "nodes"
+                first.add_note(f"failed on {len(failures)} of {len(calls)} {unit} (ranks {ranks})")
             raise first
         return results
 
     def interrupt(self) -> None:
-        for node in self.nodes:
-            node.interrupt(0)
+        for worker in self.workers:
+            worker.interrupt(0)
 
     def cost(self) -> Cost | None:
         """USD per hour and so far for this pool's machines (None for providers that bill nothing)."""
         return self.provider.cost(self.hosts)
 
-    def status(self) -> list[dict[str, Any]]:
-        return [{"rank": n.rank, "addr": n.host.display, "hostname": n.hostname, "state": n.state,
-                 "in_flight": n.in_flight()} for n in self.nodes]
+    def status(self, memory: bool = True) -> list[dict[str, Any]]:
+        """One row per worker, in rank order; ``memory``: ask each worker for its resident memory (``rss``, bytes;
+        None when it does not answer within a few seconds)."""
+        def rss(worker: RemoteWorker) -> int | None:
+            link = worker.link
+            if not memory or link is None or not link.alive:
+                return None
+            return worker.ping(timeout=5).get("rss")
+
+        found = in_parallel([functools.partial(rss, w) for w in self.workers])
+        return [{"rank": w.rank, "node": w.node, "worker": w.local_rank, "addr": w.host.display,
+                 "hostname": w.hostname, "state": w.state, "in_flight": w.in_flight(),
+                 "rss": None if isinstance(m, Exception) else m} for w, m in zip(self.workers, found)]
 
 
 def _explain_pickle_failure(pending: PendingCompute[Any], exc: Exception) -> str:

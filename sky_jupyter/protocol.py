@@ -21,6 +21,11 @@ back to its sender fails. Each side checks every field's type and the frame's si
 peer that has not proven it knows the secret. Every frame's size is checked from its header before any of it is
 allocated (:data:`MAX_FRAME`, :data:`MAX_BUFFERS`).
 
+A payload several workers of one node need (a cell's changed globals, a broadcast task) crosses the link once per
+node: the client sends it to one of them in a :data:`SHARED` frame that says how many siblings read it too (that
+worker keeps a copy for each in the node's share folder before it queues the work), and the siblings get the same
+frame without buffers, naming the copy to read (:class:`SharedMeta`).
+
 Message kinds are :data:`ClientKind` and :data:`WorkerKind`; what each frame's meta holds is a TypedDict here
 (:class:`CellMeta`, :class:`StreamMeta`, :class:`ErrorMeta`...): types for the checker, plain dicts on the wire.
 """
@@ -44,7 +49,7 @@ import cloudpickle
 
 from .errors import SkyError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 READY = "SKY-READY"  # the line a starting worker prints, followed by {"port": ..., "pid": ...}
 _HEAD = struct.Struct("!II")
 _LEN = struct.Struct("!Q")
@@ -74,6 +79,7 @@ INTERRUPT: Final = "interrupt"  # raise KeyboardInterrupt in the running task
 PING: Final = "ping"            # heartbeat; answered with PONG
 SHUTDOWN: Final = "shutdown"    # exit (and clean up)
 ACK: Final = "ack"              # meta: ids of tasks whose result or error arrived; the worker stops holding them
+SHARED: Final = "shared"        # a TASK, CELL, SETUP whose payload is read from the node's share folder (SharedMeta)
 # Worker -> client:
 RESULT: Final = "result"
 ERROR: Final = "error"          # meta: ErrorMeta
@@ -82,7 +88,7 @@ DISPLAY: Final = "display"      # meta: a Jupyter MIME bundle message
 PONG: Final = "pong"            # meta: PongMeta
 NOTICE: Final = "notice"        # meta: NoticeMeta, for the user, not tied to a task
 
-ClientKind = Literal["task", "cell", "setup", "pull", "interrupt", "ping", "shutdown", "ack"]
+ClientKind = Literal["task", "cell", "setup", "pull", "interrupt", "ping", "shutdown", "ack", "shared"]
 WorkerKind = Literal["result", "error", "stream", "display", "pong", "notice"]
 Kind = ClientKind | WorkerKind
 #: A received frame: (kind, task id, meta, buffers). Its kind is any string (unknown ones are ignored), not a Kind.
@@ -132,6 +138,17 @@ class ErrorMeta(TypedDict):
 class PongMeta(TypedDict):
     busy: int  # the running task's id, 0 when idle
     pid: int
+    rss: int  # the worker's resident memory in bytes (0 where it cannot tell)
+
+
+class SharedMeta(TypedDict):
+    """A :data:`SHARED` frame's meta: the work frame it stands for, and where its payload is on the node."""
+
+    kind: Literal["task", "cell", "setup"]
+    meta: Any  # the work frame's own meta
+    key: str  # names the payload in the node's share folder (hex)
+    copies: int  # carrier (the frame has the buffers): how many siblings read a copy; else 0
+    copy: int  # a sibling (no buffers): which copy is its own, 1..copies; 0 for the carrier
 
 
 class NoticeMeta(TypedDict):

@@ -54,7 +54,7 @@ def api_client(cluster, name: str, nodes: int = 2) -> str:
         from sky_jupyter import protocol as P
         pool = sky.ComputePool(provider=sky.SSH({hosts!r}, key_file={str(cluster.key_file)!r}), nodes={nodes},
                                name={name!r}, grace=120).start()
-        for node in pool.nodes:
+        for node in pool.workers:
             node.submit(P.CELL, {{"code": f"x = {{40 + node.rank}}"}}).wait(60)
     """
 
@@ -75,7 +75,7 @@ def test_a_pool_outlives_its_killed_client_and_another_client_takes_it_over(sshd
                 time.sleep(0.25)
             return 7
 
-        pool.submit(slow(), node=pool.nodes[0])  # still running when the client dies
+        pool.submit(slow(), node=pool.workers[0])  # still running when the client dies
     """, tmp_path)
     pids = worker_pids(name)
     lines: list[tuple[int, str]] = []
@@ -87,8 +87,8 @@ def test_a_pool_outlives_its_killed_client_and_another_client_takes_it_over(sshd
         ticks = [int(n) for n in re.findall(r"tick (\d)", "".join(text for rank, text in lines if rank == 0))]
         assert ticks == list(range(ticks[0], 8)) and ticks[0] <= 1, ticks  # what it printed while no one listened
         # The namespaces are as the dead client left them, in the same worker processes.
-        assert [n.submit(P.CELL, {"code": "x + 1"}).wait(30)["value"] for n in pool.nodes] == [41, 42]
-        assert [n.handle.pid for n in pool.nodes] == pids
+        assert [n.submit(P.CELL, {"code": "x + 1"}).wait(30)["value"] for n in pool.workers] == [41, 42]
+        assert [n.handle.pid for n in pool.workers] == pids
         assert [row["hostname"] for row in pool.status()] == [h.hostname for h in pool.hosts] != ["", ""]
         assert state.load(name)["client_pid"] == os.getpid()
         with pytest.raises(sky.ConfigError, match="belongs to a client that is still running"):

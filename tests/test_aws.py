@@ -485,13 +485,13 @@ def test_a_pool_whose_kernel_died_is_attached_to_billed_and_terminated(moto_ec2,
                            owner={OWNER!r}, poll=0.1, poweroff_command={HARMLESS!r}, session=session,
                            connect_via=lambda description, rank: targets[rank])
         pool = sky.ComputePool(provider=provider, nodes=2, accelerator="A10G", name="aws-attach").start()
-        pool.nodes[1].submit(P.CELL, {{"code": "kept = 'on the GPU node'"}}).wait(30)
+        pool.workers[1].submit(P.CELL, {{"code": "kept = 'on the GPU node'"}}).wait(30)
     """, tmp_path)  # the client dies (SIGKILL): nothing tears the pool down
     assert len(moto_ec2.alive("aws-attach")) == 2
 
     again = sky.ComputePool.attach("aws-attach", provider=make(moto_ec2, str(sshd_cluster.key_file)))
     try:
-        assert again.nodes[1].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == "on the GPU node"
+        assert again.workers[1].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == "on the GPU node"
         assert again.cost().per_hour == pytest.approx(2 * accelerators.lookup("A10G").price_per_hour)
         assert len(moto_ec2.alive("aws-attach")) == 2
     finally:

@@ -61,3 +61,49 @@ def test_instance_info_on_nodes(local_pool):
     results = where() @ local_pool
     assert results == [(0, 2, True, "127.0.0.1", True, "test-local", [0, 1, 2]),
                        (1, 2, False, "127.0.0.1", True, "test-local", [3, 4, 5])]
+
+
+def test_instance_info_names_a_worker_among_the_workers_of_its_node():
+    from sky_jupyter.info import InstanceInfo, _set_current
+
+    info = InstanceInfo(rank=5, world_size=8, head_addr="10.0.0.1", node_addrs=("10.0.0.1", "10.0.0.2"),
+                        accelerator="A100", pool_name="p", node=1, worker=1, workers_per_node=4, accelerators=4)
+    assert (info.node, info.worker, info.total_nodes, info.workers_per_node, info.accelerators) == (1, 1, 2, 4, 4)
+    assert (info.global_worker_index, info.total_workers, info.is_head, info.addr) == (5, 8, False, "10.0.0.2")
+    one = InstanceInfo(rank=1, world_size=2, head_addr="a", node_addrs=("a", "b"), accelerator=None, pool_name="p")
+    assert (one.node, one.worker, one.workers_per_node, one.addr) == (1, 0, 1, "b")  # one worker per node
+    _set_current(info)
+    try:
+        assert sky.shard(list(range(16))) == [10, 11]  # over all 8 workers, not the 2 nodes
+    finally:
+        _set_current(None)
+
+
+def test_stdout_and_silent_decorators_quiet_what_a_function_prints(capsys):
+    from sky_jupyter.info import InstanceInfo, _set_current
+
+    @sky.stdout(only="head")
+    def chatty(x: int) -> int:
+        print("out", x)
+        import sys
+
+        print("err", x, file=sys.stderr)
+        return x
+
+    @sky.silent
+    def quiet() -> str:
+        print("never")
+        return "done"
+
+    assert chatty(1) == 1 and quiet() == "done"  # outside a pool: the head
+    assert capsys.readouterr() == ("out 1\n", "err 1\n")
+    _set_current(InstanceInfo(rank=3, world_size=4, head_addr="a", node_addrs=("a",), accelerator=None,
+                              pool_name="p", node=0, worker=3, workers_per_node=4))
+    try:
+        assert chatty(2) == 2 and quiet() == "done"
+    finally:
+        _set_current(None)
+    assert capsys.readouterr() == ("", "err 2\n")
+    assert chatty.__name__ == "chatty"
+    with pytest.raises(ValueError, match="'head' or 'all'"):
+        sky.stdout(only="rank0")

@@ -17,8 +17,8 @@ def test_missing_requirements_checks_names_and_versions():
 
 def test_logs_and_exit_description(tmp_path):
     with sky.ComputePool(provider=sky.Local(root=tmp_path), nodes=1, name="local-logs") as pool:
-        assert "serving rank 0" in pool.provider.read_log(pool.hosts[0])
-        handle = pool.nodes[0].handle
+        assert "serving node 0 worker 0" in pool.provider.read_log(pool.hosts[0])
+        handle = pool.workers[0].handle
         os.kill(handle.pid, signal.SIGKILL)
         handle.proc.wait()
         assert handle.describe_exit() == f"(local pid {handle.pid}) was killed by SIGKILL"

@@ -214,7 +214,7 @@ def test_multi_node_error_names_the_failed_ranks(shell):
 def test_bad_lines_are_one_line_usage_errors_and_run_nothing(shell):
     for line, words in [("%%sky --nodes 0", "--nodes must be at least 1"), ("%%sky --nodes x", "invalid int"),
                         ("%%sky --provider moon", "invalid choice"), ("%%sky --bogus", "unrecognized"),
-                        ("%%sky --rank -1", "--rank must be"), ("%%sky --rank 5", "--rank 5 is not a node of pool"),
+                        ("%%sky --rank -1", "--rank must be"), ("%%sky --rank 5", "--rank 5 is not a worker of pool"),
                         ("%%sky extra words", "only options")]:
         result, out, err = run(shell, f"{line}\nran_anyway = True")
         assert result.error_in_exec is not None or result.error_before_exec is not None, line
@@ -318,7 +318,7 @@ def test_idle_pool_is_shut_down_with_a_notice(shell):
     manager().configure(idle_timeout=1.0)
     try:
         ok(shell, "%%sky --pool sleepy\nz = 1")
-        pids = [n.handle.pid for n in manager().pools["sleepy"].pool.nodes]
+        pids = [n.handle.pid for n in manager().pools["sleepy"].pool.workers]
         deadline = time.monotonic() + 10
         while "sleepy" in manager().pools and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -355,7 +355,7 @@ def live(shell, monkeypatch):
     job = npool.background if npool is not None else None
     if job is not None and job.running:
         for rank in job.ranks:
-            npool.pool.nodes[rank].interrupt()
+            npool.pool.workers[rank].interrupt()
         assert job.done.wait(30), "a background cell could not be stopped"
     if npool is not None:
         npool.background = None

@@ -111,7 +111,7 @@ def test_launch_shows_each_nodes_bootstrap_then_ready_then_shut_down(panel, hf_h
     assert any(re.search(r"huggingface \(1/1\)", t) for t in during)
     assert any("<progress" in t for t in tables if "bootstrapping" in t)
     rows = panel.rows()
-    assert [(r["pool"], r["rank"], r["state"], r["phase"], r["address"]) for r in rows] == [
+    assert [(r["pool"], r["node"], r["state"], r["phase"], r["address"]) for r in rows] == [
         ("panel-hf", 0, "ready", "done", "127.0.0.1"), ("panel-hf", 1, "ready", "done", "127.0.0.1")]
     assert all(r["cost"] is None for r in rows) and "n/a" in table_text(panel)
     assert "2 of 2 nodes ready" in panel.state.value
@@ -158,8 +158,12 @@ def test_what_the_panel_sets_is_what_a_bare_sky_cell_uses(panel, shell):
     npool = manager().pools["default"]
     assert npool.pool.size == 2 and npool.pool.idle_timeout == 720 and npool.pool.accelerator == "cpu"
     # The pool the cell started is in the panel's table, and the log says where it came from.
-    assert [(r["rank"], r["state"]) for r in panel.rows()] == [(0, "ready"), (1, "ready")]
+    assert [(r["node"], r["state"]) for r in panel.rows()] == [(0, "ready"), (1, "ready")]
+    assert [[w["rank"] for w in r["workers"]] for r in panel.rows()] == [[0], [1]]
     assert "ready" in table_text(panel)
+    # One worker per node: the table as before, one row per node and no worker rows.
+    assert panel.table.value.count("sky-node-row") == 2 and "sky-worker-row" not in panel.table.value
+    assert "2 of 2 nodes ready<" in panel.state.value
     assert any("started by a cell" in m for m in panel.messages)
 
     # And the other way: %sky config shows up in the panel's fields.
@@ -198,6 +202,83 @@ def test_launch_grows_a_running_pool_and_reports_it(panel):
     panel.launch_button.click()
     panel.wait(60)
     assert "already running with 2 nodes" in panel.messages[-1]
+
+
+# -- several workers per node --------------------------------------------------------------------------------------
+def test_a_node_with_two_workers_shows_one_row_per_worker_under_it(panel):
+    from sky_jupyter import protocol as P
+
+    panel.workers.value = "2"
+    assert manager().settings.workers_per_node == 2
+    assert panel.request().workers_per_node == 2
+    panel.launch_button.click()
+    panel.wait(60)
+    assert any("ready: 1 node (2 workers)" in m for m in panel.messages), panel.messages
+    pool = manager().pools["default"].pool
+    assert [(w.rank, w.node, w.local_rank) for w in pool.workers] == [(0, 0, 0), (1, 0, 1)]
+
+    (row,) = panel.rows()
+    assert (row["node"], row["state"], row["address"]) == (0, "ready", "127.0.0.1")
+    assert [(w["rank"], w["worker"], w["state"]) for w in row["workers"]] == [(0, 0, "ready"), (1, 1, "ready")]
+    assert "1 of 1 node ready (2 workers)" in panel.state.value
+    table = panel.table.value
+    assert table.count("sky-node-row") == 1 and table.count("sky-worker-row") == 2
+    assert table.index("sky-node-row") < table.index("data-rank='0'") < table.index("data-rank='1'")
+    text = table_text(panel)
+    assert re.search(r"rank 0\s+worker 0 of 2\s+ready\s+idle", text), text
+    assert re.search(r"rank 1\s+worker 1 of 2\s+ready\s+idle", text), text
+
+    # What a worker runs and its memory (as its heartbeat reports it) show on its own row.
+    for worker in pool.workers:
+        worker.ping(timeout=10)
+    call = pool.workers[1].submit(P.CELL, {"code": "import time; time.sleep(1)"})
+    panel.refresh()
+    busy = [(w["rank"], w["in_flight"]) for w in panel.rows()[0]["workers"]]
+    assert busy == [(0, 0), (1, 1)]
+    assert all(w["rss"] and w["rss"] > 1 << 20 for w in panel.rows()[0]["workers"])
+    text = table_text(panel)
+    assert re.search(r"rank 0\s+worker 0 of 2\s+ready\s+idle\s+&middot;\s+\d+ MiB", text), text
+    assert re.search(r"rank 1\s+worker 1 of 2\s+ready\s+busy \(1 task\)", text), text
+    call.wait(30)
+    panel.refresh()
+    assert "busy" not in table_text(panel)
+
+    # A Launch that asks another worker count of the running pool is refused, and says how to restart it.
+    panel.workers.value = "auto"
+    panel.launch_button.click()
+    panel.wait(60)
+    assert "launch failed" in panel.messages[-1] and "workers_per_node 2 (asked 'auto')" in panel.messages[-1]
+    assert "(or click Shut down)" in panel.messages[-1]
+
+
+def test_workers_per_node_field_follows_the_settings_and_rejects_bad_values(panel, shell):
+    assert panel.workers.value == "auto" and manager().settings.workers_per_node == "auto"
+    panel.workers.value = " 4 "
+    assert manager().settings.workers_per_node == 4 and panel.notes["workers"].value == ""
+    seen = events_of(manager())
+    for bad in ("0", "two", "1.5", "-3"):
+        panel.workers.value = bad
+        note = panel.notes["workers"].value
+        assert "workers_per_node must be 'auto' or a whole number" in note and "\n" not in note, note
+        assert manager().settings.workers_per_node == 4  # the previous setting stays
+    assert seen == []  # nothing was written
+    assert panel.workers.value == "-3"  # what was typed stays in the field, to fix
+    assert panel.launch() is None and "workers: workers_per_node must be" in panel.messages[-1]
+    cell(shell, "%sky config nodes=2")  # a settings change elsewhere keeps the field as typed while it is wrong
+    assert panel.workers.value == "-3" and panel.errors.keys() == {"workers"}
+    panel.workers.value = "AUTO"
+    assert manager().settings.workers_per_node == "auto" and panel.errors == {}
+    panel.workers.value = ""  # emptied: the default
+    assert manager().settings.workers_per_node == "auto" and panel.errors == {}
+
+    # %sky config shows up in the field, and a panel opened later starts from the settings.
+    cell(shell, "%sky config workers_per_node=3")
+    assert panel.workers.value == "3"
+    other = Panel(manager())
+    try:
+        assert other.workers.value == "3"
+    finally:
+        other.close()
 
 
 # -- invalid input ------------------------------------------------------------------------------------------------
@@ -313,7 +394,7 @@ def test_launch_on_the_ssh_test_nodes_shows_real_bootstrap_phases(panel, sshd_cl
     phases = {m.group(1) for t in tables for m in re.finditer(r"bootstrapping\s+(\w+) \(\d+/\d+\)", t)}
     assert len(phases) >= 2, tables[-3:]
     rows = panel.rows()
-    assert [(r["rank"], r["state"], r["phase"]) for r in rows] == [(0, "ready", "done"), (1, "ready", "done")]
+    assert [(r["node"], r["state"], r["phase"]) for r in rows] == [(0, "ready", "done"), (1, "ready", "done")]
     assert [r["address"] for r in rows] == [f"{n.user}@{n.addr}" for n in nodes]
     panel.down_button.click()
     panel.wait(60)
@@ -333,7 +414,7 @@ def test_a_pool_left_by_a_dead_kernel_is_offered_for_attach_and_shut_down(panel,
             print("still going", flush=True)
             return 1
 
-        pool.submit(slow(), node=pool.nodes[0])
+        pool.submit(slow(), node=pool.workers[0])
     """, tmp_path)
     panel.refresh()
     assert panel.attach_button.layout.display == "none"  # the configured pool is another one
@@ -353,7 +434,7 @@ def test_a_pool_left_by_a_dead_kernel_is_offered_for_attach_and_shut_down(panel,
     assert "attached to pool 'panel-left': 2 nodes" in log and "node 0 still runs" in log, log
     assert "[node 0] still going" in log, log
     npool = manager().pools["panel-left"]
-    assert [n.submit(P.CELL, {"code": "x"}).wait(30)["value"] for n in npool.pool.nodes] == [40, 41]
+    assert [n.submit(P.CELL, {"code": "x"}).wait(30)["value"] for n in npool.pool.workers] == [40, 41]
     assert panel.attach_button.layout.display == "none"
     assert [r["state"] for r in panel.rows()] == ["ready", "ready"]
     panel.down_button.click()

@@ -379,10 +379,10 @@ def test_torch_wires_the_process_group_at_pool_start(tmp_path):
     assert sum0 == sum1 == 3.0 and backend0 == backend1 == "gloo"
     port = env0["MASTER_PORT"]
     assert port and port.isdigit() and port != "29500"
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "NODE_RANK": "0",
-              "LOCAL_WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    assert env0 == {**common, "RANK": "0", "LOCAL_RANK": "0"}  # two nodes on one machine: local ranks 0 and 1
-    assert env1 == {**common, "RANK": "1", "LOCAL_RANK": "1"}
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+              "LOCAL_WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    assert env0 == {**common, "RANK": "0", "NODE_RANK": "0"}  # one worker per node: each its node's only one
+    assert env1 == {**common, "RANK": "1", "NODE_RANK": "1"}
 
 
 def test_torch_options_are_checked():
@@ -418,7 +418,7 @@ def test_a_rendezvous_failure_is_a_clear_error_naming_the_node(sshd_cluster: Clu
     assert elapsed < 30, elapsed
     assert isinstance(info.value, sky.ProvisionError)
     assert message.startswith("torch.distributed rendezvous failed on node 0 (")
-    assert "the head: not every node joined its gloo process group" in message
+    assert "the head: not every worker joined its gloo process group" in message
     assert f"MASTER_ADDR={unreachable} MASTER_PORT=" in message and "within 3 s" in message
     assert "security group, firewall" in message
     assert "failed on 2 of 2 nodes (ranks 0, 1)" in "\n".join(getattr(info.value, "__notes__", []))

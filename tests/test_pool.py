@@ -124,7 +124,7 @@ def test_stdout_streams_while_the_task_runs(local_pool):
 
 
 def test_interrupt_stops_remote_code_and_pool_keeps_working(local_pool):
-    call = local_pool.submit(sleeper(60), node=local_pool.nodes[0])
+    call = local_pool.submit(sleeper(60), node=local_pool.workers[0])
     time.sleep(0.3)
     start = time.monotonic()
     call.interrupt()
@@ -141,13 +141,13 @@ def test_keyboard_interrupt_while_waiting_reaches_the_node(local_pool):
     with pytest.raises(KeyboardInterrupt):
         sleeper(30) >> local_pool
     assert time.monotonic() - start < 5
-    assert all(n.in_flight() == 0 for n in local_pool.nodes)
+    assert all(n.in_flight() == 0 for n in local_pool.workers)
     assert double(3) >> local_pool == 6
 
 
 def test_code_ignoring_interrupt_gets_its_worker_restarted():
     with sky.ComputePool(nodes=1, interrupt_grace=1.0, name="test-restart") as pool:
-        pool.nodes[0].submit(P.CELL, {"code": "kept = 1"}).wait(10)
+        pool.workers[0].submit(P.CELL, {"code": "kept = 1"}).wait(10)
         call = pool.submit(stubborn(60))
         time.sleep(0.3)
         call.interrupt()
@@ -156,8 +156,8 @@ def test_code_ignoring_interrupt_gets_its_worker_restarted():
         assert "restarted" in str(info.value)
         assert double(5) >> pool == 10
         with pytest.raises(NameError):
-            pool.nodes[0].submit(P.CELL, {"code": "kept"}).wait(10)
-        assert any("namespace" in n for n in pool.nodes[0].notices)
+            pool.workers[0].submit(P.CELL, {"code": "kept"}).wait(10)
+        assert any("namespace" in n for n in pool.workers[0].notices)
 
 
 def test_sigkill_names_the_node_and_next_task_works():
@@ -208,7 +208,7 @@ def test_exception_in_with_block_tears_down(sky_home):
     pids = []
     with pytest.raises(RuntimeError):
         with sky.ComputePool(nodes=2, name="test-teardown") as pool:
-            pids = [n.handle.pid for n in pool.nodes]
+            pids = [n.handle.pid for n in pool.workers]
             raise RuntimeError("user code failed")
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)

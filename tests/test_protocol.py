@@ -109,6 +109,6 @@ def test_message_kinds_are_the_literal_types():
     from typing import get_args
 
     client, worker = set(get_args(P.ClientKind)), set(get_args(P.WorkerKind))
-    assert client == {P.TASK, P.CELL, P.SETUP, P.PULL, P.INTERRUPT, P.PING, P.SHUTDOWN, P.ACK}
+    assert client == {P.TASK, P.CELL, P.SETUP, P.PULL, P.INTERRUPT, P.PING, P.SHUTDOWN, P.ACK, P.SHARED}
     assert worker == {P.RESULT, P.ERROR, P.STREAM, P.DISPLAY, P.PONG, P.NOTICE}
     assert not client & worker

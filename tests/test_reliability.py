@@ -58,7 +58,7 @@ def cell(ip: InteractiveShell, source: str):
 
 def test_worker_killed_mid_cell_is_named_quickly_and_pool_recovers(shell):
     cell(shell, "%%sky --nodes 2 --pool faults\nimport os\npid = os.getpid()")
-    pids = [n.handle.pid for n in manager().pools["faults"].pool.nodes]
+    pids = [n.handle.pid for n in manager().pools["faults"].pool.workers]
     timer = threading.Timer(0.5, os.kill, (pids[1], signal.SIGKILL))
     timer.start()
     start = time.monotonic()
@@ -70,7 +70,7 @@ def test_worker_killed_mid_cell_is_named_quickly_and_pool_recovers(shell):
     result, out = cell(shell, "%%sky --nodes 2 --pool faults\nimport os\nprint('alive', os.getpid())")
     assert result.success, out
     assert f"alive {pids[0]}" in out  # node 0 kept its worker and namespace
-    assert manager().pools["faults"].pool.nodes[1].handle.pid != pids[1]
+    assert manager().pools["faults"].pool.workers[1].handle.pid != pids[1]
     cell(shell, "%sky down faults")
 
 
@@ -82,7 +82,7 @@ def test_client_silent_past_grace_fires_the_dead_man_switch(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         import sky_jupyter as sky
         pool = sky.ComputePool(nodes=2, grace=2.0, name="deadman").start()
-        print(" ".join(str(n.handle.pid) for n in pool.nodes), flush=True)
+        print(" ".join(str(n.handle.pid) for n in pool.workers), flush=True)
         time.sleep(120)
     """))
     env = {**os.environ, "SKY_JUPYTER_HOME": str(tmp_path / "home")}
@@ -109,7 +109,7 @@ def test_killed_client_leaves_no_worker(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         import sky_jupyter as sky
         pool = sky.ComputePool(nodes=2, name="orphans").start()
-        print(" ".join(str(n.handle.pid) for n in pool.nodes), flush=True)
+        print(" ".join(str(n.handle.pid) for n in pool.workers), flush=True)
         time.sleep(120)
     """))
     env = {**os.environ, "SKY_JUPYTER_HOME": str(tmp_path / "home")}
@@ -308,12 +308,12 @@ def test_ssh_cut_mid_task_delivers_the_result(sshd_cluster):
 
     node = sshd_cluster.nodes[0]
     with sky.ComputePool(provider=provider(sshd_cluster, [node]), name="cut-task") as pool:
-        pool.nodes[0].submit(P.CELL, {"code": "kept = 7"}).wait(30)
+        pool.workers[0].submit(P.CELL, {"code": "kept = 7"}).wait(30)
         call = pool.submit(sky.compute(_slow_value)(2.0))
         time.sleep(0.5)
         assert drop_user_sessions(node) > 0  # the SSH connection dies while the task runs
         assert call.wait(60) == "slept"  # delivered after the reconnect: the worker held it until acknowledged
-        assert pool.nodes[0].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == 7
+        assert pool.workers[0].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == 7
 
 
 @pytest.mark.ssh
@@ -395,7 +395,7 @@ def test_ssh_workers_listen_on_localhost_only(sshd_cluster):
 
     node = sshd_cluster.nodes[1]
     with sky.ComputePool(provider=provider(sshd_cluster, [node]), name="listen-check") as pool:
-        port = pool.nodes[0].handle.port
+        port = pool.workers[0].handle.port
         rows = sshd_cluster.ssh(node, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=True).stdout.splitlines()
         listening = {r.split()[1] for r in rows[1:] if len(r.split()) > 3 and r.split()[3] == "0A"
                      and r.split()[1].rsplit(":", 1)[1] == f"{port:04X}"}

@@ -239,7 +239,7 @@ def test_figures_show_even_when_a_task_imported_pyplot_before_the_first_cell():
         frames: list[tuple[str, Any]] = []
         meta = {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.get_backend()",
                 "filename": "<sky-cell-m>", "display": True}
-        result = pool.nodes[0].submit(P.CELL, meta, (), lambda kind, m: frames.append((kind, m))).wait(60)
+        result = pool.workers[0].submit(P.CELL, meta, (), lambda kind, m: frames.append((kind, m))).wait(60)
     assert "inline" in result["display"]["data"]["text/plain"]
     assert [m["data"]["image/png"][:5] for kind, m in frames if kind == P.DISPLAY] == ["iVBOR"]
 
@@ -452,7 +452,7 @@ def test_python_api_and_cells_work_without_ipython_on_the_node(tmp_path, monkeyp
         out = capsys.readouterr().out
         assert "printed on the node\nfrom a subprocess\n" in out
         frames: list[tuple[str, Any]] = []
-        node = pool.nodes[0]
+        node = pool.workers[0]
         meta = {"code": "!echo no", "python": "total = 40 + 2\nprint('plain exec')\ntotal",
                 "filename": "<sky-cell-x>", "binds": ["total"], "display": True}
         result = node.submit(P.CELL, meta, (), lambda kind, m: frames.append((kind, m))).wait(30)

@@ -222,7 +222,7 @@ class TestThreeNodes:
 
     def test_dropped_ssh_session_reconnects_to_the_same_namespace(self, pool, bookworm_cluster):
         sshd_cluster = bookworm_cluster
-        node = pool.nodes[1]
+        node = pool.workers[1]
         assert node.submit(P.CELL, {"code": "x = 41"}).wait(30)["value"] is None
         pid, link = node.handle.pid, node.link
         assert sshd_cluster.kill_sessions(sshd_cluster.nodes[1]) >= 1
@@ -236,7 +236,7 @@ class TestThreeNodes:
 
     def test_a_task_sent_as_the_connection_drops_is_delivered_once(self, pool, bookworm_cluster):
         sshd_cluster = bookworm_cluster
-        node = pool.nodes[2]
+        node = pool.workers[2]
         assert node.submit(P.CELL, {"code": "y = 1"}).wait(30)["value"] is None
         sshd_cluster.kill_sessions(sshd_cluster.nodes[2])
         started = time.monotonic()
@@ -329,7 +329,7 @@ def test_changed_host_key_is_refused(sshd_cluster, tmp_path):
                       f"  IdentityFile {sshd_cluster.key_file}\n")
     pool = sky.ComputePool(provider=sky.SSH(["first-node"], ssh_config=config), nodes=1, name="ssh-hostkey",
                            progress=lambda *e: None).start()
-    pid = pool.nodes[0].handle.pid
+    pid = pool.workers[0].handle.pid
     try:
         assert (rank_and_hostname() >> pool)[0] == 0
         pinned = pool.provider.known_hosts(pool.name).path.read_text()
@@ -337,7 +337,7 @@ def test_changed_host_key_is_refused(sshd_cluster, tmp_path):
         new = sshd_cluster.restart_sshd(node, new_host_key=True)
         # Sessions of the old listener survive its restart; drop them so the pool has to reconnect.
         assert drop_user_sessions(new) >= 1
-        link = pool.nodes[0].link
+        link = pool.workers[0].link
         deadline = time.monotonic() + 10
         while link.alive and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -1,4 +1,4 @@
-"""The torch plugin's pure parts: torchrun-style variables per node and the interface that carries an address."""
+"""The torch plugin's pure parts: torchrun-style variables per worker and the interface that carries an address."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from sky_jupyter.info import InstanceInfo
 from sky_jupyter.plugins.torch import distributed_env, interface_of
 
 
-def _info(rank: int, addrs: tuple[str, ...]) -> InstanceInfo:
-    return InstanceInfo(rank=rank, world_size=len(addrs), head_addr=addrs[0], node_addrs=addrs, accelerator=None,
-                        pool_name="p", head_port=29577)
+def _info(rank: int, addrs: tuple[str, ...], per_node: int = 1) -> InstanceInfo:
+    return InstanceInfo(rank=rank, world_size=len(addrs) * per_node, head_addr=addrs[0], node_addrs=addrs,
+                        accelerator=None, pool_name="p", head_port=29577, node=rank // per_node,
+                        worker=rank % per_node, workers_per_node=per_node)
 
 
 def test_one_worker_per_machine():
@@ -17,9 +18,10 @@ def test_one_worker_per_machine():
                    "NODE_RANK": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
 
 
-def test_workers_sharing_a_machine_count_locally_and_cpu_nodes_tell_accelerate():
-    env = distributed_env(_info(3, ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2")), cuda=False)
-    assert (env["NODE_RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("1", "1", "2")
+def test_workers_of_a_node_count_locally_and_cpu_nodes_tell_accelerate():
+    env = distributed_env(_info(3, ("10.0.0.1", "10.0.0.2"), per_node=2), cuda=False)
+    assert (env["RANK"], env["WORLD_SIZE"], env["NODE_RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == (
+        "3", "4", "1", "1", "2")
     assert env["ACCELERATE_USE_CPU"] == "1"
 
 

@@ -25,7 +25,7 @@ import pytest
 
 import sky_jupyter as sky
 from sky_jupyter import protocol as P
-from sky_jupyter.node import Node, WorkerLink
+from sky_jupyter.node import RemoteWorker, WorkerLink
 from sky_jupyter.providers.base import Host
 from sky_jupyter.providers.local import LocalWorker
 from sky_jupyter.redaction import redact, register
@@ -86,16 +86,16 @@ def _until_closed(sock: socket.socket) -> None:
 
 @pytest.fixture
 def impostor_node():
-    """A client Node whose worker handle (the Local provider's own) points at an impostor instead of a worker."""
+    """A client RemoteWorker whose worker handle (the Local provider's own) points at an impostor, not a worker."""
     made: list[tuple[Impostor, subprocess.Popen]] = []
 
-    def make(script: Callable[[socket.socket, P.FrameIO], None], secret: str = "the-real-pool-secret") -> Node:
+    def make(script: Callable[[socket.socket, P.FrameIO], None], secret: str = "the-real-pool-secret") -> RemoteWorker:
         impostor = Impostor(script)
         stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "the worker runs"
         made.append((impostor, stand_in))
         handle = LocalWorker(stand_in, impostor.port, "node 0 (local)")
-        return Node(0, Host(0, "127.0.0.1", "127.0.0.1"), secret, lambda host: handle, lambda node: None,
-                    "trust-pool")
+        return RemoteWorker(Host(0, "127.0.0.1", "127.0.0.1"), secret, lambda host, local: handle,
+                            lambda worker: None, "trust-pool")
 
     yield make
     for impostor, stand_in in made:
@@ -193,7 +193,7 @@ def pool():
 def lone_worker():
     """A Local worker whose pool let go of it: the test's raw connections are its only clients."""
     with sky.ComputePool(nodes=1, name="trust-lone") as pool:
-        pool.nodes[0].detach()
+        pool.workers[0].detach()
         yield pool
 
 
@@ -241,7 +241,7 @@ BAD_ANSWERS = {
 def test_malformed_answers_close_one_connection_each_and_the_worker_serves_on(pool, capfd):
     before = _log(pool).count("refused a connection")
     for name, data in BAD_ANSWERS.items():
-        sock, io = _raw(pool.nodes[0].handle.port)
+        sock, io = _raw(pool.workers[0].handle.port)
         hello = io.recv_json()
         assert set(hello) == {"sky", "nonce"}, name  # no pid or versions before authentication
         sock.sendall(data)
@@ -255,7 +255,7 @@ def test_malformed_answers_close_one_connection_each_and_the_worker_serves_on(po
 
 
 def test_idle_unauthenticated_connections_are_few_and_short_lived(pool, capfd):
-    port = pool.nodes[0].handle.port
+    port = pool.workers[0].handle.port
     t0 = time.monotonic()
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
     assert time.monotonic() - t0 < 1  # not one of them waited for the worker to accept it
@@ -278,7 +278,7 @@ def test_idle_unauthenticated_connections_are_few_and_short_lived(pool, capfd):
             sock.close()
     # A new connection authenticates as usual, and the pool's own link still works.
     sock, io = _raw(port)
-    assert WorkerLink.handshake(io, pool.secret, "node 0", pool.name)["pid"] == pool.nodes[0].handle.pid
+    assert WorkerLink.handshake(io, pool.secret, "node 0", pool.name)["pid"] == pool.workers[0].handle.pid
     sock.close()
     assert double(4) >> pool == 8
     assert "Traceback" not in _log(pool)
@@ -289,7 +289,7 @@ def test_idle_unauthenticated_connections_are_few_and_short_lived(pool, capfd):
 def test_an_oversized_frame_from_the_client_is_refused_from_its_header(lone_worker):
     """An authenticated connection announcing a frame of 1 PiB is dropped with a log line naming the size and the
     limit; the worker lives on and serves the next connection."""
-    port = lone_worker.nodes[0].handle.port
+    port = lone_worker.workers[0].handle.port
     for header in (struct.pack("!II", 16, 1) + struct.pack("!Q", 1 << 50),  # one huge buffer
                    struct.pack("!II", 0xFFFFFFF0, 0),  # a huge head
                    struct.pack("!II", 16, 0xFFFFFFF0)):  # too many buffers
@@ -298,7 +298,7 @@ def test_an_oversized_frame_from_the_client_is_refused_from_its_header(lone_work
         sock.sendall(header + b"\x00" * 64)
         assert _closed_by_peer(sock)
         sock.close()
-    assert lone_worker.nodes[0].handle.alive()
+    assert lone_worker.workers[0].handle.alive()
     log = _log(lone_worker)
     assert f"bytes) is over the limit of 16.0 GiB ({16 << 30} bytes)" in log
     assert "a frame of 1024.0 TiB (" in log
@@ -362,7 +362,7 @@ def test_an_oversized_frame_from_the_worker_fails_the_call_with_size_and_limit(i
 
 def test_the_client_refuses_to_send_a_frame_over_the_limit(pool, monkeypatch):
     """Checked before anything is sent: the worker never sees it, and the link stays up."""
-    monkeypatch.setattr(pool.nodes[0].link.io, "max_frame", 1 << 20)
+    monkeypatch.setattr(pool.workers[0].link.io, "max_frame", 1 << 20)
     with pytest.raises(sky.SerializationError, match=r"over the limit of 1\.0 MiB \(1048576 bytes\)"):
         sky.compute(len)(b"x" * (2 << 20)) >> pool
     assert double(5) >> pool == 10
@@ -438,7 +438,7 @@ def test_fuzzed_handshakes_and_frames_never_crash_the_worker(lone_worker, capfd)
     """A bounded fuzz (fixed seed, about two seconds) against a real worker: mutated handshake answers, then
     mutated frames on authenticated connections. Each costs at most its own connection."""
     rng = random.Random(20240611)
-    port = lone_worker.nodes[0].handle.port
+    port = lone_worker.workers[0].handle.port
     answer = json_frame({"nonce": "ab" * 16, "mac": "0" * 64, **P.versions()})
     task = P.frame(P.TASK, 3, None)
     end = time.monotonic() + 2.0
@@ -461,7 +461,7 @@ def test_fuzzed_handshakes_and_frames_never_crash_the_worker(lone_worker, capfd)
             sock.close()
         tried += 1
     assert tried > 50
-    assert lone_worker.nodes[0].handle.alive()
+    assert lone_worker.workers[0].handle.alive()
     sock, fio = _raw(port)
     WorkerLink.handshake(fio, lone_worker.secret, "node 0")
     fio.send(P.TASK, 99, None, P.dumps((int, ("6",), {})))
@@ -532,7 +532,7 @@ def test_display_bundles_and_cell_values_are_scrubbed(pool):
             f"display(HTML('<b>' + token + '</b>'))\n"
             f"display(Markdown('*' + token + '*'))\n"
             f"token\n")
-    call = pool.nodes[0].submit(P.CELL, {"code": code, "python": code, "display": True, "filename": "<trust>"},
+    call = pool.workers[0].submit(P.CELL, {"code": code, "python": code, "display": True, "filename": "<trust>"},
                                 sink=lambda kind, meta: shown.append((kind, meta)))
     result = call.wait(60)
     displays = [meta for kind, meta in shown if kind == P.DISPLAY]
@@ -595,8 +595,8 @@ def test_a_peer_that_accepts_and_never_speaks_fails_the_connect_instead_of_hangi
         silent.listen()
         handle = LocalWorker.__new__(LocalWorker)
         handle.port = silent.getsockname()[1]
-        node = node_module.Node(0, Host(rank=0, addr="127.0.0.1", private_addr="127.0.0.1"), "s" * 32,
-                                lambda h: handle, lambda n: None, "silent-pool")
+        node = node_module.RemoteWorker(Host(rank=0, addr="127.0.0.1", private_addr="127.0.0.1"), "s" * 32,
+                                        lambda h, local: handle, lambda n: None, "silent-pool")
         node.handle = handle
         started = time.monotonic()
         with pytest.raises(ConnectionLostError, match="did not answer its handshake within"):

@@ -26,7 +26,7 @@ def _raw(port: int) -> tuple[socket.socket, P.FrameIO]:
 
 
 def test_wrong_secret_is_refused_and_worker_keeps_serving(local_pool):
-    node = local_pool.nodes[0]
+    node = local_pool.workers[0]
     sock, io = _raw(node.handle.port)
     hello = io.recv_json()
     assert set(hello) == {"sky", "nonce"}  # nothing about the worker before the client proves it knows the secret
@@ -51,7 +51,7 @@ def test_nothing_is_unpickled_before_authentication(local_pool, tmp_path):
     evil = _Evil()
     evil.path = marker
     blob = pickle.dumps(("task", 1, None), protocol=5) + cloudpickle.dumps(evil)
-    sock, io = _raw(local_pool.nodes[0].handle.port)
+    sock, io = _raw(local_pool.workers[0].handle.port)
     io.recv_json()
     # A pickle frame where the handshake answer belongs: the worker must reject it, not load it.
     sock.sendall(struct.pack("!II", len(blob), 0) + blob)
@@ -65,8 +65,8 @@ def test_nothing_is_unpickled_before_authentication(local_pool, tmp_path):
 
 
 def test_worker_listens_on_localhost_only(local_pool):
-    port = local_pool.nodes[0].handle.port
-    pid = local_pool.nodes[0].handle.pid
+    port = local_pool.workers[0].handle.port
+    pid = local_pool.workers[0].handle.pid
     rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
     listening = [r.split()[1] for r in rows if r.split()[3] == "0A" and int(r.split()[1].split(":")[1], 16) == port]
     assert listening == [f"0100007F:{port:04X}"]
@@ -86,7 +86,7 @@ def test_cloudpickle_version_mismatch_is_refused(tmp_path):
 
 
 def test_worker_config_never_on_command_line(local_pool):
-    pid = local_pool.nodes[0].handle.pid
+    pid = local_pool.workers[0].handle.pid
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
     assert local_pool.secret not in cmdline
     assert local_pool.secret not in json.dumps(dict(os.environ))
@@ -96,12 +96,12 @@ def test_worker_config_never_on_command_line(local_pool):
 def lone_worker():
     """A Local worker whose pool let go of it: the test's raw connections are its only clients."""
     with sky.ComputePool(nodes=1, name="lone-worker") as pool:
-        pool.nodes[0].detach()
+        pool.workers[0].detach()
         yield pool
 
 
 def _authenticated(pool: sky.ComputePool) -> tuple[dict, socket.socket, P.FrameIO]:
-    sock, io = _raw(pool.nodes[0].handle.port)
+    sock, io = _raw(pool.workers[0].handle.port)
     hello = sky.node.WorkerLink.handshake(io, pool.secret, "node 0")
     return hello, sock, io
 
@@ -197,7 +197,7 @@ def test_a_late_interrupt_or_stray_sigint_between_tasks_hits_nothing(lone_worker
     io.send(P.TASK, first, None, P.dumps((int, ("1",), {})))
     assert _answer(io, first)[0] == P.RESULT
     io.send(P.INTERRUPT, first)
-    os.kill(lone_worker.nodes[0].handle.pid, signal.SIGINT)
+    os.kill(lone_worker.workers[0].handle.pid, signal.SIGINT)
     time.sleep(0.2)
     io.send(P.TASK, second, None, P.dumps((time.sleep, (0.3,), {})))
     kind, _, _, frames = _answer(io, second)

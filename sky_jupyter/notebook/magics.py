@@ -19,7 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ..errors import ConfigError, SkyError
-from .manager import PROVIDERS, PoolRequest, manager, torch_by_default
+from .manager import PROVIDERS, PoolRequest, manager, parse_workers_per_node, torch_by_default
 from .output import CellOutput, plain_mode
 from .session import BackgroundCell, CellOptions, NotebookPool, collect_leftovers, run_cell
 
@@ -59,13 +59,19 @@ class SkyMagics(Magics):
 
     @magic_arguments()
     @argument("--provider", choices=PROVIDERS, help="where nodes come from (default: the configured one, local)")
-    @argument("--nodes", type=int, help="run on ranks 0..N-1 (the pool grows to N nodes if needed)")
+    @argument("--nodes", type=int, help="run on nodes 0..N-1 (the pool grows to N nodes if needed)")
+    @argument("--workers-per-node", metavar="N|auto",
+              help="worker processes per node: a number, or auto (one per GPU with torch, else one; the default)")
+    @argument("--output", choices=("head", "all"),
+              help="whose stdout shows: the head worker's alone, or every worker's (labelled); stderr and errors "
+                   "always show. Default: head when nodes run several workers, else all")
     @argument("--accelerator", help="GPU kind, e.g. A100 (AWS)")
     @argument("--hf", action="store_true", default=None, help="HuggingFace libraries and login on the nodes")
     @argument("--torch", dest="torch", action="store_true", default=None,
               help="torch.distributed across the nodes (default: on when nodes > 1)")
     @argument("--no-torch", dest="torch", action="store_false", help="no torch.distributed")
-    @argument("--rank", type=int, help="run on this one node of the pool only")
+    @argument("--rank", type=int, help="run on this one worker of the pool only (its rank: with one worker per "
+                                        "node, the node's number)")
     @argument("--pull", metavar="NAMES", help="comma-separated extra names to bring back from rank 0")
     @argument("--no-pull", action="store_true", help="bring nothing back; values stay on the nodes")
     @argument("--show-all", action="store_true",
@@ -94,10 +100,10 @@ class SkyMagics(Magics):
             %sky status                 pools and nodes
             %sky down [NAME | --all]    shut a pool down (default pool if no name)
             %sky config [KEY=VALUE ...] show or change what bare %%sky cells use
-                                        (provider, nodes, accelerator, hf, torch, idle_timeout, pool, hosts,
-                                        user, key_file, region, spot, pull_budget)
+                                        (provider, nodes, workers_per_node, accelerator, hf, torch,
+                                        idle_timeout, pool, hosts, user, key_file, region, spot, pull_budget)
             %sky pull NAME [--all]      fetch a value left on the nodes (--all: a list, one per rank)
-            %sky logs [NODE]            the worker and bootstrap log of a node
+            %sky logs [NODE]            the workers' and bootstrap log of a node
             %sky wait [POOL]            wait for the pool's background cell (%%sky --bg); raises its error
             %sky attach NAME            take over a pool that a kernel which died left running (SSH, AWS):
                                         same nodes, same remote namespace
@@ -134,6 +140,11 @@ class SkyMagics(Magics):
             raise UsageError(f"--rank must be 0 or more, got {args.rank}")
         if args.timeout is not None and args.timeout <= 0:
             raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
+        try:
+            per_node = (parse_workers_per_node(args.workers_per_node) if args.workers_per_node is not None
+                        else settings.workers_per_node)
+        except ConfigError as exc:
+            raise UsageError(f"--workers-per-node: {exc}") from None
         name = args.pool or settings.pool
         existing = mgr.pools.get(name)
         if existing is not None and existing.background is not None and existing.background.running:
@@ -143,16 +154,20 @@ class SkyMagics(Magics):
         running_pool = existing.pool if existing is not None and existing.pool.running else None
         running = running_pool is not None
         size = max(nodes, running_pool.size if running_pool is not None else 0)
-        if args.rank is not None and args.rank >= size:
-            # Never grow a pool for --rank alone: on AWS a typo would start machines.
-            raise UsageError(f"--rank {args.rank} is not a node of pool {name!r} ({size} node"
-                             f"{'s' if size > 1 else ''}: ranks 0-{size - 1}); add --nodes {args.rank + 1} to grow it")
+        # Never grow a pool for --rank alone: on AWS a typo would start machines. Where a pool's worker count is
+        # not known before it starts (one per GPU), the rank is checked once it has.
+        known = (len(running_pool.workers) if running_pool is not None and size == running_pool.size
+                 else size * per_node if isinstance(per_node, int) else None)
+        if args.rank is not None and known is not None and args.rank >= known:
+            raise UsageError(_no_such_rank(args.rank, name, known))
         if running:
             # A running pool serves every cell that does not ask for something it lacks.
             have = mgr.requests[name]
             request = PoolRequest(name=name, provider=args.provider or have.provider, nodes=size,
                                   accelerator=args.accelerator or have.accelerator, hf=have.hf or bool(args.hf),
-                                  torch=have.torch or bool(args.torch))
+                                  torch=have.torch or bool(args.torch),
+                                  workers_per_node=per_node if args.workers_per_node is not None
+                                  else have.workers_per_node)
         else:
             provider = args.provider or settings.provider
             torch = args.torch if args.torch is not None else settings.torch
@@ -160,15 +175,18 @@ class SkyMagics(Magics):
                 torch = torch_by_default(provider, size)
             request = PoolRequest(name=name, provider=provider, nodes=size,
                                   accelerator=args.accelerator or settings.accelerator,
-                                  hf=bool(args.hf) or settings.hf, torch=bool(torch))
+                                  hf=bool(args.hf) or settings.hf, torch=bool(torch), workers_per_node=per_node)
         try:
             npool = mgr.ensure(request, progress=_progress(plain_mode(self.shell)))
         except SkyError as exc:
             raise UsageError(str(exc)) from None
-        ranks = [args.rank] if args.rank is not None else list(range(nodes))
+        workers = npool.pool.workers
+        if args.rank is not None and args.rank >= len(workers):
+            raise UsageError(_no_such_rank(args.rank, name, len(workers)))
+        ranks = [args.rank] if args.rank is not None else [w.rank for w in workers if w.node < nodes]
         pull_names = tuple(n.strip() for n in (args.pull or "").split(",") if n.strip())
         options = CellOptions(ranks=ranks, pull=not args.no_pull, pull_names=pull_names, timeout=args.timeout,
-                              budget=settings.pull_budget, show_all=args.show_all)
+                              budget=settings.pull_budget, show_all=args.show_all, output=args.output)
         if args.bg and not plain_mode(self.shell):
             return self._in_background(npool, cell, options)
         try:
@@ -280,7 +298,7 @@ class SkyMagics(Magics):
         except KeyboardInterrupt:
             # Stop it where it runs: the nodes' code gets KeyboardInterrupt, as for a foreground cell.
             for rank in job.ranks:
-                npool.pool.nodes[rank].interrupt()
+                npool.pool.workers[rank].interrupt()
             job.done.wait(15)
             raise
         finally:
@@ -350,12 +368,12 @@ class SkyMagics(Magics):
         npool = mgr.get(pool_name or mgr.settings.pool)
         handle = self.ipython.user_ns.get(name)
         remote_name = getattr(handle, "name", name)
-        nodes = npool.pool.nodes if everything else [npool.pool.nodes[getattr(handle, "rank", 0)]]
-        calls = [n.submit(P.PULL, {"names": [remote_name]}) for n in nodes]
+        workers = npool.pool.workers if everything else [npool.pool.workers[getattr(handle, "rank", 0)]]
+        calls = [w.submit(P.PULL, {"names": [remote_name]}) for w in workers]
         values = [c.wait()[remote_name] for c in calls]
         value = values if everything else values[0]
         self.ipython.user_ns[name] = value
-        print(f"pulled {name} from {'every node' if everything else nodes[0].label}")
+        print(f"pulled {name} from {'every worker' if everything else workers[0].label}")
         return value  # so that `vals = %sky pull x --all` binds it too
 
     def _logs(self, rest: list[str]) -> None:
@@ -363,10 +381,15 @@ class SkyMagics(Magics):
         npool = mgr.get(mgr.settings.pool)
         if rest and not rest[0].isdigit():
             raise UsageError(f"%sky logs takes a node number, not {rest[0]!r}: e.g. %sky logs 1")
-        rank = int(rest[0]) if rest else 0
-        if not 0 <= rank < len(npool.pool.nodes):
-            raise UsageError(f"node {rank} does not exist; the pool has {len(npool.pool.nodes)} nodes")
-        print(npool.pool.provider.read_log(npool.pool.hosts[rank]))
+        node = int(rest[0]) if rest else 0
+        if not 0 <= node < len(npool.pool.hosts):
+            raise UsageError(f"node {node} does not exist; the pool has {len(npool.pool.hosts)} nodes")
+        print(npool.pool.provider.read_log(npool.pool.hosts[node]))
+
+
+def _no_such_rank(rank: int, pool: str, workers: int) -> str:
+    return (f"--rank {rank} is not a worker of pool {pool!r} ({workers} worker{'s' if workers > 1 else ''}: ranks "
+            f"0-{workers - 1}); add --nodes to grow it, or pick one of those")
 
 
 def _progress(plain: bool):
@@ -383,7 +406,8 @@ def _progress(plain: bool):
 class StatusTable:
     """``%sky status``: an HTML table in notebooks, text elsewhere."""
 
-    columns = ("pool", "provider", "rank", "addr", "hostname", "state", "in_flight", "idle_s", "cost")
+    columns = ("pool", "provider", "rank", "node", "worker", "addr", "hostname", "state", "in_flight", "memory",
+               "idle_s", "cost")
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows

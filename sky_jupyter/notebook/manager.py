@@ -15,7 +15,7 @@ from typing import Any
 from .. import state
 from ..errors import ConfigError
 from ..image import Image
-from ..pool import ComputePool, check_nodes
+from ..pool import ComputePool, check_nodes, check_workers_per_node
 from ..providers.base import Provider
 from ..redaction import register
 from .session import DEFAULT_BUDGET, NotebookPool
@@ -31,6 +31,7 @@ class Settings:
 
     provider: str = "local"
     nodes: int = 1
+    workers_per_node: int | str = "auto"  # "auto": one per GPU with torch, else one
     accelerator: str | None = None
     hf: bool = False
     torch: bool | None = None  # None: on when nodes > 1
@@ -72,6 +73,8 @@ def _coerce(key: str, text: str) -> Any:
             return check_nodes(int(text))
         except ValueError:
             raise ConfigError(f"nodes must be a whole number of at least 1, got {text!r}") from None
+    if key == "workers_per_node":
+        return parse_workers_per_node(text)
     if kind.startswith("bool"):
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -92,6 +95,15 @@ def _coerce(key: str, text: str) -> Any:
     return text or None
 
 
+def parse_workers_per_node(text: str) -> int | str:
+    """``auto`` or a whole number, as typed (``%sky config``, ``--workers-per-node``, the panel)."""
+    text = text.strip().lower()
+    try:
+        return check_workers_per_node(text if text == "auto" else int(text))
+    except ValueError:
+        raise ConfigError(f"workers_per_node must be 'auto' or a whole number from 1, got {text!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class PoolRequest:
     """What one cell asks of its pool."""
@@ -102,6 +114,7 @@ class PoolRequest:
     accelerator: str | None
     hf: bool
     torch: bool
+    workers_per_node: int | str = "auto"
 
 
 def make_provider(settings: Settings, name: str) -> Provider:
@@ -189,7 +202,7 @@ class PoolManager:
             if current is not None:
                 have = self.requests[request.name]
                 conflicts = [f"{key} {getattr(have, key)!r} (asked {getattr(request, key)!r})"
-                             for key in ("provider", "accelerator", "hf", "torch")
+                             for key in ("provider", "accelerator", "hf", "torch", "workers_per_node")
                              if getattr(have, key) != getattr(request, key)]
                 if conflicts:
                     raise ConfigError(
@@ -210,7 +223,7 @@ class PoolManager:
                 state.remove(request.name)  # Local workers ended with their kernel: nothing is left of it
             provider = make_provider(self.settings, request.provider)
             pool = ComputePool(provider=provider, nodes=request.nodes, accelerator=request.accelerator,
-                               image=NOTEBOOK_IMAGE,
+                               image=NOTEBOOK_IMAGE, workers_per_node=request.workers_per_node,
                                plugins=make_plugins(request, self.settings), idle_timeout=self.settings.idle_timeout,
                                name=request.name, progress=self._progress(request.name, progress))
             self.starting[request.name] = pool
@@ -308,18 +321,21 @@ class PoolManager:
         for name, npool in self.pools.items():
             pool = npool.pool
             idle = time.monotonic() - pool.last_used
-            for node in pool.status():
-                rows.append({"pool": name, "provider": pool.provider.name, **node,
-                             "idle_s": round(idle), "busy": bool(npool.busy), "cost": _node_cost(pool, node["rank"])})
+            for worker in pool.status():
+                rss = worker.pop("rss")
+                rows.append({"pool": name, "provider": pool.provider.name, **worker,
+                             "memory": "" if rss is None else f"{rss / (1 << 20):.0f} MiB",
+                             "idle_s": round(idle), "busy": bool(npool.busy),
+                             "cost": _node_cost(pool, worker["node"]) if worker["worker"] == 0 else ""})
         return rows
 
     def take_notices(self) -> list[str]:
         with self._lock:
             notices, self.notices = self.notices, []
         for npool in self.pools.values():
-            for node in npool.pool.nodes:
-                notices.extend(node.notices)
-                node.notices.clear()
+            for worker in npool.pool.workers:
+                notices.extend(worker.notices)
+                worker.notices.clear()
         return notices
 
     # -- idle shutdown -------------------------------------------------------------------------------------
@@ -369,9 +385,9 @@ class PoolManager:
                 pass
 
 
-def _node_cost(pool: ComputePool, rank: int) -> str:
+def _node_cost(pool: ComputePool, node: int) -> str:
     """``$21.96/h, $0.37 so far`` for a billed node (AWS), else empty."""
-    cost = pool.provider.cost([h for h in pool.hosts if h.rank == rank])
+    cost = pool.provider.cost([h for h in pool.hosts if h.rank == node])
     return "" if cost is None else f"${cost.per_hour:.2f}/h, ${cost.so_far:.2f} so far"
 
 

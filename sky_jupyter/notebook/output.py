@@ -5,11 +5,12 @@ lands in the cell that started the work (ipykernel ties output to the executing 
 display frames are Jupyter MIME bundles (what the node's IPython shell displayed: rich reprs, figures, HTML), with
 ``transient``/``update`` for ``display_id`` updates, or a ``clear`` request.
 
-Interactive kernels see everything live, lines prefixed ``[node K]`` when several nodes run; a node clearing its
-output (``clear_output``) clears only its own: the others' is shown again after the clear. Non-interactive runs
-(nbval, ``jupyter execute``, ``SKY_JUPYTER_PLAIN=1``) get each node's output in its final state, grouped per node
-in rank order, so saved notebooks compare exactly: progress bars collapsed to their last update, a display shown
-as its last update (nbval ignores ``update_display_data``), cleared output gone.
+Interactive kernels see everything live, lines prefixed ``[node K]`` when several nodes run (``[rank R]`` when
+nodes run several workers; a worker whose stdout is not shown, with ``--output head``, still shows its stderr); a
+node clearing its output (``clear_output``) clears only its own: the others' is shown again after the clear.
+Non-interactive runs (nbval, ``jupyter execute``, ``SKY_JUPYTER_PLAIN=1``) get each node's output in its final
+state, grouped per node in rank order, so saved notebooks compare exactly: progress bars collapsed to their last
+update, a display shown as its last update (nbval ignores ``update_display_data``), cleared output gone.
 """
 
 from __future__ import annotations
@@ -115,9 +116,12 @@ class _Transcript:
 class CellOutput:
     """Collects frames from every node of one cell run and writes them into the cell."""
 
-    def __init__(self, ranks: list[int], plain: bool) -> None:
+    def __init__(self, ranks: list[int], plain: bool, labels: dict[int, str] | None = None,
+                 quiet: set[int] | frozenset[int] = frozenset()) -> None:
         self.ranks = ranks
         self.plain = plain
+        self.labels = labels or {}  # rank -> what its lines are prefixed with ("node K" by default)
+        self.quiet = quiet  # ranks whose stdout and displays are not shown (stderr is)
         self.prefixed = len(ranks) > 1
         self.queue: queue.SimpleQueue[tuple[int, str, Any]] = queue.SimpleQueue()
         self._line_start: dict[tuple[int, str], bool] = {}
@@ -134,9 +138,15 @@ class CellOutput:
             self.queue.put((-1, "", None))
 
     def sink(self, rank: int):
+        quiet = rank in self.quiet
+
         def put(kind: str, meta: Any) -> None:
-            self.queue.put((rank, kind, meta))
+            if not quiet or (kind == P.STREAM and meta.get("name") == "stderr"):
+                self.queue.put((rank, kind, meta))
         return put
+
+    def label(self, rank: int) -> str:
+        return self.labels.get(rank, f"node {rank}")
 
     def pump(self, timeout: float | None = None) -> None:
         """Write what has arrived (waiting up to ``timeout`` for the first frame)."""
@@ -166,7 +176,7 @@ class CellOutput:
     def _write(self, rank: int, name: str, text: str) -> None:
         stream = sys.stderr if name == "stderr" else sys.stdout
         if self.prefixed:
-            prefix = f"[node {rank}] "
+            prefix = f"[{self.label(rank)}] "
             pieces = []
             for line in text.splitlines(keepends=True):
                 key = (rank, name)
@@ -193,7 +203,7 @@ class CellOutput:
         if live and self.prefixed and not meta.get("update"):
             if not self._line_start.get((rank, "stdout"), True):
                 sys.stdout.write("\n")
-            sys.stdout.write(f"[node {rank}]\n")
+            sys.stdout.write(f"[{self.label(rank)}]\n")
             sys.stdout.flush()
             self._line_start[(rank, "stdout")] = True
         kwargs: dict[str, Any] = {}
@@ -224,7 +234,7 @@ class CellOutput:
             if not transcript.items:
                 continue
             if self.prefixed:
-                sys.stdout.write(f"[node {rank}]\n")
+                sys.stdout.write(f"[{self.label(rank)}]\n")
                 sys.stdout.flush()
             for item in transcript.items:
                 if isinstance(item, _Text):

@@ -1,5 +1,6 @@
 """``%sky panel``: an ipywidgets panel that sets what bare ``%%sky`` cells use, starts and stops the pool, and
-shows every node the notebook's pool manager runs, whether the panel or a cell started it.
+shows every node the notebook's pool manager runs, whether the panel or a cell started it (and, where a node runs
+several worker processes, each of them under its node).
 
 The panel holds no settings of its own: each valid field change goes straight to ``manager().configure``, and
 ``%sky config`` changes come back to the fields through the manager's events. The HuggingFace token is read into
@@ -16,16 +17,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 from traitlets import Unicode
 
 from ..errors import ConfigError, SkyError
 from ..redaction import redact
-from .manager import PROVIDERS, PoolManager, PoolRequest, Settings, manager, torch_by_default
+from .manager import PROVIDERS, PoolManager, PoolRequest, Settings, manager, parse_workers_per_node, torch_by_default
+
+if TYPE_CHECKING:
+    from ..node import RemoteWorker
 
 TORCH_CHOICES = {"auto": None, "on": True, "off": False}
+WORKER_CHOICES = ("auto", "1", "2", "4", "8")
 MAX_NODES = 512
 _ERROR = "color: var(--jp-error-color1, #c62828)"
 _MUTED = "color: var(--jp-ui-font-color2, #666)"
@@ -82,6 +87,35 @@ def hourly_price(provider: str, accelerator: str | None) -> float | None:
         return accelerators.lookup(accelerator).price_per_hour
     except (ImportError, ConfigError):
         return None
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
+def _memory(rss: int | None) -> str:
+    if rss is None:
+        return ""
+    if rss >= 1 << 30:
+        return f"{rss / (1 << 30):.1f} GiB"
+    return f"{rss / (1 << 20):.0f} MiB"
+
+
+def _worker_rss(worker: RemoteWorker) -> int | None:
+    """The worker's resident memory as its last heartbeat reported it (None before the first); never waits."""
+    link = worker.link
+    rss = link.last_pong.get("rss") if link is not None else None
+    return rss if isinstance(rss, int) and not isinstance(rss, bool) else None
+
+
+def _workers_note(pool: Any) -> str:
+    """What follows a node count in messages: " (N workers)" where nodes run several workers, else nothing."""
+    return f" ({len(pool.workers)} workers)" if pool.several_per_node else ""
+
+
+def _node_state(workers: list[RemoteWorker]) -> str:
+    """A node's state from its workers': ready when all are, else the first one's that is not."""
+    return next((w.state for w in workers if w.state != "ready"), "ready")
 
 
 def _duration(seconds: float) -> str:
@@ -144,9 +178,14 @@ class Panel:
                                    ).add_class("sky-hf")
         self.torch = widgets.ToggleButtons(options=list(TORCH_CHOICES), style={"button_width": "52px"},
                                            tooltips=["on when nodes > 1", "always", "never"]).add_class("sky-torch")
+        self.workers = widgets.Combobox(options=list(WORKER_CHOICES), ensure_option=False, placeholder="auto",
+                                        description="Workers/node", style=style, continuous_update=False,
+                                        tooltip="worker processes per node: auto (one per GPU with torch.distributed, "
+                                                "else one) or a whole number", layout=wide).add_class("sky-workers")
         self.idle = widgets.BoundedFloatText(value=30, min=0, max=7 * 24 * 60, step=5, description="Idle (min)",
                                              style=style, layout=wide).add_class("sky-idle")
-        self.notes = {name: note(name) for name in ("provider", "hosts", "nodes", "accelerator", "token", "idle")}
+        self.notes = {name: note(name) for name in ("provider", "hosts", "nodes", "workers", "accelerator", "token",
+                                                      "idle")}
         self.launch_button = widgets.Button(description="Launch", button_style="primary", icon="play",
                                             tooltip="start the pool with these settings").add_class("sky-launch")
         self.down_button = widgets.Button(description="Shut down", button_style="warning", icon="stop",
@@ -170,6 +209,7 @@ class Panel:
             widgets.HTML(f"<b>sky_jupyter</b> <span style='{_MUTED}'>settings here are what bare "
                          f"<code>%%sky</code> cells use</span>"),
             row(self.provider, "provider"), self.hosts_row, row(self.nodes, "nodes"),
+            row(self.workers, "workers"),
             row(self.accelerator, "accelerator"), self.spot, row(self.token, "token"),
             widgets.HBox([widgets.HTML("<div style='text-align: right'>Plugins</div>",
                                        layout=widgets.Layout(width="110px", margin="0 8px 0 0"))
@@ -184,6 +224,7 @@ class Panel:
         self.provider.observe(self._on_provider, "value")
         self.hosts.observe(self._on_hosts, "value")
         self.nodes.observe(self._on_nodes, "value")
+        self.workers.observe(self._on_workers, "value")
         self.accelerator.observe(self._on_accelerator, "value")
         self.spot.observe(self._on_spot, "value")
         self.token.observe(self._on_token, "value")
@@ -263,6 +304,15 @@ class Panel:
         self._write(nodes=int(nodes))
         self._show_price()
 
+    def _on_workers(self, change: dict[str, Any]) -> None:
+        try:
+            per_node = parse_workers_per_node(change["new"].strip() or "auto")
+        except ConfigError as exc:
+            self._problem("workers", str(exc))
+            return
+        self._problem("workers", "")
+        self._write(workers_per_node=per_node)
+
     def _on_spot(self, change: dict[str, Any]) -> None:
         self._write(spot=bool(change["new"]))
         self._show_price()
@@ -322,6 +372,8 @@ class Panel:
                 self.hosts_row.layout.display = "" if settings.provider == "ssh" else "none"
                 if "nodes" not in self.errors:
                     self.nodes.value = min(settings.nodes, MAX_NODES)
+                if "workers" not in self.errors:
+                    self.workers.value = str(settings.workers_per_node)
                 if "accelerator" not in self.errors:
                     self.accelerator.value = settings.accelerator or ""
                 self.spot.value = settings.spot
@@ -361,7 +413,8 @@ class Panel:
             torch = self.manager.requests[settings.pool].torch if running else torch_by_default(settings.provider,
                                                                                                   size)
         return PoolRequest(name=settings.pool, provider=settings.provider, nodes=size,
-                           accelerator=settings.accelerator, hf=settings.hf, torch=bool(torch))
+                           accelerator=settings.accelerator, hf=settings.hf, torch=bool(torch),
+                           workers_per_node=settings.workers_per_node)
 
     def launch(self) -> Any:
         """Start (or grow) the pool with the panel's settings, on a background thread. Returns its future, or
@@ -378,8 +431,10 @@ class Panel:
             self._launching = request.name
         self.launch_button.disabled = True
         self.launch_button.description = "Launching..."
-        self.say(f"launching pool {request.name!r}: {request.nodes} node{'s' if request.nodes != 1 else ''} on "
-                 f"{request.provider}" + (f", {request.accelerator}" if request.accelerator else "")
+        per_node = request.workers_per_node
+        self.say(f"launching pool {request.name!r}: {_plural(request.nodes, 'node')} on {request.provider}"
+                 + (f", {per_node} workers per node" if per_node != "auto" and per_node != 1 else "")
+                 + (f", {request.accelerator}" if request.accelerator else "")
                  + (", HuggingFace" if request.hf else "") + (", torch.distributed" if request.torch else ""))
         self._wake()
         return self._work.submit(self._launch, request)
@@ -391,10 +446,12 @@ class Panel:
             before = existing.pool.size if existing is not None and existing.pool.running else 0
             npool = self.manager.ensure(request)
             if before and npool.pool.size == before:
-                self.say(f"pool {request.name!r} is already running with {before} nodes")
+                self.say(f"pool {request.name!r} is already running with {_plural(before, 'node')}"
+                         f"{_workers_note(npool.pool)}")
             else:
-                self.say(f"pool {request.name!r} ready: {npool.pool.size} nodes in "
-                         f"{time.monotonic() - started:.1f} s; bare %%sky cells run there")
+                self.say(f"pool {request.name!r} ready: {_plural(npool.pool.size, 'node')}"
+                         f"{_workers_note(npool.pool)} in {time.monotonic() - started:.1f} s; bare %%sky cells run "
+                         f"there")
         except SkyError as exc:
             hint = (" (or click Attach, or Shut down)" if "%sky attach" in str(exc)
                     else " (or click Shut down)" if "%sky down" in str(exc) else "")
@@ -425,11 +482,17 @@ class Panel:
         return self._work.submit(self._attach, self.manager.settings.pool)
 
     def _attach(self, name: str) -> None:
+        # Its output is labelled as the pool labels it: by node with one worker per node, else by worker rank.
+        record = self._detached() or {}
+        several = len(record.get("workers") or ()) > len(record.get("hosts") or ())
+
         def sink(rank: int) -> Any:
+            label = f"rank {rank}" if several else f"node {rank}"
+
             def write(kind: str, meta: Any) -> None:
                 text = meta.get("text") if kind == "stream" else meta.get("data", {}).get("text/plain")
                 if text:
-                    self.say(f"[node {rank}] {str(text).rstrip()}")
+                    self.say(f"[{label}] {str(text).rstrip()}")
             return write
 
         try:
@@ -437,13 +500,15 @@ class Panel:
         except Exception as exc:  # noqa: BLE001 - on a background thread: the log is the only place to report it
             self.say(f"attaching to {name!r} failed: {exc}", error=True)
         else:
-            self.say(f"attached to pool {name!r}: {npool.pool.size} node{'s' if npool.pool.size != 1 else ''}, "
+            pool = npool.pool
+            self.say(f"attached to pool {name!r}: {_plural(pool.size, 'node')}{_workers_note(pool)}, "
                      f"their namespaces as the stopped kernel left them")
-            ranks = sorted({call.node.rank for call in npool.pool.leftovers})
+            ranks = sorted({call.node.rank for call in pool.leftovers})
             if ranks:
+                word = "rank" if pool.several_per_node else "node"
                 several = len(ranks) > 1
-                self.say(f"node{'s' if several else ''} {', '.join(map(str, ranks))} still run{'' if several else 's'} "
-                         f"what the stopped kernel started; its output comes here")
+                self.say(f"{word}{'s' if several else ''} {', '.join(map(str, ranks))} still run"
+                         f"{'' if several else 's'} what the stopped kernel started; its output comes here")
         self.refresh()
         self._wake()
 
@@ -522,34 +587,41 @@ class Panel:
 
     # -- the node table ---------------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One row per node the manager knows of: starting pools first, then running ones."""
+        """One row per node the manager knows of: starting pools first, then running ones. Each row's ``workers``
+        lists the node's worker processes once they are up (rank over the pool, worker number on the node, state,
+        tasks in flight, resident memory in bytes as the last heartbeat told, or None)."""
         now = time.time()
         rows: list[dict[str, Any]] = []
         pools = [(name, pool, False) for name, pool in list(self.manager.starting.items())]
         pools += [(name, npool.pool, True) for name, npool in list(self.manager.pools.items())]
         for name, pool, running in pools:
-            nodes = {n.rank: n for n in list(pool.nodes)}
+            by_node: dict[int, list[RemoteWorker]] = {}
+            for worker in list(pool.workers):
+                by_node.setdefault(worker.node, []).append(worker)
             hosts = list(pool.hosts)
             since = self._since.get(name) or pool.started_at or now
             price = hourly_price(pool.provider.name, pool.accelerator)
-            for rank in range(max(pool.size, len(hosts), len(nodes))):
-                progress = self.progress.get((name, rank))
-                node = nodes.get(rank)
-                if node is not None and (running or node.state == "ready"):
-                    state = node.state
+            for node in range(max(pool.size, len(hosts), max(by_node, default=-1) + 1)):
+                progress = self.progress.get((name, node))
+                workers = by_node.get(node, [])
+                if workers and (running or all(w.state == "ready" for w in workers)):
+                    state = _node_state(workers)
                 elif progress is not None and not progress.finished:
                     state = "bootstrapping"
-                elif progress is not None or node is not None:
+                elif progress is not None or workers:
                     state = "starting worker"
                 else:
-                    state = "provisioning" if rank >= len(hosts) else "provisioned"
+                    state = "provisioning" if node >= len(hosts) else "provisioned"
                 uptime = now - min(since, progress.seen if progress else since)
                 rows.append({
-                    "pool": name, "rank": rank, "provider": pool.provider.name,
-                    "address": node.host.display if node else (hosts[rank].display if rank < len(hosts) else ""),
+                    "pool": name, "node": node, "provider": pool.provider.name,
+                    "address": workers[0].host.display if workers else (
+                        hosts[node].display if node < len(hosts) else ""),
                     "state": state, "phase": self._phase_text(name, progress), "uptime_s": uptime,
                     "cost": None if price is None else price * uptime / 3600,
                     "fraction": self._fraction(name, progress),
+                    "workers": [{"rank": w.rank, "worker": w.local_rank, "state": w.state,
+                                 "in_flight": w.in_flight(), "rss": _worker_rss(w)} for w in workers],
                 })
         return rows
 
@@ -582,7 +654,9 @@ class Panel:
                 state = f"starting pool {html.escape(self._launching)}..."
             elif rows:
                 ready = sum(1 for r in rows if r["state"] == "ready")
-                state = f"{ready} of {len(rows)} node{'s' if len(rows) != 1 else ''} ready"
+                state = f"{ready} of {_plural(len(rows), 'node')} ready"
+                if any(len(r["workers"]) > 1 for r in rows):
+                    state += f" ({_plural(sum(len(r['workers']) for r in rows), 'worker')})"
             else:
                 state = "no pool running"
             self.state.value = f"<span style='{_MUTED}; margin-left: 10px'>{state}</span>"
@@ -609,13 +683,34 @@ class Panel:
             elif r["state"] == "bootstrapping":
                 bar = "<progress style='width: 60px'></progress> "
             cost = "n/a" if r["cost"] is None else f"${r['cost']:.2f}"
-            cells = (r["pool"], str(r["rank"]), r["address"], r["state"], None, _duration(r["uptime_s"]), cost)
+            workers = r["workers"]
+            node = str(r["node"]) + (f" ({len(workers)} workers)" if len(workers) > 1 else "")
+            cells = (r["pool"], node, r["address"], r["state"], None, _duration(r["uptime_s"]), cost)
             out.append(f"<tr class='sky-node-row' data-state='{html.escape(r['state'])}'>")
             for i, cell in enumerate(cells):
                 text = (bar + html.escape(r["phase"]) or "-") if cell is None else html.escape(cell)
                 out.append(f"<td class='sky-col-{head[i].split()[0]}' style='{_CELL}'>{text}</td>")
             out.append("</tr>")
+            if len(workers) > 1:  # a node with several workers: one row each under it
+                out += [Panel._render_worker(w, len(workers)) for w in workers]
         out.append("</tbody></table>")
+        return "".join(out)
+
+    @staticmethod
+    def _render_worker(w: dict[str, Any], per_node: int) -> str:
+        """A worker's row under its node: its rank, its number on the node, its state, what it runs, its memory."""
+        busy = f"busy ({_plural(w['in_flight'], 'task')})" if w["in_flight"] else "idle"
+        memory = _memory(w["rss"])
+        cells = (("pool", ""), ("node", f"&#8627; rank {w['rank']}"),
+                 ("address", f"worker {w['worker']} of {per_node}"), ("state", html.escape(w["state"])))
+        out = [f"<tr class='sky-worker-row' data-state='{html.escape(w['state'])}' data-rank='{w['rank']}'>"]
+        out += [f"<td class='sky-col-{name}' style='{_CELL}{'' if name == 'state' else '; ' + _MUTED}'>{text}</td>"
+                for name, text in cells]
+        out.append(f"<td class='sky-col-activity' colspan='3' style='{_CELL}'>"
+                   f"<span class='sky-worker-busy'>{busy}</span>"
+                   + (f"<span style='{_MUTED}'> &middot; </span><span class='sky-worker-memory'>{memory}</span>"
+                      if memory else "") + "</td>")
+        out.append("</tr>")
         return "".join(out)
 
     def _wake(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from .. import protocol as P
 from ..errors import ConfigError, SerializationError
 from ..node import Call
-from ..pool import ComputePool
+from ..pool import ComputePool, Request
 from ..remote import Remote
 from ..shipping import register_user_modules
 from .capture import CellNames, analyze, transform_cell
@@ -62,6 +62,7 @@ class CellOptions:
     timeout: float | None = None
     budget: int = DEFAULT_BUDGET
     show_all: bool = False  # display the last expression's value from every node, not only the first's
+    output: str | None = None  # "head" or "all": whose stdout shows (None: the pool's default)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class NotebookPool:
     pool: ComputePool
     settings: dict[str, Any]
     synced: dict[int, dict[str, str]] = field(default_factory=dict)  # rank -> name -> hash or OWN
+    incarnations: dict[int, int] = field(default_factory=dict)  # rank -> its worker's incarnation when synced
     client_hash: dict[str, str] = field(default_factory=dict)  # name -> hash of the notebook copy at last sync
     busy: int = 0
     last_sent: dict[int, list[str]] = field(default_factory=dict)  # rank -> input names the last cell shipped
@@ -208,7 +210,11 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
     values = select_inputs(names, user_ns, hidden)
     frames, hashes, refs = pickle_inputs(values, pool.name)
     binds = sorted(names.binds | names.deletes | set(options.pull_names))
-    output = CellOutput(options.ranks, plain)
+    workers = pool.workers
+    labels = {r: pool.tag(workers[r]) for r in options.ranks}
+    alone = len(options.ranks) == 1
+    quiet = {r for r in options.ranks if not pool.shows_stdout(workers[r], options.output, alone)}
+    output = CellOutput(options.ranks, plain, labels, quiet)
     calls: list[tuple[int, Call, list[str]]] = []
     with npool.lock:
         npool.busy += 1
@@ -217,27 +223,25 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
         # Everything prepared before the first frame leaves, so the frames go out back to back: a node that
         # starts working takes CPU time that a client on the same cores would otherwise lose mid-loop.
         requests = []
+        payloads: dict[tuple[str, ...], list] = {}  # one list per distinct set of inputs: shared on a node
         for rank in options.ranks:
+            workers[rank].ensure_link()  # a worker that died is replaced now, so its inputs are all sent again
+            if npool.incarnations.get(rank) != workers[rank].incarnation:
+                npool.synced[rank] = {}
+                npool.incarnations[rank] = workers[rank].incarnation
             have = npool.synced.setdefault(rank, {})
             send = [n for n in sorted(frames)
                     if not (have.get(n) == hashes[n] or (have.get(n) == OWN and npool.client_hash.get(n) == hashes[n]))]
-            payload = [f for n in send for f in frames[n]]
+            payload = payloads.setdefault(tuple(send), [f for n in send for f in frames[n]])
             meta: P.CellMeta = {"code": source, "python": python, "filename": filename,
                                 "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
                                 "budget": options.budget, "pull": options.pull and rank == first,
                                 "display": rank == first or options.show_all}
             requests.append((rank, meta, payload, send, output.sink(rank)))
-        for rank, meta, payload, send, sink in requests:
-            node = pool.nodes[rank]
-            try:
-                call = node.submit(P.CELL, meta, payload, sink, on_done=output.wake)
-            except BaseException:
-                # This node cannot take the cell: stop it where it already started, then say why.
-                for _, started, _ in calls:
-                    started.interrupt()
-                _drain(calls, output)
-                raise
-            calls.append((rank, call, send))
+        # A node that cannot take the cell raises here, its siblings already stopped where they started.
+        submitted = pool.submit_many([Request(workers[rank], P.CELL, meta, payload, sink, on_done=output.wake)
+                                      for rank, meta, payload, _, sink in requests])
+        calls = [(rank, call, send) for (rank, _, _, send, _), call in zip(requests, submitted)]
         pool.last_used = time.monotonic()
         if on_sent is not None:
             on_sent()
@@ -321,8 +325,10 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
             failures.append((rank, exc))
     if failures and len(calls) > 1:
         ranks = ", ".join(str(r) for r, _ in failures)
-        note = (f"failed on {len(failures)} of {len(calls)} nodes (ranks {ranks}); the traceback shown is "
-                f"node {failures[0][0]}'s")
+        several = any(call.node.per_node > 1 for _, call, _ in calls)
+        unit, first = ("workers", f"rank {failures[0][0]}") if several else ("nodes", f"node {failures[0][0]}")
+        note = (f"failed on {len(failures)} of {len(calls)} {unit} (ranks {ranks}); the traceback shown is "
+                f"{first}'s")
         if stopped and failed_at is not None:
             note += f"; stopped the others (ranks {', '.join(map(str, stopped))})"
         failures[0][1].add_note(note)

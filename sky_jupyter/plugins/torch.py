@@ -1,9 +1,11 @@
 """``sky.plugins.torch(backend=None)``: torch on every node and ``torch.distributed`` wired across the pool.
 
-At pool start, eagerly, every worker gets MASTER_ADDR (node 0's private address), MASTER_PORT (a port found
-free on node 0), WORLD_SIZE, RANK, NODE_RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, and ACCELERATE_USE_CPU=1 on nodes
-without CUDA (transformers' Trainer decides on DDP from these variables, and on CPU it trains unsynchronised
-replicas without ACCELERATE_USE_CPU), then joins the process group (nccl with CUDA, else gloo).
+At pool start, eagerly, every worker (one per GPU with ``workers_per_node="auto"``) gets MASTER_ADDR (node 0's
+private address), MASTER_PORT (a port found free on node 0), WORLD_SIZE and RANK (over all workers), NODE_RANK,
+LOCAL_RANK and LOCAL_WORLD_SIZE (within its node), and ACCELERATE_USE_CPU=1 on nodes without CUDA (transformers'
+Trainer decides on DDP from these variables, and on CPU it trains unsynchronised replicas without
+ACCELERATE_USE_CPU), then selects ``cuda:LOCAL_RANK`` (every GPU stays visible: HF Trainer and Accelerate pick that
+device themselves) and joins the process group (nccl with CUDA, else gloo).
 
 Gloo binds to the interface its host name resolves to unless ``GLOO_SOCKET_IFNAME`` says otherwise; on machines
 whose host name does not resolve to the address peers use (network namespaces, several interfaces), that breaks
@@ -58,16 +60,12 @@ def interface_of(addr: str) -> str | None:
 
 
 def distributed_env(info: Any, cuda: bool) -> dict[str, str]:
-    """The torchrun-style variables for this node. Nodes that share an address share a machine: LOCAL_RANK
-    counts within it and NODE_RANK counts machines, in the order of their first node."""
-    addrs = list(info.node_addrs)
-    mine = addrs[info.rank]
-    same_host = [i for i, addr in enumerate(addrs) if addr == mine]
-    machines = list(dict.fromkeys(addrs))
+    """The torchrun-style variables for this worker: RANK and WORLD_SIZE over all workers of the pool, NODE_RANK
+    its node, LOCAL_RANK its index among that node's LOCAL_WORLD_SIZE workers."""
     env = {
         "MASTER_ADDR": info.head_addr, "MASTER_PORT": str(info.head_port), "WORLD_SIZE": str(info.world_size),
-        "RANK": str(info.rank), "NODE_RANK": str(machines.index(mine)),
-        "LOCAL_RANK": str(same_host.index(info.rank)), "LOCAL_WORLD_SIZE": str(len(same_host)),
+        "RANK": str(info.rank), "NODE_RANK": str(info.node),
+        "LOCAL_RANK": str(info.worker), "LOCAL_WORLD_SIZE": str(info.workers_per_node),
     }
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -95,13 +93,14 @@ def torch(backend: str | None = None, timeout: float = 60.0) -> Plugin:
 
         cuda = torch_module.cuda.is_available()
         chosen = backend or ("nccl" if cuda else "gloo")
-        node = f"node {info.rank} ({socket.gethostname()}, {info.node_addrs[info.rank]})"
+        node = (f"node {info.node} ({socket.gethostname()}, {info.addr})" if info.workers_per_node == 1 else
+                f"rank {info.rank} (node {info.node} worker {info.worker}, {socket.gethostname()}, {info.addr})")
         if chosen == "nccl" and not cuda:
             raise ConfigError(f"torch backend 'nccl' needs CUDA, and {node} has none; use backend='gloo' or a GPU "
                               f"accelerator.")
         env = distributed_env(info, cuda)
         if chosen == "gloo" and not os.environ.get("GLOO_SOCKET_IFNAME"):
-            ifname = interface_of(info.node_addrs[info.rank])
+            ifname = interface_of(info.addr)
             if ifname:
                 env["GLOO_SOCKET_IFNAME"] = ifname
         os.environ.update(env)
@@ -113,10 +112,10 @@ def torch(backend: str | None = None, timeout: float = 60.0) -> Plugin:
         except Exception as exc:  # noqa: BLE001 - torch raises several types here; all mean "could not meet"
             ifname_var = "NCCL_SOCKET_IFNAME" if chosen == "nccl" else "GLOO_SOCKET_IFNAME"
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            what = ("the head: not every node joined its" if info.rank == 0 else "it could not join the")
+            what = ("the head: not every worker joined its" if info.rank == 0 else "it could not join the")
             raise RendezvousError(
                 f"torch.distributed rendezvous failed on {node}, {what} {chosen} process group at "
-                f"MASTER_ADDR={info.head_addr} MASTER_PORT={info.head_port} ({info.world_size} nodes) within "
+                f"MASTER_ADDR={info.head_addr} MASTER_PORT={info.head_port} ({info.world_size} workers) within "
                 f"{timeout:g} s ({type(exc).__name__}: {first_line}). Check that every node reaches node 0 at that "
                 f"address and port (security group, firewall), and the network interface {chosen} uses "
                 f"({ifname_var}={os.environ.get(ifname_var, 'unset')})."

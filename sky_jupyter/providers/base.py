@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,25 @@ class WorkerHandle(abc.ABC):
 
 
 @dataclass(frozen=True, slots=True)
+class NodeStart:
+    """A node's started workers, in local rank order, and the GPUs it has (0 on a CPU node)."""
+
+    workers: list[WorkerHandle]
+    gpus: int = 0
+
+
+#: ``config["workers_per_node"]`` that asks for one worker per GPU the node has (at least one).
+PER_GPU = "gpus"
+
+
+def check_workers(value: object) -> int | str:
+    """A worker count a node's bring-up understands: a whole number from 1, or :data:`PER_GPU`."""
+    if value == PER_GPU or (type(value) is int and 1 <= value <= 1024):
+        return value
+    raise ConfigError(f"workers per node must be a whole number from 1 to 1024, or {PER_GPU!r}; got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Cost:
     """What a pool's machines cost, in USD: per hour while they run, and since each was started."""
 
@@ -112,10 +132,29 @@ class Provider(abc.ABC):
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
         """Start a worker on the host with ``config`` (which holds the pool secret: never on a command line)."""
 
-    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> WorkerHandle:
-        """Bootstrap the host, then start its worker: providers with slow links do both in fewer round trips."""
+    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> NodeStart:
+        """Bootstrap the host, then start its workers (``config["workers_per_node"]`` of them, or one per GPU),
+        each with its ``local_rank``: providers with slow links do all of it in fewer round trips."""
         self.bootstrap(host, plan, progress)
-        return self.start_worker(host, config)
+        gpus = self.gpu_count(host)
+        wanted = check_workers(config.get("workers_per_node", 1))
+        count = max(gpus, 1) if wanted == PER_GPU else int(wanted)
+        started = in_parallel([functools.partial(self.start_worker, host, {**config, "local_rank": i})
+                               for i in range(count)])
+        failed = [r for r in started if isinstance(r, Exception)]
+        handles = [r for r in started if not isinstance(r, Exception)]
+        if failed:
+            for handle in handles:
+                try:
+                    handle.stop(1.0)
+                except Exception:  # noqa: BLE001 - the first failure is what to report
+                    pass
+            raise failed[0]
+        return NodeStart(handles, gpus)
+
+    def gpu_count(self, host: Host) -> int:
+        """How many GPUs the host has (providers whose bring-up counts them on the node need not say)."""
+        return 0
 
     def plan(self, image: Image, plugin_phases: list[tuple[str, str]]) -> BootstrapPlan:
         """The bootstrap for this provider's nodes: by default only the plugins' phases."""
@@ -126,8 +165,9 @@ class Provider(abc.ABC):
         ``cloud``), so that its workers can be attached to; the hosts as this provider now reaches them."""
         raise ConfigError(f"{self.name} pools cannot be attached to from another client; start a new pool.")
 
-    def worker(self, host: Host, port: int, pid: int) -> WorkerHandle:
-        """A handle on the worker that an earlier client started on ``host`` (see :meth:`reattach`)."""
+    def worker(self, host: Host, port: int, pid: int, local_rank: int = 0) -> WorkerHandle:
+        """A handle on the worker (``local_rank`` of its node) that an earlier client started on ``host`` (see
+        :meth:`reattach`)."""
         raise ConfigError(f"{self.name} workers cannot be attached to from another client; start a new pool.")
 
     def disconnect(self, hosts: list[Host]) -> None:  # noqa: B027 - providers without connections have nothing to do

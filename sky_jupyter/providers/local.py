@@ -73,6 +73,25 @@ def _name_and_specifier(spec: str) -> tuple[str, Any]:
     return req.name, req.specifier
 
 
+def local_gpus() -> int:
+    """The GPUs of this machine, as a node's bring-up counts them: the lines ``nvidia-smi -L`` lists, else the
+    ``/dev/nvidiaN`` devices, else 0 (no torch import: that takes seconds)."""
+    import re
+    import shutil
+
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    try:
+        return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia[0-9]+", name))
+    except OSError:
+        return 0
+
+
 class LocalWorker(WorkerHandle):
     def __init__(self, proc: subprocess.Popen[bytes], port: int, label: str) -> None:
         self.proc = proc
@@ -172,10 +191,13 @@ class Local(Provider):
             proc.kill() if proc.poll() is None else None
             proc.wait()
 
+    def gpu_count(self, host: Host) -> int:
+        return local_gpus()
+
     def read_log(self, host: Host) -> str:
         workdir = Path(host.extra["workdir"])
         parts = []
-        for path in (workdir / ".sky_jupyter" / "bootstrap.log", workdir / "worker.log"):
+        for path in (workdir / ".sky_jupyter" / "bootstrap.log", *sorted(workdir.glob("worker*.log"))):
             if path.exists():
                 parts.append(f"==> {path} <==\n{path.read_text(errors='replace')[-20000:]}")
         return "\n".join(parts) or f"no logs yet in {workdir}"
@@ -185,7 +207,10 @@ class Local(Provider):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH", "")) if p)
         env.update(config.get("env", {}))
-        log = open(Path(workdir) / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+        local_rank = int(config.get("local_rank", 0))
+        log_path = Path(workdir) / (f"worker-{local_rank}.log" if local_rank else "worker.log")
+        label = f"node {host.rank} worker {local_rank} (local)" if local_rank else f"node {host.rank} (local)"
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sky_jupyter.worker"], cwd=workdir, env=env,
@@ -194,10 +219,13 @@ class Local(Provider):
         finally:
             log.close()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({**config, "workdir": workdir, "exit_with_stdin": True}).encode() + b"\n")
+        share = str(Path(workdir) / "share")
+        config = {**config, "workdir": workdir, "exit_with_stdin": True, "share_dir": share,
+                  "cleanup": [*config.get("cleanup", ()), share]}
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()
-        port = _read_ready(proc, Path(workdir) / "worker.log", f"node {host.rank} (local)")
-        return LocalWorker(proc, port, f"node {host.rank}")
+        port = _read_ready(proc, log_path, label)
+        return LocalWorker(proc, port, label)
 
 
 def _read_ready(proc: subprocess.Popen[bytes], log: Path, label: str, timeout: float = 30.0) -> int:

@@ -3,8 +3,9 @@
 Hosts are ``"addr"``, ``"user@addr"``, ``"user@addr:port"`` or ``~/.ssh/config`` aliases (HostName, User, Port and
 IdentityFile are honoured); rank follows list order. Each node is bootstrapped once per image (env file, apt, uv,
 venv, pip, plugin phases; :mod:`sky_jupyter.bootstrap`), gets the client's own sky_jupyter package (unpacked once
-per content), and runs one worker, started detached so that it outlives the SSH connection that started it and is
-reached through a ``direct-tcpip`` channel to its localhost port. The AWS provider reuses all of this for its instances.
+per content), and runs its workers (one, a given number, or one per GPU), each started detached so that it
+outlives the SSH connection that started it, and reached through a ``direct-tcpip`` channel to its localhost port.
+The AWS provider reuses all of this for its instances.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from ..transport import (
     note,
     remote_path,
 )
-from .base import Host, PoolSpec, Progress, Provider, WorkerHandle, in_parallel
+from .base import Host, NodeStart, PoolSpec, Progress, Provider, WorkerHandle, check_workers, in_parallel
 from .local import private_dir
 
 _HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
@@ -240,25 +241,46 @@ def _cleanup(run_dir: str, env: dict[str, str]) -> list[str]:
 
 def _detached(config: dict[str, Any], run_dir: str, env: dict[str, str]) -> dict[str, Any]:
     """A worker's config for a node: detached from the SSH session, logging in its run folder, on a free port."""
-    return {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0, "cleanup": _cleanup(run_dir, env)}
+    return {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0, "cleanup": _cleanup(run_dir, env),
+            "share_dir": f"{run_dir}/share"}
 
 
-def _await_ready(lines: Iterator[str], conn: Connection, host: Host, label: str, run_dir: str) -> SSHWorker:
-    """The started worker, once its READY line comes (within 60 s); else what it printed, in a ProvisionError."""
+#: The line a node's bring-up prints before starting its workers: how many, and how many GPUs it found.
+WORKERS = "::sky-workers"
+
+
+def _await_ready(lines: Iterator[str], conn: Connection, host: Host, label: str, run_dir: str,
+                 count: int = 1) -> NodeStart:
+    """The node's started workers, once each one's READY line has come (within 60 s; a ``::sky-workers N GPUS``
+    line first says how many to wait for); else what the node printed, in a ProvisionError."""
     seen: list[str] = []
+    ready: dict[int, SSHWorker] = {}
+    gpus = 0
     deadline = time.monotonic() + 60
     try:
         for line in lines:
             if line.startswith(P.READY):
-                ready = json.loads(line[len(P.READY):])
-                return SSHWorker(conn, int(ready["port"]), int(ready["pid"]), host.display, run_dir)
-            seen.append(line)
+                said = json.loads(line[len(P.READY):])
+                local = int(said.get("local_rank", 0))
+                ready[local] = SSHWorker(conn, int(said["port"]), int(said["pid"]), host.display, run_dir, local)
+                if len(ready) >= count:
+                    return NodeStart([ready[i] for i in sorted(ready)], gpus)
+            elif line.startswith(WORKERS):
+                count, gpus = (int(word) for word in line.split()[1:3])
+            else:
+                seen.append(line)
             if time.monotonic() > deadline:
                 break
     except TimeoutError:
         pass
+    for worker in ready.values():  # a node whose workers did not all start: stop the ones that did
+        try:
+            worker.stop(1.0)
+        except Exception:  # noqa: BLE001 - what the node printed is what to report
+            pass
     tail = redact("".join(seen[-20:]).strip()) or "(no output)"
-    raise ProvisionError(f"{label}: the worker did not start; it printed:\n{tail}\n"
+    started = f" ({len(ready)} of {count} workers started)" if count > 1 else ""
+    raise ProvisionError(f"{label}: the worker did not start{started}; it printed:\n{tail}\n"
                          f"Its log is {run_dir}/worker.log on the node.")
 
 
@@ -274,7 +296,9 @@ def _worker_running(pid: int) -> str:
 # before the script, its uv from within the script's uv phase (fd 3) when the node could not download one. Then
 # the script runs (it exits at once when its marker exists), the Hub's token file is written again from the env file
 # when the pool has an HF token (the marker skips the login that first wrote it), and, when asked, the worker starts
-# with its config. ~/.sky_jupyter and its folders are 0700.
+# with its config: one worker, a given number, or one per GPU the node lists (``nvidia-smi -L``, else its
+# /dev/nvidiaN devices), all from the same config line, each told its local rank. ~/.sky_jupyter and its folders are
+# 0700.
 _BRING_UP = """umask 077; H={home}; mkdir -p "$H" && chmod 700 "$H" || exit 1
 find "$H" -mindepth 1 -maxdepth 1 -type d ! -perm 700 -exec chmod 700 {{}} + 2>/dev/null
 IFS= read -r n && head -c "$n" > "$H/env.sh.tmp" && chmod 600 "$H/env.sh.tmp" && mv -f "$H/env.sh.tmp" "$H/env.sh" \
@@ -296,7 +320,15 @@ SKY_ASK_CLIENT=1 bash {script} 3<&0 < /dev/null || exit $?
 {restore}
 [ -n "{start}" ] || exit 0
 mkdir -p {run} || exit 1
-cd && printf '%s\\n' "$config" | PYTHONPATH={pkg}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+elif ls -d /dev/nvidia[0-9]* >/dev/null 2>&1; then gpus=$(ls -d /dev/nvidia[0-9]* | wc -l); fi
+n={workers}; if [ "$n" = gpus ]; then n=$gpus; fi; [ "$n" -ge 1 ] 2>/dev/null || n=1
+echo "{announce} $n $gpus"
+cd && export PYTHONPATH={pkg}${{PYTHONPATH:+:$PYTHONPATH}}
+i=1
+while [ $i -lt $n ]; do printf '%s\\n' "$config" | {python} -m sky_jupyter.worker --local-rank $i & i=$((i+1)); done
+printf '%s\\n' "$config" | exec {python} -m sky_jupyter.worker --local-rank 0
 """
 
 
@@ -304,12 +336,13 @@ class SSHWorker(WorkerHandle):
     """A worker started detached on a node: reached through the node's SSH connection, checked and stopped by
     pid over SSH (reconnecting first when the connection dropped)."""
 
-    def __init__(self, conn: Connection, port: int, pid: int, label: str, run_dir: str) -> None:
+    def __init__(self, conn: Connection, port: int, pid: int, label: str, run_dir: str, local_rank: int = 0) -> None:
         self.conn = conn
         self.port = port
         self.pid = pid
         self.label = label
         self.run_dir = run_dir
+        self.local_rank = local_rank
         self._last_words = ""
         self._unreachable = ""
 
@@ -326,15 +359,17 @@ class SSHWorker(WorkerHandle):
         return code == 0
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Wait up to ``timeout`` for the worker to exit (it was asked to), then kill it; remove its files."""
+        """Wait up to ``timeout`` for the worker to exit (it was asked to), then kill it; remove its log, and the
+        node's run folder with the last one."""
         steps = max(1, int(timeout / 0.05))
-        log = f"{remote_path(self.run_dir)}/worker.log"
+        run = remote_path(self.run_dir)
+        log = f"{run}/worker-{self.local_rank}.log" if self.local_rank else f"{run}/worker.log"
         script = f"""
 running() {{ {_worker_running(self.pid)}; }}
 if ! running; then echo gone; tail -n 5 {log} 2>/dev/null; fi
 i=0; while running && [ $i -lt {steps} ]; do sleep 0.05; i=$((i+1)); done
 if running; then kill -TERM {self.pid}; sleep 0.5; running && kill -KILL {self.pid}; fi
-rm -rf {remote_path(self.run_dir)}
+rm -f {log}; ls {run}/worker*.log >/dev/null 2>&1 || rm -rf {run}
 """
         _, out, _ = self.conn.run(script, timeout=timeout + 15, patience=5.0)
         if out.startswith("gone"):
@@ -552,9 +587,9 @@ class SSH(Provider):
             raise ProvisionError(f"pool {pool!r}: {len(failed)} of {len(hosts)} nodes cannot be reached ({listing}).")
         return hosts
 
-    def worker(self, host: Host, port: int, pid: int) -> WorkerHandle:
+    def worker(self, host: Host, port: int, pid: int, local_rank: int = 0) -> WorkerHandle:
         return SSHWorker(self.connection(host), port, pid, host.display,
-                         _run_dir(str(host.extra.get("pool", "")), host.rank))
+                         _run_dir(str(host.extra.get("pool", "")), host.rank), local_rank)
 
     def release(self, hosts: list[Host]) -> None:
         """Remove the pool's secrets from its nodes (the env file, the Hub's token file), then close the
@@ -592,9 +627,9 @@ class SSH(Provider):
     def read_log(self, host: Host) -> str:
         """The end of the node's bootstrap log and of this pool's worker log there, for ``%sky logs``."""
         pool = str(host.extra.get("pool", ""))
-        logs = [f"{NODE_HOME}/bootstrap.log", f"{_run_dir(pool, host.rank)}/worker.log"]
-        script = "".join(f"p={remote_path(p)}; if [ -f \"$p\" ]; then echo \"==> {p} <==\"; tail -n 200 \"$p\"; fi\n"
-                         for p in logs)
+        run = remote_path(_run_dir(pool, host.rank))
+        script = (f"for p in {remote_path(NODE_HOME + '/bootstrap.log')} {run}/worker.log {run}/worker-*.log; do\n"
+                  f"  if [ -f \"$p\" ]; then echo \"==> $p <==\"; tail -n 200 \"$p\"; fi\ndone\n")
         _, out, _ = self.connection(host).run(script, timeout=30)
         return redact(out) or f"no logs yet on {host.display} (under {NODE_HOME})"
 
@@ -608,16 +643,16 @@ class SSH(Provider):
         """Make the node match ``plan`` (one SSH command; see :meth:`bring_up`), without starting a worker."""
         self._drive(host, plan, None, progress)
 
-    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> WorkerHandle:
+    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> NodeStart:
         """Bootstrap the node and start its worker in one SSH command, so that a link's latency is paid a few
         times per node, not once per step: what every node needs (env file, script, worker config) goes out with
         the command; the node asks for what it lacks (this client's package, its uv) in one more exchange."""
-        handle = self._drive(host, plan, config, progress)
-        assert handle is not None
-        return handle
+        started = self._drive(host, plan, config, progress)
+        assert started is not None
+        return started
 
     def _drive(self, host: Host, plan: BootstrapPlan, config: dict[str, Any] | None,
-               progress: Progress) -> WorkerHandle | None:
+               progress: Progress) -> NodeStart | None:
         conn = self.connection(host)
         label = f"node {host.rank} ({host.display})"
         pool = str((config or {}).get("pool") or host.extra.get("pool") or "pool")
@@ -628,7 +663,8 @@ class SSH(Provider):
         command = _BRING_UP.format(
             home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"), pkg=pkg_dir,
             run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "",
-            need=NEED, restore=self._restore(plan))
+            need=NEED, restore=self._restore(plan), announce=WORKERS,
+            workers=check_workers((config or {}).get("workers_per_node", 1)))
         if config is not None:
             config = _detached(config, run_dir, {**plan.environ, **config.get("env", {})})
         # The package goes out unasked unless this client has seen the node holding it: on a slow link, sending
@@ -699,7 +735,8 @@ class SSH(Provider):
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
         """Start the node's worker, its config (and secret) on stdin; it moves to a session of its own itself."""
         conn = self.connection(host)
-        label = f"node {host.rank} ({host.display})"
+        local_rank = int(config.get("local_rank", 0))
+        label = f"node {host.rank} worker {local_rank} ({host.display})"
         pool = str(config.get("pool") or host.extra.get("pool") or "pool")
         run_dir = _run_dir(pool, host.rank)
         pkg_dir = _node_package_dir()
@@ -707,11 +744,11 @@ class SSH(Provider):
         config = _detached(config, run_dir, config.get("env", {}))
         # The worker keeps the user's umask and starts in $HOME.
         command = f"""(umask 077; mkdir -p {remote_path(run_dir)}) || exit 1
-cd && PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker"""
+cd && PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker --local-rank {local_rank}"""
         with conn.start(command, timeout=60) as proc:
             proc.write(json.dumps(config) + "\n")
             proc.close_stdin()
-            return _await_ready(iter(proc), conn, host, label, run_dir)
+            return _await_ready(iter(proc), conn, host, label, run_dir).workers[0]
 
 
 __all__ = ["SSH", "SSHConnectError", "SSHWorker", "package_archive", "package_digest", "parse_host"]

@@ -13,6 +13,7 @@ the node has it. ``tests/test_worker_boundary.py`` enforces this.
   switch;
 - :mod:`.handshake`: the worker's half of the mutual authentication;
 - :mod:`.outbox`: frames for the client, held across reconnects until acknowledged;
+- :mod:`.share`: a payload several workers of the node need, received once and copied for the others;
 - :mod:`.output`: what tasks print, to the client; the worker's own log;
 - :mod:`.cells`: notebook cells in the node's persistent namespace.
 """

@@ -35,6 +35,7 @@ from ..info import InstanceInfo, _set_current
 from .handshake import authenticate
 from .outbox import Outbox
 from .output import OutputCapture, TaskStream, log
+from .share import ShareError, check, store, take
 
 if TYPE_CHECKING:
     from .cells import CellRunner
@@ -54,6 +55,28 @@ def _user_traceback(exc: BaseException) -> str:
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (Linux), 0 where it cannot tell."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class SharedCopy:
+    """A job's payload that is this worker's copy in the node's share folder, read when the job starts."""
+
+    __slots__ = ("copy", "key")
+
+    def __init__(self, key: str, copy: int) -> None:
+        self.key, self.copy = key, copy
+
+
+#: Work for the main thread: a received frame, or one whose payload is a copy in the node's share folder.
+Job = tuple[str, int, Any, "list[bytearray] | SharedCopy"]
 
 
 def error_frames(exc: BaseException) -> tuple[P.ErrorMeta, list]:
@@ -85,8 +108,11 @@ class Worker:
         self._turned_away = 0  # connections closed on arrival since the last log line about them
         self._turned_away_logged = 0.0
         self.outbox = Outbox((self.max_frame, self.max_buffers))
+        self.local_rank = int(config.get("local_rank", 0))
+        self.share_dir = os.path.expanduser(str(config.get("share_dir") or os.path.join("~", ".sky_jupyter", "share")))
+        self.share_wait = float(config.get("share_wait", 600.0))
         # SimpleQueue hands a job to the main thread faster than Queue; ``queued`` says what waits in it.
-        self.jobs: queue.SimpleQueue[P.Frame] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.queued: set[int] = set()
         self._seen: set[int] = set()  # ids of the tasks received lately (a bounded window), to drop duplicates
         self._seen_order: collections.deque[int] = collections.deque(maxlen=100_000)
@@ -218,7 +244,26 @@ class Worker:
                 self._read_taken = False
                 self._reading.notify_all()
 
-    def _read_one(self, conn: P.FrameIO) -> P.Frame | None:
+    def _shared(self, task_id: int, meta: Any, frames: list[bytearray]) -> Job | None:
+        """A work frame whose payload several workers of this node need: the carrier (the frame has the buffers)
+        keeps a copy for each sibling before its own work is queued; a sibling's job reads its copy when it starts.
+        A malformed one is answered with an error, as a task that failed."""
+        try:
+            inner, key, copies, copy = meta["kind"], meta["key"], meta["copies"], meta["copy"]
+            check(key, copies, copy)
+            if inner not in (P.TASK, P.CELL, P.SETUP) or (copy == 0) != bool(frames):
+                raise ShareError(f"a shared frame for {inner!r} with copy {copy} and {len(frames)} buffers")
+            if not self.first_time(task_id):
+                return None
+            if frames and copies:
+                store(self.share_dir, key, frames, copies)
+        except (ShareError, OSError, KeyError, TypeError) as exc:
+            meta_err, payload = error_frames(exc)
+            self.outbox.send(P.ERROR, task_id, meta_err, payload)
+            return None
+        return inner, task_id, meta["meta"], frames if frames else SharedCopy(key, copy)
+
+    def _read_one(self, conn: P.FrameIO) -> Job | None:
         """Read one frame and act on it; returns it when it is work for the main thread."""
         try:
             kind, task_id, meta, frames = conn.recv()
@@ -236,7 +281,7 @@ class Worker:
         self.last_seen = time.monotonic()
         match kind:
             case P.PING:
-                pong: P.PongMeta = {"busy": self.current_task, "pid": os.getpid()}
+                pong: P.PongMeta = {"busy": self.current_task, "pid": os.getpid(), "rss": _rss()}
                 conn.send(P.PONG, task_id, pong)
             case P.ACK:
                 self.outbox.ack(meta)
@@ -247,11 +292,13 @@ class Worker:
             case P.TASK | P.CELL | P.SETUP | P.PULL:
                 if self.first_time(task_id):
                     return kind, task_id, meta, frames
+            case P.SHARED:
+                return self._shared(task_id, meta, frames)
             case _:
                 log(f"unknown frame kind {kind!r} ignored")
         return None
 
-    def next_job(self) -> P.Frame | None:
+    def next_job(self) -> Job | None:
         """The main thread's next job: one queued while the last task ran, else one it reads from the client's
         connection itself (no thread switch between the frame arriving and the task starting)."""
         with self._reading:
@@ -352,10 +399,12 @@ class Worker:
         if task and (pending is None or pending[0] == task):
             raise KeyboardInterrupt
 
-    def run_job(self, kind: str, task_id: int, meta: Any, frames: list) -> None:
+    def run_job(self, kind: str, task_id: int, meta: Any, frames: list | SharedCopy) -> None:
         self.current_task = task_id
         self.queued.discard(task_id)
         try:
+            if isinstance(frames, SharedCopy):
+                frames = take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
             match kind:
                 case P.TASK:
                     value = self.run_task(frames)

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen-fd", type=int)
     parser.add_argument("--config-fd", type=int)
     parser.add_argument("--generation", type=int, default=0)
+    # Which of its node's workers this one is (the node's bring-up starts them all from one config line).
+    parser.add_argument("--local-rank", type=int)
     args = parser.parse_args(argv)
     if args.config_fd is not None:
         with os.fdopen(args.config_fd, "rb") as f:
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         line = sys.stdin.buffer.readline()
     config = json.loads(line)
+    if args.local_rank is not None:
+        config["local_rank"] = args.local_rank
+        if args.local_rank and config.get("log"):  # worker.log, worker-1.log, ...
+            root, ext = os.path.splitext(config["log"])
+            config["log"] = f"{root}-{args.local_rank}{ext}"
     if config.get("detach") and args.generation == 0:
         _leave_session()
     if args.listen_fd is not None:
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(config.get("env", {}))
     if args.generation == 0:
         port = listener.getsockname()[1]
-        sys.stdout.write(f"{P.READY} {json.dumps({'port': port, 'pid': os.getpid()})}\n")
+        ready = {"port": port, "pid": os.getpid(), "local_rank": int(config.get("local_rank", 0))}
+        sys.stdout.write(f"{P.READY} {json.dumps(ready)}\n")
         sys.stdout.flush()
         if config.get("detach"):
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             os.dup2(devnull, 0)
             os.dup2(logfd, 1)
             os.dup2(logfd, 2)
-    log(f"worker generation {args.generation} serving rank {config.get('rank', 0)} "
+    log(f"worker generation {args.generation} serving node {config.get('rank', 0)} worker "
+        f"{config.get('local_rank', 0)} "
         f"on 127.0.0.1:{listener.getsockname()[1]}")
     worker = Worker(config, listener, args.generation)
     if config.get("exit_with_stdin"):
