@@ -162,12 +162,12 @@ def distributed_finetune(model_name: str) -> dict:
             "weights": after.numpy()}
 
 
-def check_ddp(results: list[dict], synced: bool) -> None:
-    assert len(results) == 2
+def check_ddp(results: list[dict], synced: bool, ranks: int = 2) -> None:
+    assert len(results) == ranks
     for result in results:
         assert result["trained"] and math.isfinite(result["eval_loss"])
-        assert result["world_size"] == (2 if synced else 1)
-    same = np.array_equal(results[0]["weights"], results[1]["weights"])
+        assert result["world_size"] == (ranks if synced else 1)
+    same = all(np.array_equal(results[0]["weights"], other["weights"]) for other in results[1:])
     assert same is synced, "weights should be identical exactly when the torch plugin synchronised the ranks"
     if not synced:
         assert not np.allclose(results[0]["weights"], results[1]["weights"], rtol=0, atol=1e-6)
@@ -186,6 +186,24 @@ def test_multi_node_ddp_on_local_nodes(hf_hub: HubFixture, local_hub_env: sky.Im
     ) as pool:
         results = distributed_finetune(GPT2) @ pool
     check_ddp(results, synced=True)
+
+
+def test_ddp_over_two_workers_on_each_of_two_nodes(hf_hub: HubFixture, local_hub_env: sky.Image,
+                                                   tmp_path: Path) -> None:
+    """The same job, unchanged, on 2 nodes x 2 workers: Trainer sees world size 4 and the four replicas end equal."""
+    with sky.ComputePool(
+        provider=sky.Local(root=tmp_path),
+        nodes=2,
+        workers_per_node=2,
+        image=local_hub_env,
+        plugins=[
+            sky.plugins.torch(backend="gloo"),
+            sky.plugins.huggingface(token=hf_hub.token),
+        ],
+    ) as pool:
+        assert [(w.node, w.local_rank) for w in pool.workers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        results = distributed_finetune(GPT2) @ pool
+    check_ddp(results, synced=True, ranks=4)
 
 
 @pytest.mark.ssh
