@@ -9,6 +9,14 @@ Figures, all in the same run:
   the same modules and initialised CUDA, so the launcher's cost is taken out entirely (the strict comparison);
 - script ``including process start``: ``python train.py`` started to exited, and next to it sky ``cold``: pool
   start plus its first call (the worker starts, imports, initialises CUDA).
+- DDP across every GPU of the machine: the same ``finetune`` broadcast (``@ pool``) to a ``sky.Local()`` pool
+  with ``sky.plugins.torch()`` and ``workers_per_node="auto"`` (one worker per GPU, nccl, each on
+  ``cuda:LOCAL_RANK``; Trainer runs DDP from the plugin's RANK/WORLD_SIZE/LOCAL_RANK) against the same pool kind
+  with ``workers_per_node=1``; interleaved rounds, both pools warm. Same steps and per-device batch, so the DDP
+  job trains on ``world_size`` times the samples: samples/s = steps x batch x world_size / train seconds (the
+  slowest rank's), and the ratio of the two. Skipped, with a line saying so, when "auto" gives one worker (no
+  CUDA, or one GPU); ``--ddp-workers 2`` runs it anyway with that many workers (gloo on CPU: a check that the
+  path works end to end, not a figure).
 ``train.py`` is generated from this file's ``finetune`` source. Model and data come from
 tests/fixtures/tiny_models.py (a tiny BERT classifier, IMDB-like reviews), built offline into a temporary
 folder, or ``--model PATH`` names a local model folder (anything ``AutoModelForSequenceClassification``
@@ -18,7 +26,10 @@ On a lent GPU machine (torch with CUDA, transformers, datasets, accelerate insta
 copy the repository there (only ``sky_jupyter/``, ``bench/`` and ``tests/fixtures/tiny_models.py`` are used),
 ``pip install cloudpickle`` if it is missing (or carry its wheel and ``pip install cloudpickle-*.whl``), then
 
-    python bench/gpu_smoke.py [--steps 300] [--batch 32] [--rounds 3] [--model PATH]
+    python bench/gpu_smoke.py [--steps 300] [--batch 32] [--rounds 3] [--model PATH] [--ddp-rounds 3]
+
+Without a GPU, ``.venv/bin/python bench/gpu_smoke.py --ddp-workers 2`` checks every code path on CPU (small
+defaults: 10 steps of batch 8; ``--ddp-rounds 0`` leaves the DDP part out).
 
 The JSON lands in bench/results/gpu_smoke.json. No network or Hub is needed.
 """
@@ -119,6 +130,7 @@ def finetune(model_name: str, dataset_dir: str, steps: int, batch: int, fp16: bo
         **metrics,
         "device": str(trainer.args.device),
         "fp16": trainer.args.fp16,
+        "world_size": trainer.args.world_size,
         "train_s": train_s,
         "setup_s": train_started - started,
         "started": started,
@@ -207,6 +219,90 @@ def run_sky(pool: sky.ComputePool, job_args: list[Any]) -> dict[str, Any]:
     }
 
 
+def samples_per_s(results: list[dict[str, Any]], steps: int, batch: int) -> dict[str, Any]:
+    """One DDP (or single-worker) job: every rank's result; the job trains steps x batch x world_size samples in
+    the slowest rank's train time (the ranks meet at every step's all-reduce)."""
+    world = int(results[0]["world_size"])
+    train_s = max(r["train_s"] for r in results)
+    return {"samples_per_s": steps * batch * world / train_s, "train_s": train_s, "world_size": world,
+            "job_s": max(r["finished"] for r in results) - min(r["started"] for r in results)}
+
+
+def run_ddp(job_args: list[Any], steps: int, batch: int, workers: int | str, rounds: int,
+            cuda: bool) -> dict[str, Any]:
+    """``finetune`` on one Local worker vs on ``workers`` (one per GPU with "auto"), both with the torch plugin;
+    interleaved rounds after one untimed job each."""
+    task = sky.compute(finetune)
+    quiet = {"progress": lambda rank, phase, line: None}
+    plugins = [sky.plugins.torch()]
+    backend = "nccl" if cuda else "gloo"
+    with sky.ComputePool(provider=sky.Local(), nodes=1, workers_per_node=workers, plugins=plugins,
+                         name="bench-gpu-smoke-ddp", **quiet) as many:
+        n = len(many.workers)
+        if n < 2:
+            reason = (f"workers_per_node={workers!r} started {n} worker (CUDA devices: "
+                      f"{device_facts().get('device_count', 0)}); DDP needs at least 2")
+            print(f"DDP part skipped: {reason}. --ddp-workers 2 runs it with 2 workers anyway "
+                  f"({backend} on {'GPU' if cuda else 'CPU'}).")
+            return {"skipped": reason}
+        print(f"DDP: 1 worker vs {n} workers (workers_per_node={workers!r}, {backend})", flush=True)
+        with sky.ComputePool(provider=sky.Local(), nodes=1, workers_per_node=1, plugins=plugins,
+                             name="bench-gpu-smoke-ddp1", **quiet) as one:
+            pools = {1: one, n: many}
+            first = {k: samples_per_s(task(*job_args) @ pool, steps, batch) for k, pool in pools.items()}
+            runs: dict[int, list[dict[str, Any]]] = {1: [], n: []}
+            devices: dict[int, list[str]] = {}
+            for round_ in range(rounds):
+                for k in (1, n) if round_ % 2 == 0 else (n, 1):
+                    results = task(*job_args) @ pools[k]
+                    devices[k] = [r["device"] for r in results]
+                    runs[k].append({**samples_per_s(results, steps, batch), "eval_loss_rank0": results[0]["eval_loss"]})
+                    print(f"DDP round {round_}: {k} worker{'s' if k > 1 else ' '} "
+                          f"{runs[k][-1]['samples_per_s']:.1f} samples/s (train {runs[k][-1]['train_s']:.3f} s, "
+                          f"world size {runs[k][-1]['world_size']})", flush=True)
+    med = statistics.median
+    rate = {k: med([r["samples_per_s"] for r in v]) for k, v in runs.items()}
+    ratio = rate[n] / rate[1]
+    print(f"DDP: 1 worker {rate[1]:.1f} samples/s, {n} workers {rate[n]:.1f} samples/s: {ratio:.2f}x "
+          f"(scaling efficiency {ratio / n:.2f}; {backend} on {'GPU' if cuda else 'CPU'})", flush=True)
+    return {
+        "what": f"finetune @ pool on sky.Local() with sky.plugins.torch(): workers_per_node={workers!r} ({n} "
+                f"workers, {backend}) vs workers_per_node=1; same steps and per-device batch; samples/s = steps x "
+                f"batch x world_size / the slowest rank's train seconds; medians of {rounds} interleaved rounds",
+        "workers_per_node_asked": workers,
+        "workers": n,
+        "backend": backend,
+        "devices": {f"{k}_workers": v for k, v in devices.items()},
+        "samples_per_s_1_worker": round(rate[1], 2),
+        f"samples_per_s_{n}_workers": round(rate[n], 2),
+        "ratio_samples_per_s": round(ratio, 3),
+        "scaling_efficiency": round(ratio / n, 3),
+        "ratio_per_round": [round(b["samples_per_s"] / a["samples_per_s"], 3) for a, b in zip(runs[1], runs[n])],
+        "train_s_1_worker": seconds([r["train_s"] for r in runs[1]]),
+        f"train_s_{n}_workers": seconds([r["train_s"] for r in runs[n]]),
+        "job_s_1_worker": seconds([r["job_s"] for r in runs[1]]),
+        f"job_s_{n}_workers": seconds([r["job_s"] for r in runs[n]]),
+        "first_job_untimed_samples_per_s": {f"{k}_workers": round(v["samples_per_s"], 2) for k, v in first.items()},
+        "eval_loss_rank0_last": {f"{k}_workers": v[-1]["eval_loss_rank0"] for k, v in runs.items()},
+        "note": ("the 1-worker pool has the torch plugin too (a process group of one; Trainer may still wrap the "
+                 "model in DDP): samples_per_s_sky_single_worker_without_torch_plugin is the first part's figure"
+                 + ("" if cuda else "; no CUDA: gloo on CPU, workers sharing this machine's cores; a check that "
+                                    "the path runs end to end, not a figure")),
+    }
+
+
+def parse_workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return value
+
+
 def device_facts() -> dict[str, Any]:
     import torch
     import transformers
@@ -234,6 +330,10 @@ def main() -> None:
         "--rounds", type=int, default=3, help="timed rounds, each one sky job and one script job"
     )
     parser.add_argument("--model", type=Path, help="a local model folder instead of the generated tiny BERT")
+    parser.add_argument("--ddp-workers", type=parse_workers, default="auto",
+                        help="workers_per_node of the DDP part: auto (one per GPU; the default) or a number")
+    parser.add_argument("--ddp-rounds", type=int, default=3,
+                        help="timed rounds of the DDP part, each one 1-worker and one all-GPU job (0: no DDP part)")
     args = parser.parse_args()
 
     facts = device_facts()
@@ -283,8 +383,14 @@ def main() -> None:
                         + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items() if k.endswith("_s")),
                         flush=True,
                     )
+        ddp: dict[str, Any] = {"skipped": "--ddp-rounds 0"}
+        if args.ddp_rounds > 0:
+            ddp = run_ddp(job_args, steps, batch, args.ddp_workers, args.ddp_rounds, cuda)
 
     med = statistics.median
+    if "skipped" not in ddp:  # the single-worker figure of the first part, for reference: no torch plugin, no DDP
+        ddp["samples_per_s_sky_single_worker_without_torch_plugin"] = round(
+            steps * batch / med([r["train_s"] for r in sky_runs]), 2)
     sky_call = [r["call_wall_s"] for r in sky_runs]
     script_job = [r["job_s"] for r in script_runs]
     script_wall = [r["process_wall_s"] for r in script_runs]
@@ -331,6 +437,7 @@ def main() -> None:
             "the job that a fresh process pays (lazily loaded modules, first load): compare "
             "job_setup_before_train; train_only compares the training loops alone.",
             "note": "" if cuda else "no CUDA here: CPU smoke run, fp16 off; not a GPU figure",
+            "ddp": ddp,
         },
     )
 

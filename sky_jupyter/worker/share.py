@@ -2,7 +2,9 @@
 
 The worker that receives it with its own work (the carrier) writes it to one file and hard-links that file once per
 sibling (``KEY.1`` ... ``KEY.N``) before it queues the work, so it is there however long the carrier's own queue is.
-Each sibling reads its link when its job starts, then unlinks it: the data is freed once the last one has read it.
+Each sibling maps its link when its job starts (copy-on-write: values built from it stay writable, and a sibling
+allocates and copies nothing up front, which on a node whose workers share few cores is most of a large payload's
+cost), then unlinks it: the data is freed once the last mapping of it is gone.
 A copy never read (its worker died) goes with the folder when the pool shuts down.
 
 A file is ``!I`` (number of buffers), one ``!Q`` length per buffer, then the buffers.
@@ -10,6 +12,7 @@ A file is ``!I`` (number of buffers), one ``!Q`` length per buffer, then the buf
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -53,8 +56,8 @@ def store(folder: str, key: str, frames: list[bytearray], copies: int) -> None:
         os.unlink(tmp)
 
 
-def take(folder: str, key: str, copy: int, wait: float, carrier: str) -> list[bytearray]:
-    """Read and remove this worker's copy, waiting up to ``wait`` seconds for the carrier to write it (its frame
+def take(folder: str, key: str, copy: int, wait: float, carrier: str) -> list[memoryview]:
+    """Map and remove this worker's copy, waiting up to ``wait`` seconds for the carrier to write it (its frame
     left the client first, but the carrier may still be reading it). Interruptible: it sleeps in small steps."""
     path = os.path.join(folder, f"{key}.{copy}")
     deadline = time.monotonic() + wait
@@ -74,12 +77,14 @@ def take(folder: str, key: str, copy: int, wait: float, carrier: str) -> list[by
         os.unlink(path)
         (count,) = _COUNT.unpack(f.read(_COUNT.size))
         sizes = struct.unpack(f"!{count}Q", f.read(count * _LEN.size)) if count else ()
+        start = _COUNT.size + count * _LEN.size
+        if start + sum(sizes) > os.fstat(f.fileno()).st_size:
+            raise ShareError(f"the shared copy {path} is shorter than its header says")
+        view = memoryview(mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
         frames = []
         for size in sizes:
-            buf = bytearray(size)
-            if f.readinto(buf) != size:
-                raise ShareError(f"the shared copy {path} is shorter than its header says")
-            frames.append(buf)
+            frames.append(view[start:start + size])
+            start += size
         return frames
     finally:
         f.close()
