@@ -44,7 +44,7 @@ def no_address_lookup(monkeypatch):
     def refuse(*_: Any, **__: Any) -> str:
         raise AssertionError("the test tried to look up this machine's public address; pass ssh_cidr")
 
-    monkeypatch.setattr(aws, "public_address", refuse)
+    monkeypatch.setattr(aws.network, "public_address", refuse)
 
 
 @pytest.fixture

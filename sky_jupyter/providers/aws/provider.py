@@ -1,34 +1,9 @@
-"""``sky.AWS()``: EC2 instances started for a pool, then driven exactly like ``sky.SSH`` hosts.
-
-Provisioning (this module): the accelerator name maps to an instance type (:mod:`sky_jupyter.accelerators`); the
-image is the AWS Deep Learning AMI found through its public SSM parameter; the user's public key is imported as
-an EC2 key pair; a security group of the pool's own lets SSH in from the caller's address only (/32) and all
-traffic between the pool's members; all nodes start in one call, hence in one availability zone, spot first when
-asked, on demand when spot is refused and that is allowed, the next zone when a zone lacks capacity. Quota errors
-stop at once and name the quota to raise. Instances require IMDSv2, terminate when shut down (which backs the
-workers' dead-man switch: a node whose client went silent powers itself off, and so stops billing), and carry the
-tags ``sky-jupyter:pool``, ``sky-jupyter:owner`` and ``sky-jupyter:launch``.
-
-Everything after provisioning (SSH connections, host-key pinning, bootstrap, workers, logs) is the SSH provider's
-code: :class:`AWS` subclasses :class:`~sky_jupyter.providers.ssh.SSH`, so there is one code path for both.
-
-Teardown always happens: a failed or interrupted launch terminates what it started before the error propagates;
-``release`` (pool exit, exceptions, ``%sky down``) terminates and waits; instances still alive at interpreter exit
-are terminated by an ``atexit`` hook; instance ids are written to the pool's state file before anything waits on
-them, so :func:`gc` (``%sky gc``) finds whatever a killed client left behind.
-
-IAM permissions used: ec2:RunInstances, ec2:CreateTags, ec2:DescribeInstances, ec2:TerminateInstances,
-ec2:DescribeSubnets, ec2:DescribeInstanceTypeOfferings, ec2:CreateSecurityGroup,
-ec2:AuthorizeSecurityGroupIngress, ec2:DescribeSecurityGroups, ec2:DeleteSecurityGroup, ec2:ImportKeyPair,
-ec2:DescribeKeyPairs, ec2:GetConsoleOutput, ssm:GetParameter (not with ``ami=``), ec2:DescribeImages (only with
-``disk_gib=``).
-"""
+"""The :class:`AWS` provider: EC2 instances started for a pool, then driven as SSH nodes (see the package's doc)."""
 
 from __future__ import annotations
 
 import atexit
 import datetime as _dt
-import getpass
 import hashlib
 import ipaddress
 import os
@@ -38,134 +13,46 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
-from .. import accelerators, state
-from ..errors import ConfigError, ProvisionError
-from ..transport import load_key
-from .base import Cost, Host, PoolSpec
-from .local import sky_home
-from .ssh import SSH, parse_host
-
-#: The AWS Deep Learning AMI (PyTorch, NVIDIA driver, Ubuntu 24.04, x86_64) as AWS publishes it in SSM Parameter
-#: Store, per region. Override with ``AWS(ami="ami-...")`` or ``AWS(ami_parameter="...")``.
-DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.9-ubuntu-24.04/latest/ami-id"
-#: Plain Ubuntu 24.04 (Canonical's public parameter) for CPU nodes: the GPU image's drivers are no use there.
-UBUNTU_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
-TAG_POOL = "sky-jupyter:pool"
-TAG_OWNER = "sky-jupyter:owner"
-TAG_LAUNCH = "sky-jupyter:launch"
-DEFAULT_REGION = "us-east-1"
-#: The node dead-man switch's action: power off (the instance then terminates, see InstanceInitiatedShutdown...).
-POWEROFF = "sudo -n shutdown -h now || shutdown -h now"
-
-#: Errors that mean "not here, try another zone" (or, for spot, on demand).
-CAPACITY_ERRORS = frozenset({"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
-                             "InsufficientFreeAddressesInSubnet", "Unsupported"})
-SPOT_ERRORS = frozenset({"SpotMaxPriceTooLow", "InsufficientSpotCapacity"})
-#: Errors that no other zone can fix: the account's regional quota.
-QUOTA_ERRORS = frozenset({"VcpuLimitExceeded", "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded"})
-LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
-
-
-class QuotaError(ProvisionError):
-    """EC2 refused the launch because an account quota is too low; no other zone can help."""
-
-    def __init__(self, message: str, quota: str, code: str | None) -> None:
-        super().__init__(message)
-        self.quota, self.code = quota, code
+from ... import accelerators, state
+from ...bootstrap import BootstrapPlan
+from ...errors import ConfigError, ProvisionError
+from ...image import Image
+from ...transport import Connection, KnownHosts, load_key
+from ..base import Cost, Host, NodeStart, PoolSpec, Progress, Provider, WorkerHandle
+from ..local import sky_home
+from ..ssh import SSH, parse_host
+from . import network
+from .common import (
+    CAPACITY_ERRORS,
+    DLAMI_PARAMETER,
+    LIVE_STATES,
+    QUOTA_ERRORS,
+    SPOT_ERRORS,
+    TAG_LAUNCH,
+    TAG_OWNER,
+    TAG_POOL,
+    UBUNTU_PARAMETER,
+    CapacityError,
+    Instance,
+    QuotaError,
+    client_for,
+    default_owner,
+    error_code,
+    error_message,
+    session_for,
+    tag_map,
+)
+from .prices import list_price, quota_for
 
 
-class CapacityError(ProvisionError):
-    """No zone (and no market allowed) had capacity for the pool."""
-
-
-def default_owner() -> str:
-    """Who started a pool, as tagged on its resources: ``user@host`` of this client."""
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-def public_address(timeout: float = 5.0) -> str:
-    """This machine's public IPv4 address as AWS sees it, for the SSH rule of the security group.
-
-    The one step that contacts something other than the EC2 API; ``AWS(ssh_cidr=...)`` skips it.
-    """
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=timeout) as answer:
-            text = answer.read(64).decode().strip()
-        return str(ipaddress.ip_address(text))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"could not learn this machine's public address to let SSH in ({exc}); pass "
-                          f"ssh_cidr='x.x.x.x/32' (the address your traffic leaves from) to sky.AWS.") from None
-
-
-def quota_for(instance_type: str, spot: bool) -> tuple[str, str | None]:
-    """(Service Quotas name, quota code) of the regional vCPU quota that covers ``instance_type``."""
-    family = instance_type.split(".")[0].lower()
-    if family.startswith("p"):
-        return ("All P Spot Instance Requests", "L-7212CCBC") if spot else \
-            ("Running On-Demand P instances", "L-417A185B")
-    if family.startswith(("g", "vt")):
-        return ("All G and VT Spot Instance Requests", "L-3819A6DF") if spot else \
-            ("Running On-Demand G and VT instances", "L-DB2E81BA")
-    if family[0] in "acdhimrtz":
-        return ("All Standard (A, C, D, H, I, M, R, T, Z) Spot Instance Requests", "L-34B43A08") if spot else \
-            ("Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances", "L-1216C47A")
-    letters = "".join(c for c in family if c.isalpha()).capitalize()
-    return (f"All {letters} Spot Instance Requests" if spot else f"Running On-Demand {letters} instances"), None
-
-
-def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in items or ()}
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _error_message(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Message", exc))
-
-
-def _session(region: str | None, session: boto3.Session | None) -> tuple[boto3.Session, str]:
-    session = session or boto3.Session()
-    return session, region or session.region_name or DEFAULT_REGION
-
-
-def _client(session: boto3.Session, service: str, region: str) -> Any:
-    return session.client(service, region_name=region, config=Config(retries={"mode": "standard"}))
-
-
-def _list_price(instance_type: str) -> float | None:
-    return next((a.price_per_hour for a in accelerators.TABLE if a.instance_type == instance_type), None)
-
-
-@dataclass(frozen=True, slots=True)
-class _Instance:
-    """One instance this provider launched, as long as it may still exist."""
-
-    id: str
-    pool: str
-    launch: str
-    instance_type: str
-    az: str
-    market: str  # "spot" or "on-demand"
-    launched: float  # epoch seconds
-    # Per hour: a spot instance's spot price in its zone (read when it was launched or adopted), else the on-demand
-    # list price from the table; None when neither is known.
-    price: float | None
-    spot_priced: bool = False  # ``price`` is the spot price (False for a spot instance whose price was not readable)
-
-
-class AWS(SSH):
+class AWS(Provider):
     """EC2 instances as pool nodes: ``sky.ComputePool(provider=sky.AWS(), nodes=4, accelerator="A100")``.
 
     Credentials, region and profile come from boto3's standard chain (environment, ``~/.aws``, SSO, instance
@@ -207,10 +94,11 @@ class AWS(SSH):
                  session: boto3.Session | None = None, owner: str | None = None,
                  poweroff_command: str | None = None, boot_timeout: float = 600.0, poll: float = 5.0,
                  ssh_config: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0) -> None:
-        # The SSH half starts with no hosts: provision() gives it one target per instance it starts.
-        super().__init__(["unset"], user=user, key_file=key_file, python=python, ssh_config=ssh_config,
-                         connect_timeout=connect_timeout)
-        self.hosts, self.targets = [], []
+        # The SSH half (connections, bootstrap, workers, logs) starts with no hosts: provision() gives it one target
+        # per instance it starts.
+        self.ssh = SSH(["unset"], user=user, key_file=key_file, python=python, ssh_config=ssh_config,
+                       connect_timeout=connect_timeout)
+        self.ssh.hosts, self.ssh.targets = [], []
         if connect_via is not None and not callable(connect_via):
             raise ConfigError("connect_via must be a callable (instance_description, rank) -> 'user@addr:port'.")
         if instance_types is not None and not isinstance(instance_types, Mapping):
@@ -218,7 +106,7 @@ class AWS(SSH):
                               f"{{'A100': 'p4de.24xlarge'}}, not {instance_types!r}.")
         if disk_gib is not None and (isinstance(disk_gib, bool) or not isinstance(disk_gib, int) or disk_gib < 8):
             raise ConfigError(f"disk_gib must be a whole number of GiB, at least 8, not {disk_gib!r}.")
-        self.session, self.region = _session(region, session)
+        self.session, self.region = session_for(region, session)
         self.spot = bool(spot)
         self.on_demand_fallback = bool(on_demand_fallback)
         self.ami = ami
@@ -240,7 +128,7 @@ class AWS(SSH):
         self._ec2: Any = None
         self._ssm: Any = None
         self._lock = threading.RLock()
-        self._instances: dict[str, _Instance] = {}  # id -> instance, while it may exist
+        self._instances: dict[str, Instance] = {}  # id -> instance, while it may exist
         self._order: dict[str, list[str]] = {}  # pool -> instance ids in rank order
         self._launches: dict[str, list[str]] = {}  # pool -> launch ids (tags)
         self._groups: dict[str, list[str]] = {}  # pool -> security group ids
@@ -250,6 +138,37 @@ class AWS(SSH):
     def __repr__(self) -> str:
         extra = ", spot=True" if self.spot else ""
         return f"AWS(region={self.region!r}{extra})"
+
+    # -- the SSH half --------------------------------------------------------------------------------------------
+    # Once an instance answers SSH it is a node like any other: connections, host-key pins, bootstrap, workers and
+    # logs are the SSH provider's, reached through ``self.ssh``.
+    @property
+    def key_file(self) -> str | None:
+        return self.ssh.key_file
+
+    def connection(self, host: Host) -> Connection:
+        return self.ssh.connection(host)
+
+    def known_hosts(self, pool: str) -> KnownHosts:
+        return self.ssh.known_hosts(pool)
+
+    def plan(self, image: Image, plugin_phases: list[tuple[str, str]]) -> BootstrapPlan:
+        return self.ssh.plan(image, plugin_phases)
+
+    def bootstrap(self, host: Host, plan: BootstrapPlan, progress: Progress) -> None:
+        self.ssh.bootstrap(host, plan, progress)
+
+    def bring_up(self, host: Host, plan: BootstrapPlan, config: dict[str, Any], progress: Progress) -> NodeStart:
+        return self.ssh.bring_up(host, plan, config, progress)
+
+    def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
+        return self.ssh.start_worker(host, config)
+
+    def worker(self, host: Host, port: int, pid: int, local_rank: int = 0) -> WorkerHandle:
+        return self.ssh.worker(host, port, pid, local_rank)
+
+    def read_log(self, host: Host) -> str:
+        return self.ssh.read_log(host)
 
     # -- configuration ---------------------------------------------------------------------------------------
     @staticmethod
@@ -265,7 +184,7 @@ class AWS(SSH):
         key = accelerators.canonical(name) if name else "CPU"
         if key in self.instance_types:
             itype = self.instance_types[key]
-            return itype, _list_price(itype)
+            return itype, list_price(itype)
         return accelerators.instance_for(name)
 
     def check(self, spec: PoolSpec) -> None:
@@ -290,13 +209,13 @@ class AWS(SSH):
     @property
     def ec2(self) -> Any:
         if self._ec2 is None:
-            self._ec2 = _client(self.session, "ec2", self.region)
+            self._ec2 = client_for(self.session, "ec2", self.region)
         return self._ec2
 
     @property
     def ssm(self) -> Any:
         if self._ssm is None:
-            self._ssm = _client(self.session, "ssm", self.region)
+            self._ssm = client_for(self.session, "ssm", self.region)
         return self._ssm
 
     # -- the pieces a launch needs ---------------------------------------------------------------------------
@@ -310,14 +229,14 @@ class AWS(SSH):
         try:
             return str(self.ssm.get_parameter(Name=parameter)["Parameter"]["Value"])
         except ClientError as exc:
-            code = _error_code(exc)
+            code = error_code(exc)
             if code in ("ParameterNotFound", "ParameterVersionNotFound"):
                 raise ProvisionError(
                     f"the SSM parameter {parameter} ({what}) does not exist in {self.region}; pass "
                     f"ami='ami-...' (an Ubuntu image{' with NVIDIA drivers' if gpu else ''}) or ami_parameter='...' "
                     f"to sky.AWS.") from None
             raise ProvisionError(f"reading the SSM parameter {parameter} in {self.region} failed ({code}: "
-                                 f"{_error_message(exc)}); pass ami='ami-...' to sky.AWS to skip it.") from None
+                                 f"{error_message(exc)}); pass ami='ami-...' to sky.AWS to skip it.") from None
 
     def _public_key_line(self) -> str:
         given = self.public_key
@@ -386,13 +305,13 @@ class AWS(SSH):
             self.ec2.describe_key_pairs(KeyNames=[name])
             return name
         except ClientError as exc:
-            if _error_code(exc) != "InvalidKeyPair.NotFound":
+            if error_code(exc) != "InvalidKeyPair.NotFound":
                 raise
         try:
             self.ec2.import_key_pair(KeyName=name, PublicKeyMaterial=public_line.encode(), TagSpecifications=[
                 {"ResourceType": "key-pair", "Tags": [{"Key": TAG_OWNER, "Value": self.owner}]}])
         except ClientError as exc:
-            if _error_code(exc) != "InvalidKeyPair.Duplicate":  # another client imported it just now
+            if error_code(exc) != "InvalidKeyPair.Duplicate":  # another client imported it just now
                 raise
         return name
 
@@ -400,7 +319,7 @@ class AWS(SSH):
         """Where SSH may come from: ``ssh_cidr``, else this machine's public address /32."""
         if self.ssh_cidr:
             return self.ssh_cidr
-        return self._check_cidr(public_address())
+        return self._check_cidr(network.public_address())
 
     def subnets(self) -> dict[str, str]:
         """Availability zone -> subnet to launch in: ``subnet_id``'s, or the default VPC's per zone."""
@@ -534,7 +453,7 @@ class AWS(SSH):
                 try:
                     started = self.ec2.run_instances(**run)["Instances"]
                 except ClientError as exc:
-                    code, message = _error_code(exc), _error_message(exc)
+                    code, message = error_code(exc), error_message(exc)
                     if code in QUOTA_ERRORS:
                         error = self._quota_error(itype, count, market == "spot", code, message)
                         if market == "spot" and "on-demand" in markets:
@@ -579,7 +498,7 @@ class AWS(SSH):
             for inst in started:
                 when = inst.get("LaunchTime")
                 launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
-                self._instances[inst["InstanceId"]] = _Instance(inst["InstanceId"], pool, launch, itype, zone,
+                self._instances[inst["InstanceId"]] = Instance(inst["InstanceId"], pool, launch, itype, zone,
                                                                 market, launched, price, spot_priced)
                 self._order.setdefault(pool, []).append(inst["InstanceId"])
             self._zone.setdefault(pool, zone)
@@ -606,7 +525,7 @@ class AWS(SSH):
         """What an instance costs per hour, and whether that is its spot price: a spot instance's spot price in its
         zone when EC2 gives it, else the table's on-demand list price (None for a type the table lacks)."""
         spot_price = self._spot_price(itype, zone) if market == "spot" else None
-        return (_list_price(itype), False) if spot_price is None else (spot_price, True)
+        return (list_price(itype), False) if spot_price is None else (spot_price, True)
 
     def _spot_price(self, itype: str, zone: str) -> float | None:
         """The spot price per hour of ``itype`` in ``zone`` now (Linux), or None when EC2 does not say (no
@@ -656,7 +575,7 @@ class AWS(SSH):
         strings = [self._target(d, rank) for rank, d in enumerate(descriptions)]
         for text in strings:
             parse_host(text)  # ConfigError naming a malformed connect_via result
-        targets = [self._resolve(text) for text in strings]
+        targets = [self.ssh._resolve(text) for text in strings]
         if not self.key_file and self._private_key:  # the key imported as the key pair logs in
             targets = [replace(t, key_files=(self._private_key, *t.key_files)) for t in targets]
         deadline = time.monotonic() + self.boot_timeout
@@ -665,8 +584,8 @@ class AWS(SSH):
         for description, target in zip(descriptions, targets):
             self._pin_console_keys(spec.name, description["InstanceId"], target.addr, target.port)
         with self._lock:
-            self.hosts, self.targets = strings, targets
-            hosts = super().provision(spec)
+            self.ssh.hosts, self.ssh.targets = strings, targets
+            hosts = self.ssh.provision(spec)
         out = []
         for host, description in zip(hosts, descriptions):
             inst = self._instances.get(description["InstanceId"])
@@ -712,7 +631,7 @@ class AWS(SSH):
         lines = [ln.split()[:2] for ln in section.splitlines() if ln.startswith("ssh-ed25519 ")]
         if not lines:
             return
-        from ..transport import host_id
+        from ...transport import host_id
 
         known.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(known.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -792,7 +711,7 @@ class AWS(SSH):
             launched = when.timestamp() if isinstance(when, _dt.datetime) else time.time()
             zone = d.get("Placement", {}).get("AvailabilityZone", "")
             market = "spot" if d.get("InstanceLifecycle") == "spot" else "on-demand"
-            adopted[instance_id] = _Instance(instance_id, pool, _tags(d.get("Tags")).get(TAG_LAUNCH, ""), itype,
+            adopted[instance_id] = Instance(instance_id, pool, tag_map(d.get("Tags")).get(TAG_LAUNCH, ""), itype,
                                              zone, market, launched, *self._hourly_price(itype, zone, market))
         with self._lock:
             self._instances.update(adopted)
@@ -800,11 +719,11 @@ class AWS(SSH):
             self._launches[pool] = list(cloud.get("launches") or ())
             self._groups[pool] = list(cloud.get("security_groups") or ())
             _LIVE[id(self)] = self
-        return super().reattach(pool, hosts, cloud)
+        return self.ssh.reattach(pool, hosts, cloud)
 
     def disconnect(self, hosts: list[Host]) -> None:
         """Close the connections and stop tracking the pools' instances, without terminating them."""
-        super().disconnect(hosts)
+        self.ssh.disconnect(hosts)
         with self._lock:
             for pool in {str(h.extra.get("pool", "")) for h in hosts}:
                 for i in self._order.pop(pool, []):
@@ -819,7 +738,7 @@ class AWS(SSH):
         """Close the SSH connections, terminate the pools' instances and wait until they are gone, then delete
         their security groups. Safe to call more than once."""
         try:
-            super().release(hosts)
+            self.ssh.release(hosts)
         finally:
             by_pool: dict[str, list[str]] = {}
             for host in hosts:
@@ -889,9 +808,9 @@ class AWS(SSH):
                 self.ec2.delete_security_group(GroupId=group)
                 return
             except ClientError as exc:
-                if _error_code(exc) == "InvalidGroup.NotFound":
+                if error_code(exc) == "InvalidGroup.NotFound":
                     return
-                if _error_code(exc) != "DependencyViolation":
+                if error_code(exc) != "DependencyViolation":
                     raise
         print(f"[{pool}] aws: security group {group} is still in use; `%sky gc` deletes it later.", file=sys.stderr)
 
@@ -916,102 +835,3 @@ def _terminate_leftovers() -> None:
         except Exception as exc:  # noqa: BLE001 - at exit, tell the user and go on with the others
             print(f"sky_jupyter: could not terminate instances at exit ({exc}); run `%sky gc` or "
                   f"sky_jupyter.providers.aws.gc() to clean up.", file=sys.stderr)
-
-
-# -- gc ------------------------------------------------------------------------------------------------------------
-def _live_pool_owns(instance: dict[str, Any]) -> bool:
-    """Does a live pool of this client (state file + running client process) own the instance?"""
-    tags = _tags(instance.get("Tags"))
-    recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
-    if not recorded or not state.pid_alive(recorded.get("client_pid")):
-        return False
-    cloud = recorded.get("cloud") or {}
-    ids = set(cloud.get("instances") or ()) | {h.get("instance_id") for h in recorded.get("hosts") or ()}
-    return instance["InstanceId"] in ids or tags.get(TAG_LAUNCH) in set(cloud.get("launches") or ())
-
-
-def _confirm(question: str) -> bool | None:
-    """Ask on the terminal or the notebook; None when nobody can answer."""
-    if not (sys.stdin is not None and sys.stdin.isatty()) and "ipykernel" not in sys.modules:
-        return None
-    try:
-        return input(question).strip().lower() in ("y", "yes")
-    except (EOFError, OSError, NotImplementedError, RuntimeError):
-        return None
-
-
-def gc(region: str | None = None, interactive: bool = False, dry_run: bool = False, *,
-       session: boto3.Session | None = None, owner: str | None = None) -> list[str]:
-    """Find instances this tool tagged (for this client's owner) whose pool is gone, show them, terminate them.
-
-    A pool is gone when its state file is missing, its client process is dead, or it does not list the
-    instance. With ``interactive`` the user confirms first (on a terminal or in a notebook); ``dry_run`` only
-    shows. Security groups left by gone pools are deleted too. Returns the ids terminated (or, dry, found).
-    """
-    session, region = _session(region, session)
-    ec2 = _client(session, "ec2", region)
-    owner = owner or default_owner()
-    pages = ec2.get_paginator("describe_instances").paginate(Filters=[
-        {"Name": "tag-key", "Values": [TAG_POOL]}, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-    tagged = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
-    mine = [i for i in tagged if _tags(i.get("Tags")).get(TAG_OWNER) == owner]
-    orphans = [i for i in mine if not _live_pool_owns(i)]
-    others = len(tagged) - len(mine)
-    if not orphans:
-        print(f"sky gc ({region}): no orphaned instances of {owner}"
-              + (f" ({others} of other owners left alone)" if others else "") + ".")
-    else:
-        print(f"sky gc ({region}): {len(orphans)} instance(s) of {owner} whose pool is gone:")
-        for inst in orphans:
-            tags = _tags(inst.get("Tags"))
-            launched = inst.get("LaunchTime")
-            when = launched.strftime("%Y-%m-%d %H:%M") if isinstance(launched, _dt.datetime) else "?"
-            zone = inst.get("Placement", {}).get("AvailabilityZone", "")
-            pool = tags.get(TAG_POOL)
-            attachable = "  (its kernel died: %sky attach " + str(pool) + " would take it over)" \
-                if pool and state.load(pool) is not None else ""
-            print(f"  {inst['InstanceId']}  {inst.get('InstanceType', '?'):<14} {inst['State']['Name']:<9} "
-                  f"pool={pool}  launched {when}  {zone}{attachable}")
-        if others:
-            print(f"  ({others} instance(s) of other owners left alone)")
-    ids = [i["InstanceId"] for i in orphans]
-    if dry_run:
-        return ids
-    if ids and interactive:
-        answer = _confirm(f"Terminate these {len(ids)} instance(s)? [y/N] ")
-        if answer is None:
-            print("nobody can confirm here; run sky_jupyter.providers.aws.gc(interactive=False) to terminate them.")
-            return []
-        if not answer:
-            print("nothing terminated.")
-            return []
-    if ids:
-        ec2.terminate_instances(InstanceIds=ids)
-        ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-        print(f"terminated {', '.join(ids)}.")
-    _gc_groups(ec2, owner)
-    return ids
-
-
-def _gc_groups(ec2: Any, owner: str) -> None:
-    """Delete security groups of this owner's gone pools that no instance uses any more."""
-    groups = ec2.describe_security_groups(Filters=[{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}])
-    for group in groups["SecurityGroups"]:
-        tags = _tags(group.get("Tags"))
-        recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
-        if recorded and state.pid_alive(recorded.get("client_pid")) and \
-                group["GroupId"] in ((recorded.get("cloud") or {}).get("security_groups") or ()):
-            continue
-        users = ec2.describe_instances(Filters=[{"Name": "instance.group-id", "Values": [group["GroupId"]]},
-                                                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-        if any(r["Instances"] for r in users["Reservations"]):
-            continue
-        try:
-            ec2.delete_security_group(GroupId=group["GroupId"])
-            print(f"deleted security group {group['GroupId']} ({group.get('GroupName', '')}).")
-        except ClientError as exc:
-            print(f"security group {group['GroupId']} not deleted yet ({_error_code(exc)}); run gc again later.")
-
-
-__all__ = ["AWS", "DLAMI_PARAMETER", "TAG_LAUNCH", "TAG_OWNER", "TAG_POOL", "UBUNTU_PARAMETER", "CapacityError",
-           "QuotaError", "default_owner", "gc", "public_address", "quota_for"]

@@ -1,0 +1,117 @@
+"""``%sky gc``: instances and security groups this tool tagged whose pool is gone, found and removed."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from typing import Any
+
+import boto3
+from botocore.exceptions import ClientError
+
+from ... import state
+from .common import (
+    LIVE_STATES,
+    TAG_LAUNCH,
+    TAG_OWNER,
+    TAG_POOL,
+    client_for,
+    default_owner,
+    error_code,
+    session_for,
+    tag_map,
+)
+
+
+def _live_pool_owns(instance: dict[str, Any]) -> bool:
+    """Does a live pool of this client (state file + running client process) own the instance?"""
+    tags = tag_map(instance.get("Tags"))
+    recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
+    if not recorded or not state.pid_alive(recorded.get("client_pid")):
+        return False
+    cloud = recorded.get("cloud") or {}
+    ids = set(cloud.get("instances") or ()) | {h.get("instance_id") for h in recorded.get("hosts") or ()}
+    return instance["InstanceId"] in ids or tags.get(TAG_LAUNCH) in set(cloud.get("launches") or ())
+
+
+def _confirm(question: str) -> bool | None:
+    """Ask on the terminal or the notebook; None when nobody can answer."""
+    if not (sys.stdin is not None and sys.stdin.isatty()) and "ipykernel" not in sys.modules:
+        return None
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except (EOFError, OSError, NotImplementedError, RuntimeError):
+        return None
+
+
+def gc(region: str | None = None, interactive: bool = False, dry_run: bool = False, *,
+       session: boto3.Session | None = None, owner: str | None = None) -> list[str]:
+    """Find instances this tool tagged (for this client's owner) whose pool is gone, show them, terminate them.
+
+    A pool is gone when its state file is missing, its client process is dead, or it does not list the
+    instance. With ``interactive`` the user confirms first (on a terminal or in a notebook); ``dry_run`` only
+    shows. Security groups left by gone pools are deleted too. Returns the ids terminated (or, dry, found).
+    """
+    session, region = session_for(region, session)
+    ec2 = client_for(session, "ec2", region)
+    owner = owner or default_owner()
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+        {"Name": "tag-key", "Values": [TAG_POOL]}, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+    tagged = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    mine = [i for i in tagged if tag_map(i.get("Tags")).get(TAG_OWNER) == owner]
+    orphans = [i for i in mine if not _live_pool_owns(i)]
+    others = len(tagged) - len(mine)
+    if not orphans:
+        print(f"sky gc ({region}): no orphaned instances of {owner}"
+              + (f" ({others} of other owners left alone)" if others else "") + ".")
+    else:
+        print(f"sky gc ({region}): {len(orphans)} instance(s) of {owner} whose pool is gone:")
+        for inst in orphans:
+            tags = tag_map(inst.get("Tags"))
+            launched = inst.get("LaunchTime")
+            when = launched.strftime("%Y-%m-%d %H:%M") if isinstance(launched, _dt.datetime) else "?"
+            zone = inst.get("Placement", {}).get("AvailabilityZone", "")
+            pool = tags.get(TAG_POOL)
+            attachable = "  (its kernel died: %sky attach " + str(pool) + " would take it over)" \
+                if pool and state.load(pool) is not None else ""
+            print(f"  {inst['InstanceId']}  {inst.get('InstanceType', '?'):<14} {inst['State']['Name']:<9} "
+                  f"pool={pool}  launched {when}  {zone}{attachable}")
+        if others:
+            print(f"  ({others} instance(s) of other owners left alone)")
+    ids = [i["InstanceId"] for i in orphans]
+    if dry_run:
+        return ids
+    if ids and interactive:
+        answer = _confirm(f"Terminate these {len(ids)} instance(s)? [y/N] ")
+        if answer is None:
+            print("nobody can confirm here; run sky_jupyter.providers.aws.gc(interactive=False) to terminate them.")
+            return []
+        if not answer:
+            print("nothing terminated.")
+            return []
+    if ids:
+        ec2.terminate_instances(InstanceIds=ids)
+        ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+        print(f"terminated {', '.join(ids)}.")
+    _gc_groups(ec2, owner)
+    return ids
+
+
+def _gc_groups(ec2: Any, owner: str) -> None:
+    """Delete security groups of this owner's gone pools that no instance uses any more."""
+    groups = ec2.describe_security_groups(Filters=[{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}])
+    for group in groups["SecurityGroups"]:
+        tags = tag_map(group.get("Tags"))
+        recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
+        if recorded and state.pid_alive(recorded.get("client_pid")) and \
+                group["GroupId"] in ((recorded.get("cloud") or {}).get("security_groups") or ()):
+            continue
+        users = ec2.describe_instances(Filters=[{"Name": "instance.group-id", "Values": [group["GroupId"]]},
+                                                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+        if any(r["Instances"] for r in users["Reservations"]):
+            continue
+        try:
+            ec2.delete_security_group(GroupId=group["GroupId"])
+            print(f"deleted security group {group['GroupId']} ({group.get('GroupName', '')}).")
+        except ClientError as exc:
+            print(f"security group {group['GroupId']} not deleted yet ({error_code(exc)}); run gc again later.")
