@@ -28,10 +28,11 @@ from .errors import (
     RemoteError,
     SerializationError,
     SkyError,
+    SpotReclaimError,
     VersionMismatchError,
     WorkerLostError,
 )
-from .info import InstanceInfo, instance_info, shard, silent, stdout
+from .info import InstanceInfo, instance_info, is_head, shard, silent, stderr, stdout
 
 __version__ = "0.1.0"
 
@@ -46,8 +47,9 @@ _LAZY = {
 __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
-    "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "VersionMismatchError",
-    "WorkerLostError", "compute", "gather", "instance_info", "panel", "plugins", "shard", "silent", "stdout",
+    "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "SpotReclaimError",
+    "VersionMismatchError", "WorkerLostError", "compute", "gather", "instance_info", "is_head", "panel", "plugins",
+    "shard", "silent", "stderr", "stdout",
 ]
 
 if TYPE_CHECKING:

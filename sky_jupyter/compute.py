@@ -1,11 +1,12 @@
-"""``@sky.compute`` and the pending computations it produces: ``>>`` one node, ``@`` every node, ``&`` chain."""
+"""``@sky.compute`` and the pending computations it produces: ``>>`` one worker, ``@`` every worker, ``&`` chain,
+``sky.gather`` several at once (all together, or streamed as they finish)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 if TYPE_CHECKING:
     from .pool import ComputePool
@@ -30,6 +31,7 @@ class PendingCompute(Generic[R]):
     fn: Callable[..., R]
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None  # seconds it may run on a worker before it is interrupted (TimeoutError)
 
     @property
     def name(self) -> str:
@@ -50,9 +52,13 @@ class PendingCompute(Generic[R]):
 
 @dataclass(frozen=True, slots=True)
 class PendingGroup:
-    """Several pending computations: ``>> pool`` runs them at once across nodes, results in order."""
+    """Several pending computations: ``>> pool`` runs them at once across workers and returns a tuple in order;
+    with ``stream`` it returns an iterator that yields each value as soon as it can (``ordered``: in order, each as
+    soon as it and those before it are done; else as they finish)."""
 
     items: tuple[PendingCompute[Any], ...]
+    stream: bool = False
+    ordered: bool = True
 
     def __and__(self, other: PendingCompute[Any] | PendingGroup) -> PendingGroup:
         if isinstance(other, PendingGroup):
@@ -61,8 +67,11 @@ class PendingGroup:
             return PendingGroup((*self.items, other))
         raise TypeError(f"cannot chain {type(other).__name__} with &: both sides must be sky.compute calls")
 
-    def __rshift__(self, pool: ComputePool) -> tuple[Any, ...]:
-        return _pool(pool, ">>").gather(self.items)
+    def __rshift__(self, pool: ComputePool) -> tuple[Any, ...] | Iterator[Any]:
+        target = _pool(pool, ">>")
+        if self.stream:
+            return target.stream(self.items, ordered=self.ordered)
+        return target.gather(self.items)
 
     def __matmul__(self, pool: ComputePool) -> list[tuple[Any, ...]]:
         target = _pool(pool, "@")
@@ -70,26 +79,31 @@ class PendingGroup:
         return [tuple(results[rank] for results in per_item) for rank in range(len(target.workers))]
 
 
-def gather(*pendings: PendingCompute[Any]) -> PendingGroup:
-    """Run several computations at once: ``sky.gather(a(), b()) >> pool`` returns a tuple in order."""
+def gather(*pendings: PendingCompute[Any], stream: bool = False, ordered: bool = True) -> PendingGroup:
+    """Run several computations at once: ``sky.gather(a(), b()) >> pool`` returns a tuple in order.
+
+    ``stream=True``: an iterator instead, yielding each value as soon as it can: in order (``ordered=True``), or as
+    the tasks finish (``ordered=False``). An error is raised where its value would come; leaving the loop early
+    interrupts the tasks still running."""
     for i, item in enumerate(pendings):
         if not isinstance(item, PendingCompute):
             raise TypeError(f"sky.gather argument {i} is {type(item).__name__}, not a sky.compute call; "
                             f"call the function: gather(fn(x), ...)")
-    return PendingGroup(tuple(pendings))
+    return PendingGroup(tuple(pendings), stream=bool(stream), ordered=bool(ordered))
 
 
 class Compute(Generic[P, R]):
     """What ``@sky.compute`` returns: calling it builds a PendingCompute; ``.local(...)`` runs it here."""
 
-    def __init__(self, fn: Callable[P, R]) -> None:
+    def __init__(self, fn: Callable[P, R], timeout: float | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"@sky.compute decorates a function, not {type(fn).__name__}")
         self.fn = fn
+        self.timeout = _check_timeout(timeout)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> PendingCompute[R]:
-        return PendingCompute(self.fn, args, kwargs)
+        return PendingCompute(self.fn, args, kwargs, self.timeout)
 
     def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -98,9 +112,30 @@ class Compute(Generic[P, R]):
         return f"<sky.compute {getattr(self.fn, '__qualname__', self.fn)!s}>"
 
     def __reduce__(self):  # a Compute travels as its function, re-wrapped on arrival
-        return (Compute, (self.fn,))
+        return (Compute, (self.fn, self.timeout))
 
 
-def compute(fn: Callable[P, R]) -> Compute[P, R]:
-    """Mark ``fn`` as runnable on a pool: ``fn(args) >> pool`` (one node) or ``fn(args) @ pool`` (all)."""
-    return Compute(fn)
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise TypeError(f"@sky.compute(timeout=...) takes a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+@overload
+def compute(fn: Callable[P, R], *, timeout: float | None = None) -> Compute[P, R]: ...
+@overload
+def compute(fn: None = None, *, timeout: float | None = None) -> Callable[[Callable[P, R]], Compute[P, R]]: ...
+
+
+def compute(fn: Callable[P, R] | None = None, *, timeout: float | None = None
+            ) -> Compute[P, R] | Callable[[Callable[P, R]], Compute[P, R]]:
+    """Mark ``fn`` as runnable on a pool: ``fn(args) >> pool`` (one worker) or ``fn(args) @ pool`` (all).
+
+    ``@sky.compute(timeout=60)``: a call still running on a worker after 60 s is interrupted there and raises
+    TimeoutError here."""
+    if fn is None:
+        _check_timeout(timeout)
+        return lambda f: Compute(f, timeout)
+    return Compute(fn, timeout)

@@ -143,24 +143,51 @@ def _take(seq: Any, idx: list[int]) -> Any:
         return items
 
 
-def stdout(only: str = "head") -> Callable[[F], F]:
-    """Decorator (Skyward's ``sky.stdout``): what the function prints to stdout shows from the head worker alone
-    (``only="head"``), or from every worker (``only="all"``). stderr always shows. Python-level output: what C code
-    writes to file descriptor 1 still shows."""
+Only = str | Callable[[InstanceInfo], bool]
+
+
+def is_head(info: InstanceInfo | None = None) -> bool:
+    """Skyward's ``sky.is_head``: whether this worker (or ``info``'s) is the pool's head, global rank 0."""
+    return (info or instance_info()).is_head
+
+
+def _shows(only: Only, name: str) -> Callable[[], bool]:
+    """Whether a worker shows its output under ``only``: "head", "all", or a predicate of its InstanceInfo."""
+    if callable(only):
+        return lambda: bool(only(instance_info()))
     if only not in ("head", "all"):
-        raise ValueError(f"sky.stdout(only=...) takes 'head' or 'all', got {only!r}")
+        raise ValueError(f"sky.{name}(only=...) takes 'head', 'all' or a function of sky.InstanceInfo, got {only!r}")
+    return (lambda: True) if only == "all" else (lambda: instance_info().is_head)
+
+
+def _quiet_unless(only: Only, name: str, redirect: Callable[[Any], Any]) -> Callable[[F], F]:
+    shows = _shows(only, name)
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
-        def quiet_unless_head(*args: Any, **kwargs: Any) -> Any:
-            if only == "all" or instance_info().is_head:
+        def quiet_unless(*args: Any, **kwargs: Any) -> Any:
+            if shows():
                 return fn(*args, **kwargs)
-            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            with open(os.devnull, "w") as sink, redirect(sink):
                 return fn(*args, **kwargs)
 
-        return cast(F, quiet_unless_head)
+        return cast(F, quiet_unless)
 
     return decorate
+
+
+def stdout(only: Only = "head") -> Callable[[F], F]:
+    """Decorator (Skyward's ``sky.stdout``): what the function prints to stdout shows from the head worker alone
+    (``only="head"``), from every worker (``"all"``), or from the workers for which ``only(info)`` is true (e.g.
+    ``lambda info: info.worker == 0``: one per node). Python-level output: what C code writes to file descriptor 1
+    still shows."""
+    return _quiet_unless(only, "stdout", contextlib.redirect_stdout)
+
+
+def stderr(only: Only = "head") -> Callable[[F], F]:
+    """Decorator (Skyward's ``sky.stderr``): the same for what the function prints to stderr (errors still come
+    back with their tracebacks)."""
+    return _quiet_unless(only, "stderr", contextlib.redirect_stderr)
 
 
 def silent(fn: F) -> F:

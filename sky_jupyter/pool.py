@@ -8,11 +8,12 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import queue
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any, TextIO
 
@@ -542,7 +543,10 @@ class ComputePool:
             print(f"[{self.name} node {rank}] {phase}: {line}", file=sys.stderr)
 
     def _worker_config(self, host: Host, local_rank: int) -> dict[str, Any]:
-        return {**self.provider.worker_options(),
+        options = self.provider.worker_options()
+        if host.extra.get("market") != "spot":  # reclaim notices are for spot nodes (AWS tells each host's market)
+            options.pop("spot", None)
+        return {**options,
                 "secret": self.secret, "rank": host.rank, "local_rank": local_rank,
                 "workers_per_node": self._node_workers(), "world_size": self.size, "pool": self.name,
                 "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ,
@@ -619,11 +623,12 @@ class ComputePool:
 
     def ranked_workers(self) -> list[RemoteWorker]:
         """Workers in the order ``>>`` tries them: reachable first, then least busy, then lowest rank."""
-        return sorted(self.workers, key=lambda w: (w.state == "unreachable", w.in_flight(), w.rank))
+        return sorted(self.workers, key=lambda w: (w.state in ("unreachable", "reclaimed"), w.in_flight(), w.rank))
 
-    def submit(self, pending: PendingCompute[Any], node: RemoteWorker | None = None, sink: Sink | None = None) -> Call:
+    def submit(self, pending: PendingCompute[Any], node: RemoteWorker | None = None, sink: Sink | None = None,
+               on_done: Callable[[], None] | None = None) -> Call:
         """Send one task (to ``node``, a worker, when given). Otherwise a worker that cannot be reached is skipped
-        for the next one."""
+        for the next one. ``on_done`` is called (on a reader thread) when it ends."""
         self._require_running()
         self.last_used = time.monotonic()
         payload = self._payload(pending)
@@ -631,7 +636,7 @@ class ComputePool:
         first_error: ConnectionLostError | None = None
         for candidate in candidates:
             try:
-                return candidate.submit(P.TASK, None, payload, sink or self._sink(candidate), (pending.fn,))
+                return candidate.submit(P.TASK, None, payload, sink or self._sink(candidate), (pending.fn,), on_done)
             except ConnectionLostError as exc:
                 first_error = first_error or exc
         assert first_error is not None
@@ -640,7 +645,7 @@ class ComputePool:
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
         """``pending >> pool``: run on one worker (the least busy, or ``rank``) and return its value."""
         worker = self.workers[rank] if rank is not None else None
-        return self.submit(pending, worker).wait()
+        return self._wait_all([self.submit(pending, worker)], [pending])[0]
 
     def broadcast(self, pending: PendingCompute[Any]) -> list[Any]:
         """``pending @ pool``: run on every worker at once; the values in rank order."""
@@ -649,7 +654,7 @@ class ComputePool:
         payload = self._payload(pending)
         calls = self.submit_many([Request(w, P.TASK, None, payload, self._sink(w, alone=False), (pending.fn,))
                                   for w in self.workers])
-        return self._wait_all(calls)
+        return self._wait_all(calls, [pending] * len(calls))
 
     def submit_many(self, requests: Sequence[Request]) -> list[Call]:
         """Send several jobs at once, a payload that several workers of one node get (the same buffers) crossing
@@ -684,24 +689,77 @@ class ComputePool:
 
     def gather(self, items: Sequence[PendingCompute[Any]]) -> tuple[Any, ...]:
         """Several computations at once, spread over the workers; values in order."""
+        return tuple(self._wait_all(self._spread(items), list(items)))
+
+    def _spread(self, items: Sequence[PendingCompute[Any]], on_done: Callable[[int], None] | None = None
+                ) -> list[Call]:
+        """Send ``items``, each to the least loaded worker; ``on_done(i)`` when item i ends."""
         self._require_running()
         load = {w.rank: w.in_flight() for w in self.workers}
-        calls = []
-        for item in items:
-            rank = min(load, key=lambda r: (load[r], r))
-            load[rank] += 1
-            calls.append(self.submit(item, self.workers[rank]))
-        return tuple(self._wait_all(calls))
+        calls: list[Call] = []
+        try:
+            for i, item in enumerate(items):
+                rank = min(load, key=lambda r: (load[r], r))
+                load[rank] += 1
+                done = None if on_done is None else functools.partial(on_done, i)
+                calls.append(self.submit(item, self.workers[rank], on_done=done))
+        except BaseException:
+            for call in calls:
+                call.interrupt()
+            raise
+        return calls
+
+    def stream(self, items: Sequence[PendingCompute[Any]], ordered: bool = True) -> Iterator[Any]:
+        """``sky.gather(..., stream=True) >> pool``: all items sent now, their values yielded as they can be (in
+        order, or as they finish). An error is raised where its value would be; closing the iterator early
+        interrupts the tasks still running."""
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()
+        calls = self._spread(items, finished.put)
+        started = time.monotonic()
+
+        def values() -> Iterator[Any]:
+            try:
+                if ordered:
+                    for call, item in zip(calls, items):
+                        yield self._value(call, item, started)
+                else:
+                    for _ in calls:
+                        i = finished.get()
+                        yield self._value(calls[i], items[i], started)
+            finally:
+                for call in calls:
+                    if not call.done():
+                        call.interrupt()
+
+        return values()
 
     @staticmethod
-    def _wait_all(calls: list[Call], timeout: float | None = None) -> list[Any]:
-        """Wait for every call; raise the first failure (by position) naming every worker that failed."""
+    def _value(call: Call, pending: PendingCompute[Any] | None, started: float, limit: float | None = None) -> Any:
+        """``call``'s value. One running past its pending's ``timeout`` (or ``limit``), counted from ``started``,
+        is interrupted and raises TimeoutError; Ctrl-C while waiting interrupts it too (:meth:`Call.wait`)."""
+        if pending is not None and pending.timeout is not None:
+            limit = pending.timeout
+        if limit is None or call.join(max(0.0, started + limit - time.monotonic())):
+            return call.wait()
+        call.interrupt()
+        call.join(15)
+        what = pending.name if pending is not None else "the call"
+        raise TimeoutError(f"{what} ran longer than its timeout of {limit:g} s on {call.node.label} and was "
+                           f"interrupted there")
+
+    @classmethod
+    def _wait_all(cls, calls: list[Call], pendings: Sequence[PendingCompute[Any] | None] = (),
+                  timeout: float | None = None) -> list[Any]:
+        """Wait for every call (each within its pending's ``timeout``, else ``timeout``); raise the first failure
+        (by position) naming every worker that failed."""
         results: list[Any] = []
         failures: list[tuple[Call, BaseException]] = []
+        started = time.monotonic()
+        limits = list(pendings) + [None] * (len(calls) - len(pendings))
         try:
-            for call in calls:
+            for call, pending in zip(calls, limits):
                 try:
-                    results.append(call.wait(timeout))
+                    results.append(cls._value(call, pending, started, timeout))
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - collected and re-raised below

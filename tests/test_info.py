@@ -105,5 +105,29 @@ def test_stdout_and_silent_decorators_quiet_what_a_function_prints(capsys):
         _set_current(None)
     assert capsys.readouterr() == ("", "err 2\n")
     assert chatty.__name__ == "chatty"
-    with pytest.raises(ValueError, match="'head' or 'all'"):
+    with pytest.raises(ValueError, match="'head', 'all' or a function of sky.InstanceInfo, got 'rank0'"):
         sky.stdout(only="rank0")
+
+
+def test_output_decorators_take_a_predicate_and_stderr_has_its_own(capsys):
+    import sys
+
+    from sky_jupyter.info import InstanceInfo, _set_current
+
+    @sky.stdout(only=lambda info: info.worker == 0)  # one line per node
+    @sky.stderr(only="head")
+    def report() -> None:
+        print("out")
+        print("err", file=sys.stderr)
+
+    for rank in range(4):
+        _set_current(InstanceInfo(rank=rank, world_size=4, head_addr="a", node_addrs=("a", "b"), accelerator=None,
+                                  pool_name="p", node=rank // 2, worker=rank % 2, workers_per_node=2))
+        try:
+            report()
+            assert sky.is_head() is (rank == 0)
+        finally:
+            _set_current(None)
+    assert capsys.readouterr() == ("out\nout\n", "err\n")  # ranks 0 and 2 print out; only rank 0 err
+    assert sky.is_head(InstanceInfo(rank=1, world_size=2, head_addr="a", node_addrs=("a",), accelerator=None,
+                                    pool_name="p")) is False

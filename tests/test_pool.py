@@ -246,3 +246,60 @@ def _workers() -> set[int]:
             except OSError:
                 continue
     return pids
+
+
+# -- streaming gather and compute timeouts --------------------------------------------------------------------------
+@sky.compute
+def after(seconds: float, label: str) -> tuple[str, float]:
+    import time
+
+    time.sleep(seconds)
+    return label, time.time()
+
+
+def test_a_streaming_gather_yields_the_first_result_before_the_slowest_task_ends(local_pool):
+    import time
+
+    started = time.time()
+    stream = sky.gather(after(2.0, "slow"), after(0.2, "fast"), stream=True, ordered=False) >> local_pool
+    label, finished = next(stream)
+    got_at = time.time()
+    assert label == "fast" and got_at - started < 1.5, "the fast result waited for the slow one"
+    label, finished = next(stream)
+    assert label == "slow" and finished - started >= 2.0
+    with pytest.raises(StopIteration):
+        next(stream)
+    ordered = sky.gather(after(0.6, "a"), after(0.1, "b"), stream=True) >> local_pool
+    assert [label for label, _ in ordered] == ["a", "b"]  # in order, each as soon as those before it are done
+
+
+def test_leaving_a_stream_early_interrupts_what_still_runs(local_pool):
+    import time
+
+    stream = sky.gather(after(0.1, "quick"), after(30, "long"), stream=True, ordered=False) >> local_pool
+    assert next(stream)[0] == "quick"
+    started = time.monotonic()
+    stream.close()  # the 30 s task is interrupted where it runs
+    while any(w.in_flight() for w in local_pool.workers) and time.monotonic() - started < 10:
+        time.sleep(0.05)
+    assert time.monotonic() - started < 5, "the long task was not interrupted when the stream was closed"
+    assert after(0, "next") >> local_pool == ("next", pytest.approx(time.time(), abs=5))
+
+
+def test_a_compute_timeout_interrupts_the_task_and_says_so(local_pool):
+    import time
+
+    @sky.compute(timeout=1)
+    def stuck() -> str:
+        time.sleep(60)
+        return "never"
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"stuck ran longer than its timeout of 1 s on node \d .* interrupted"):
+        stuck() >> local_pool
+    assert time.monotonic() - started < 10
+    with pytest.raises(TimeoutError):
+        stuck() @ local_pool
+    assert after(0, "still works") >> local_pool
+    with pytest.raises(TypeError, match="positive number of seconds"):
+        sky.compute(timeout=0)
