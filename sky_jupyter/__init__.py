@@ -48,8 +48,8 @@ __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
     "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "SpotReclaimError",
-    "VersionMismatchError", "WorkerLostError", "compute", "gather", "instance_info", "is_head", "panel", "plugins",
-    "shard", "silent", "stderr", "stdout",
+    "VersionMismatchError", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather",
+    "instance_info", "is_head", "lock", "panel", "plugins", "queue", "set", "shard", "silent", "stderr", "stdout",
 ]
 
 if TYPE_CHECKING:
@@ -62,9 +62,16 @@ if TYPE_CHECKING:
     from .remote import Remote
 
 
+#: The shared collections: ``sky.dict`` and ``sky.set`` are not bound here, where they would hide the builtins.
+_STORE = {"dict": "dict_", "set": "set_", "counter": "counter", "queue": "queue", "barrier": "barrier",
+          "lock": "lock"}
+
+
 def __getattr__(name: str) -> Any:
     if name == "plugins":
         return importlib.import_module(".plugins", __name__)
+    if name in _STORE:
+        return getattr(importlib.import_module(".store", __name__), _STORE[name])
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sky_jupyter' has no attribute {name!r}")

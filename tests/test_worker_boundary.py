@@ -24,7 +24,7 @@ from sky_jupyter.node import WorkerLink
 ROOT = Path(sky.__file__).resolve().parents[1]
 PACKAGE = ROOT / "sky_jupyter"
 #: Modules outside sky_jupyter/worker/ that the worker imports; they keep the same rule.
-SHARED = {"sky_jupyter.errors", "sky_jupyter.info", "sky_jupyter.protocol"}
+SHARED = {"sky_jupyter.errors", "sky_jupyter.info", "sky_jupyter.protocol", "sky_jupyter.store"}
 #: What ``import sky_jupyter`` loads besides (its functions may import the client's machinery: a node never calls them).
 PUBLIC = {"sky_jupyter", "sky_jupyter.compute"}
 #: What node code may import in a function, when the node has it (cells run in an IPython shell there).

@@ -3,7 +3,8 @@
 The client ships its own copy of ``sky_jupyter`` to nodes and starts this package there, so it imports only the
 standard library, cloudpickle, its own modules and the few modules it shares with the client, which keep the
 same rule: ``sky_jupyter.protocol`` (the wire format and the handshake's checks), ``sky_jupyter.errors`` (what
-protocol raises) and ``sky_jupyter.info`` (``sky.instance_info()`` for remote code), plus what ``import
+protocol raises), ``sky_jupyter.info`` (``sky.instance_info()`` for remote code) and ``sky_jupyter.store`` (the
+pool's shared collections, hosted by the head worker), plus what ``import
 sky_jupyter`` itself loads. IPython is imported in :mod:`.cells` only when a notebook cell runs, and only where
 the node has it. ``tests/test_worker_boundary.py`` enforces this.
 
