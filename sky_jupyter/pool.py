@@ -235,6 +235,7 @@ class ComputePool:
         self.leftovers: list[Call] = []  # what a dead client left running on the nodes (see attach)
         self.image = image
         self.head_port = 0
+        self.store_port = 0  # where the head worker hosts sky.dict & co.
         self.started_at: float | None = None
         self.last_used = time.monotonic()
         self._stack: ExitStack | None = None
@@ -303,6 +304,7 @@ class ComputePool:
             head = self.workers[0].link
             assert head is not None  # every node is connected once brought up
             self.head_port = head.hello["free_port"]  # told when it connected
+            self.store_port = head.hello.get("store_port", 0)
             self._setup_all()
             self.started_at = time.time()
             self._save_state()
@@ -413,7 +415,7 @@ class ComputePool:
         state.update(
             self.name, provider=self.provider.name, provider_repr=repr(self.provider), nodes=self.size,
             accelerator=self.accelerator, secret=self.secret, idle_timeout=self.idle_timeout, grace=self.grace,
-            interrupt_grace=self.interrupt_grace, head_port=self.head_port,
+            interrupt_grace=self.interrupt_grace, head_port=self.head_port, store_port=self.store_port,
             hosts=[{**dataclasses.asdict(h), "extra": {k: v for k, v in h.extra.items() if _plain(v)}}
                    for h in self.hosts],
             workers=[{"rank": w.rank, "node": w.node, "local_rank": w.local_rank,
@@ -453,6 +455,7 @@ class ComputePool:
         pool.secret = recorded["secret"]
         register(pool.secret)
         pool.head_port = int(recorded.get("head_port") or 0)
+        pool.store_port = int(recorded.get("store_port") or 0)
         pool._stack = ExitStack()
         attached: list[RemoteWorker] = []
         try:
@@ -561,7 +564,7 @@ class ComputePool:
                 "accelerator": self.accelerator, "pool_name": self.name, "head_port": self.head_port,
                 "node": worker.node, "worker": worker.local_rank, "workers_per_node": worker.per_node,
                 "accelerators": self.gpus.get(worker.node, 0)}
-        return {"info": info}
+        return {"info": info, "store_port": self.store_port}
 
     def _setup_payload(self) -> list:
         worker_side = [dataclasses.replace(p, transform=None, bootstrap=None, around_client=None)

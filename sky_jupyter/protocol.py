@@ -99,6 +99,7 @@ Frame = tuple[str, int, Any, list[bytearray]]
 class SetupMeta(TypedDict):
     info: dict[str, Any]  # InstanceInfo's fields
     env: NotRequired[dict[str, str]]
+    store_port: NotRequired[int]  # where the head worker hosts the pool's shared collections
 
 
 class SetupResult(TypedDict):
@@ -376,6 +377,7 @@ class WorkerState(TypedDict):
     tasks: list[int]  # every task it will still answer
     undelivered: list[int]  # those whose end no client can have seen
     free_port: int  # a free port on the node, for torch.distributed's MASTER_PORT
+    store_port: int  # another, for the pool's shared collections (sky.dict...) when this worker is the head
 
 
 class Reply(WorkerState, Versions):
@@ -439,7 +441,7 @@ HELLO_FIELDS: dict[str, Check] = {"sky": _count, "nonce": _hex(32)}
 ANSWER_FIELDS: dict[str, Check] = {"nonce": _hex(32), "mac": _hex(64), **_VERSIONS}
 REPLY_FIELDS: dict[str, Check] = {
     "ok": _flag, "mac": _hex(64), **_VERSIONS, **_LIMITS, "pid": _count, "generation": _count, "setup": _flag,
-    "rank": _count, "tasks": _task_ids, "undelivered": _task_ids, "free_port": _count}
+    "rank": _count, "tasks": _task_ids, "undelivered": _task_ids, "free_port": _count, "store_port": _count}
 
 
 def check_fields(obj: dict[str, Any], fields: dict[str, Check], what: str) -> dict[str, Any]:

@@ -187,7 +187,7 @@ class Worker:
         tasks, undelivered = self.known_tasks()
         return {"max_frame": self.max_frame, "max_buffers": self.max_buffers, "pid": os.getpid(),
                 "generation": self.generation, "setup": self.setup_done, "rank": int(self.config.get("rank", 0)),
-                "tasks": tasks, "undelivered": undelivered, "free_port": _free_port()}
+                "tasks": tasks, "undelivered": undelivered, "free_port": _free_port(), "store_port": _free_port()}
 
 
     def serve_connection(self, sock: socket.socket) -> None:
@@ -462,6 +462,12 @@ class Worker:
         os.environ.update(meta.get("env", {}))
         info = InstanceInfo(**meta["info"])
         _set_current(info)
+        if meta.get("store_port"):  # the pool's shared collections (sky.dict...), hosted by the head worker
+            from .. import store
+
+            if info.rank == 0:
+                store.serve(int(meta["store_port"]), self.secret)
+            store.configure(info.head_addr, int(meta["store_port"]), self.secret)
         self.app_stack.close()
         self.app_stack = ExitStack()
         for plugin in plugins:
