@@ -83,7 +83,8 @@ class Image:
     replaces the default package index for every install on the node (uv, pip, the node's own uv download);
     ``extra_index_urls`` are searched too; ``pip_indexes`` name indexes that given packages come from.
     ``python_mirror`` is where ``uv python install`` downloads a Python when the node has none of the client's
-    version (uv's ``UV_PYTHON_INSTALL_MIRROR``).
+    version (uv's ``UV_PYTHON_INSTALL_MIRROR``). ``includes`` are local files and folders kept in sync in the nodes'
+    working folder (importable there), less what ``excludes`` globs match (:mod:`sky_jupyter.sync`).
     """
 
     pip: tuple[str, ...] = ()
@@ -94,11 +95,14 @@ class Image:
     extra_index_urls: tuple[str, ...] = ()
     pip_indexes: tuple[PipIndex, ...] = ()
     python_mirror: str | None = None
+    includes: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
 
     def __init__(self, pip: Iterable[str] = (), apt: Iterable[str] = (),
                  env: Mapping[str, str] | Iterable[tuple[str, str]] = (), python: str | None = None,
                  index_url: str | None = None, extra_index_urls: Iterable[str] = (),
-                 pip_indexes: Iterable[PipIndex] = (), python_mirror: str | None = None) -> None:
+                 pip_indexes: Iterable[PipIndex] = (), python_mirror: str | None = None,
+                 includes: Iterable[str] = (), excludes: Iterable[str] = ()) -> None:
         if isinstance(pip, str) or isinstance(apt, str):
             raise ConfigError("Image(pip=..., apt=...) takes a list of package names, not one string; "
                               "write pip=['numpy'].")
@@ -123,6 +127,11 @@ class Image:
         object.__setattr__(self, "pip_indexes", indexes)
         object.__setattr__(self, "python_mirror",
                            None if python_mirror is None else _index_url(python_mirror, "Image python_mirror"))
+        from .sync import check_includes
+
+        paths, patterns = check_includes(includes, excludes)
+        object.__setattr__(self, "includes", paths)
+        object.__setattr__(self, "excludes", patterns)
 
     @property
     def environ(self) -> dict[str, str]:

@@ -21,7 +21,7 @@ from . import protocol as P
 from . import state
 from .bootstrap import BootstrapPlan
 from .compute import PendingCompute
-from .errors import ConfigError, ConnectionLostError, SerializationError, SkyError
+from .errors import ConfigError, ConnectionLostError, ProvisionError, SerializationError, SkyError
 from .image import Image
 from .node import Call, RemoteWorker, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
@@ -29,6 +29,7 @@ from .providers.base import PER_GPU, Cost, Host, PoolSpec, Provider, WorkerHandl
 from .providers.local import Local
 from .redaction import redact, register, register_environment
 from .shipping import register_user_modules
+from .sync import local_manifest, node_apply, node_manifest, tar_of
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
 #: Bytes from which a payload that several workers of one node get crosses the link to that node once.
@@ -232,6 +233,7 @@ class ComputePool:
         self.workers: list[RemoteWorker] = []
         self.hosts: list[Host] = []
         self.gpus: dict[int, int] = {}  # GPUs per node, as its bring-up counted them
+        self._synced: dict[int, tuple[tuple[str, str], ...]] = {}  # node -> the includes it has (sync)
         self.leftovers: list[Call] = []  # what a dead client left running on the nodes (see attach)
         self.image = image
         self.head_port = 0
@@ -307,6 +309,7 @@ class ComputePool:
             self.store_port = head.hello.get("store_port", 0)
             self._setup_all()
             self.started_at = time.time()
+            self.sync()
             self._save_state()
             self._keeper = threading.Thread(target=self._keep, daemon=True, name=f"sky-keeper-{self.name}")
             self._keeper.start()
@@ -344,11 +347,38 @@ class ComputePool:
             new_workers = self._bring_up(new_hosts, plan, first_rank=len(old_workers))
             self.workers = old_workers + new_workers
             self._setup_all()
+            self.sync()
             self._save_state()
         except BaseException:
             self._parallel([worker.close for worker in new_workers], raise_first=False)
             self.size, self.hosts, self.workers = old_size, old_hosts, old_workers
             raise
+
+    def sync(self) -> dict[int, int]:
+        """Bring every node's copy of ``Image(includes=...)`` up to date (:mod:`sky_jupyter.sync`): only files whose
+        content changed travel. Returns the files written per node (nothing to do: an empty dict, no round trip)."""
+        if not self.image.includes:
+            return {}
+        files = local_manifest(self.image.includes, self.image.excludes)
+        stamp = tuple(sorted((name, digest) for name, (digest, _) in files.items()))
+        heads = [w for w in self.workers if w.local_rank == 0 and self._synced.get(w.node) != stamp]
+
+        def one(worker: RemoteWorker) -> int:
+            have = self.submit(PendingCompute(node_manifest), node=worker).wait(120)
+            send = {name: local for name, (digest, local) in files.items() if have.get(name) != digest}
+            remove = sorted(set(have) - set(files))
+            written = self.submit(PendingCompute(node_apply, (tar_of(send) if send else b"", remove,
+                                                              {n: d for n, (d, _) in files.items()})),
+                                  node=worker).wait(600)
+            self._synced[worker.node] = stamp
+            return int(written)
+
+        results = in_parallel([functools.partial(one, w) for w in heads])
+        for worker, result in zip(heads, results):
+            if isinstance(result, Exception):
+                raise ProvisionError(f"{worker.label}: Image(includes=...) could not be synced there "
+                                     f"({type(result).__name__}: {redact(str(result))})") from result
+        return {w.node: int(r) for w, r in zip(heads, results)}  # type: ignore[arg-type]
 
     def _plan(self) -> BootstrapPlan:
         """The provider's bootstrap plan for this pool's image, told which variables hold secrets."""

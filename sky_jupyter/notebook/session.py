@@ -207,6 +207,7 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
     ``on_sent`` is called once every node has the cell (its inputs taken from ``user_ns`` as they were then)."""
     names, python, filename = _analyzed(source)
     pool = npool.pool
+    pool.sync()  # Image(includes=...) edited since the last cell: the nodes get the changed files first
     values = select_inputs(names, user_ns, hidden)
     frames, hashes, refs = pickle_inputs(values, pool.name)
     binds = sorted(names.binds | names.deletes | set(options.pull_names))
