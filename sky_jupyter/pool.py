@@ -29,6 +29,7 @@ from .providers.base import PER_GPU, Cost, Host, PoolSpec, Provider, WorkerHandl
 from .providers.local import Local
 from .redaction import redact, register, register_environment
 from .shipping import register_user_modules
+from .spec import SELECTIONS, Spec, check_positive
 from .sync import local_manifest, node_apply, node_manifest, tar_of
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
@@ -196,12 +197,46 @@ class ComputePool:
     with several workers per node, else "all".
     """
 
-    def __init__(self, provider: Provider | None = None, nodes: int = 1, accelerator: str | None = None,
-                 image: Image | None = None, plugins: Sequence[Plugin] = (),
-                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, name: str | None = None, *,
+    def __init__(self, provider: Provider | Spec | None = None, nodes: int | Spec = 1,
+                 accelerator: str | Spec | None = None, image: Image | None = None, plugins: Sequence[Plugin] = (),
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT, name: str | None = None, *more: Spec,
                  workers_per_node: int | str = "auto", output: str | None = None,
+                 vcpus: float | None = None, memory_gb: float | None = None, architecture: str | None = None,
+                 allocation: str | None = None, selection: str = "first", ttl: float | None = None,
+                 max_hourly_cost: float | None = None, default_compute_timeout: float | None = None,
+                 provision_timeout: float | None = None,
                  grace: float = DEFAULT_GRACE, interrupt_grace: float = 10.0,
                  progress: Callable[[int, str, str], None] | None = None) -> None:
+        # Skyward's fallback chains: ComputePool(sky.Spec(...), sky.Spec(...), selection="cheapest").
+        if isinstance(provider, Spec):
+            given = [provider, nodes, accelerator, *more]
+            specs = [s for s in given if isinstance(s, Spec)]
+            if len(specs) != len([g for g in given if g not in (1, None)]):
+                raise ConfigError("ComputePool(sky.Spec(...), sky.Spec(...), ...): give the specs positionally and "
+                                  "everything else by keyword (nodes and accelerator belong in each Spec).")
+        else:
+            if isinstance(nodes, tuple):
+                raise ConfigError(f"nodes={nodes!r}: a range of nodes (autoscaling) is not supported yet; give a "
+                                  f"number of nodes.")
+            if isinstance(nodes, Spec) or isinstance(accelerator, Spec) or more:
+                raise ConfigError("sky.Spec values go first: ComputePool(sky.Spec(...), sky.Spec(...), ...).")
+            specs = [Spec(provider=provider, nodes=nodes, accelerator=accelerator, vcpus=vcpus, memory_gb=memory_gb,
+                          architecture=architecture, allocation=allocation)]
+        if selection not in SELECTIONS:
+            raise ConfigError(f"selection must be 'first' or 'cheapest', got {selection!r}")
+        for spec in specs:
+            if spec.provider is not None and not isinstance(spec.provider, Provider):
+                raise ConfigError(f"provider must be sky.Local(), sky.SSH(...) or sky.AWS(...), not "
+                                  f"{type(spec.provider).__name__}; did you forget the parentheses?")
+        self.specs = specs
+        self.selection = selection
+        self.ttl = check_positive("ttl", ttl)
+        self.max_hourly_cost = check_positive("max_hourly_cost", max_hourly_cost)
+        self.default_compute_timeout = check_positive("default_compute_timeout", default_compute_timeout)
+        self.provision_timeout = check_positive("provision_timeout", provision_timeout)
+        first = specs[0]
+        nodes, accelerator = first.nodes, first.accelerator
+        provider = first.provider if isinstance(first.provider, Provider) else None
         if provider is None:
             provider = Local()
         if not isinstance(provider, Provider):
@@ -216,7 +251,10 @@ class ComputePool:
         if output is not None and output not in OUTPUTS:
             raise ConfigError(f"output must be 'head' or 'all', got {output!r}")
         self.provider = provider
+        self.spec = first
         self.size = check_nodes(nodes)
+        self.provision_timeout = check_positive("provision_timeout", provision_timeout)
+        self._use(first)
         self.workers_per_node = check_workers_per_node(workers_per_node)
         self.output = output
         self.accelerator = accelerator or None
@@ -288,12 +326,73 @@ class ComputePool:
 
     def start(self) -> ComputePool:
         """Provision, bootstrap and connect every node. Anything started is torn down if this fails or is
-        interrupted."""
+        interrupted. With several specs, each is tried in turn (in order, or cheapest first) until one starts:
+        the next is tried when one cannot be provisioned (no capacity, a quota, an unreachable host)."""
         if self.running:
             return self
         if self._closed:
             raise SkyError(f"pool {self.name!r} was shut down; create a new ComputePool to start again.")
-        spec = PoolSpec(self.name, self.size, self.accelerator)
+        candidates = self._candidates()
+        failures: list[str] = []
+        for i, spec in enumerate(candidates):
+            self._use(spec)
+            try:
+                return self._start_once()
+            except ProvisionError as exc:
+                if i == len(candidates) - 1:
+                    if failures:
+                        exc.add_note("tried before: " + "; ".join(failures))
+                    raise
+                failures.append(f"{self.provider!r} ({exc})")
+                print(f"[{self.name}] {self.provider!r} could not start the pool ({exc}); trying the next spec",
+                      file=sys.stderr)
+                self._closed, self._stop = False, threading.Event()  # that attempt is torn down; the pool goes on
+                self.workers, self.hosts, self.gpus, self._synced = [], [], {}, {}
+        raise AssertionError("unreachable")
+
+    def _candidates(self) -> list[Spec]:
+        """The specs in the order to try them, each checked against ``max_hourly_cost`` before anything starts."""
+        priced = [(spec, self._hourly_estimate(spec)) for spec in self.specs]
+        if self.max_hourly_cost is not None:
+            within = [(s, c) for s, c in priced if c is None or c <= self.max_hourly_cost]
+            if not within:
+                costs = ", ".join(f"${c:.2f}/h" for _, c in priced if c is not None)
+                raise ConfigError(f"max_hourly_cost=${self.max_hourly_cost:g}/h: every spec costs more ({costs} at "
+                                  f"list prices); raise it, ask for fewer nodes or a smaller accelerator.")
+            priced = within
+        if self.selection == "cheapest":
+            priced.sort(key=lambda sc: (sc[1] is None, sc[1] or 0.0))
+        return [s for s, _ in priced]
+
+    @staticmethod
+    def _hourly_estimate(spec: Spec) -> float | None:
+        """USD per hour for the spec's nodes at list prices, where its provider bills (None: unknown or free)."""
+        price_of = getattr(spec.provider, "accelerator", None)  # AWS: (instance type, list price per hour)
+        if not callable(price_of):
+            return None
+        try:
+            _, price = price_of(spec.accelerator)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - no estimate is not a reason to refuse
+            return None
+        return None if price is None else float(price) * spec.nodes
+
+    def _use(self, spec: Spec) -> None:
+        """Make ``spec`` the pool's provider and request."""
+        provider = spec.provider if spec.provider is not None else Local()
+        assert isinstance(provider, Provider)
+        self.provider, self.spec = provider, spec
+        self.size, self.accelerator = check_nodes(spec.nodes), spec.accelerator or None
+        if spec.allocation is not None and hasattr(provider, "spot"):  # AWS: the market to launch in
+            setattr(provider, "spot", spec.allocation != "on-demand")  # noqa: B010 - attributes of one provider
+            setattr(provider, "on_demand_fallback", spec.allocation == "spot-if-available")  # noqa: B010
+        if self.provision_timeout is not None and hasattr(provider, "boot_timeout"):
+            setattr(provider, "boot_timeout", self.provision_timeout)  # noqa: B010
+
+    def _start_once(self) -> ComputePool:
+        spec = PoolSpec(self.name, self.size, self.accelerator, self.spec.vcpus, self.spec.memory_gb,
+                        self.spec.architecture, self.spec.allocation)
         self.provider.check(spec)
         self._stack = ExitStack()
         try:
@@ -621,7 +720,14 @@ class ComputePool:
     def _keep(self) -> None:
         """Heartbeats keep the workers' dead-man switch quiet and find broken links early."""
         interval = max(1.0, min(30.0, self.grace / 4))
+        if self.ttl is not None:
+            interval = min(interval, max(0.2, self.ttl / 20))
         while not self._stop.wait(interval):
+            if self.ttl is not None and self.started_at is not None and time.time() - self.started_at > self.ttl:
+                print(f"[{self.name}] shutting the pool down: it has run for its ttl of {self.ttl:g} s",
+                      file=sys.stderr)
+                threading.Thread(target=self.close, daemon=True, name=f"sky-ttl-{self.name}").start()
+                return
             for worker in self.workers:
                 if self._stop.is_set():
                     return
@@ -678,7 +784,7 @@ class ComputePool:
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
         """``pending >> pool``: run on one worker (the least busy, or ``rank``) and return its value."""
         worker = self.workers[rank] if rank is not None else None
-        return self._wait_all([self.submit(pending, worker)], [pending])[0]
+        return self._wait_all([self.submit(pending, worker)], [pending], self.default_compute_timeout)[0]
 
     def broadcast(self, pending: PendingCompute[Any]) -> list[Any]:
         """``pending @ pool``: run on every worker at once; the values in rank order."""
@@ -687,7 +793,7 @@ class ComputePool:
         payload = self._payload(pending)
         calls = self.submit_many([Request(w, P.TASK, None, payload, self._sink(w, alone=False), (pending.fn,))
                                   for w in self.workers])
-        return self._wait_all(calls, [pending] * len(calls))
+        return self._wait_all(calls, [pending] * len(calls), self.default_compute_timeout)
 
     def submit_many(self, requests: Sequence[Request]) -> list[Call]:
         """Send several jobs at once, a payload that several workers of one node get (the same buffers) crossing
@@ -722,7 +828,7 @@ class ComputePool:
 
     def gather(self, items: Sequence[PendingCompute[Any]]) -> tuple[Any, ...]:
         """Several computations at once, spread over the workers; values in order."""
-        return tuple(self._wait_all(self._spread(items), list(items)))
+        return tuple(self._wait_all(self._spread(items), list(items), self.default_compute_timeout))
 
     def _spread(self, items: Sequence[PendingCompute[Any]], on_done: Callable[[int], None] | None = None
                 ) -> list[Call]:
@@ -754,11 +860,11 @@ class ComputePool:
             try:
                 if ordered:
                     for call, item in zip(calls, items):
-                        yield self._value(call, item, started)
+                        yield self._value(call, item, started, self.default_compute_timeout)
                 else:
                     for _ in calls:
                         i = finished.get()
-                        yield self._value(calls[i], items[i], started)
+                        yield self._value(calls[i], items[i], started, self.default_compute_timeout)
             finally:
                 for call in calls:
                     if not call.done():

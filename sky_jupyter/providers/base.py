@@ -115,6 +115,10 @@ class PoolSpec:
     name: str
     nodes: int
     accelerator: str | None
+    vcpus: float | None = None  # for a CPU instance type, where no accelerator is named
+    memory_gb: float | None = None
+    architecture: str | None = None  # "x86_64" or "arm64"
+    allocation: str | None = None  # "spot", "on-demand" or "spot-if-available"
 
 
 class Provider(abc.ABC):

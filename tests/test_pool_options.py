@@ -1,0 +1,82 @@
+"""ComputePool's Skyward arguments: Spec fallback chains and selection, max_hourly_cost, allocation, ttl,
+default_compute_timeout, provision_timeout, and what is refused."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import sky_jupyter as sky
+
+
+@sky.compute
+def nap(seconds: float) -> str:
+    time.sleep(seconds)
+    return "awake"
+
+
+def aws(**kw):
+    pytest.importorskip("boto3")
+    return sky.AWS(region="us-east-1", ssh_cidr="203.0.113.7/32", **kw)  # builds a client; contacts nothing
+
+
+def test_a_spec_that_cannot_start_falls_back_to_the_next(tmp_path, a_key_file):
+    unreachable = sky.SSH(["nobody@127.0.0.1:9"], key_file=a_key_file, connect_timeout=2)  # nothing listens
+    with sky.ComputePool(sky.Spec(provider=unreachable, nodes=1), sky.Spec(provider=sky.Local(root=tmp_path),
+                                                                           nodes=2),
+                         name="fallback") as pool:
+        assert pool.provider.name == "local" and len(pool.workers) == 2
+        assert nap(0) >> pool == "awake"
+
+
+@pytest.fixture
+def a_key_file(tmp_path):
+    """A private key for the SSH provider's checks (the host it is for never answers)."""
+    import subprocess
+
+    path = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return str(path)
+
+
+def test_cheapest_first_and_a_cost_ceiling(tmp_path):
+    big, small = sky.Spec(provider=aws(), accelerator="A100", nodes=2), sky.Spec(provider=aws(), accelerator="T4")
+    local = sky.Spec(provider=sky.Local(root=tmp_path))
+    pool = sky.ComputePool(big, small, local, selection="cheapest", name="cheap")
+    assert pool._candidates() == [small, big, local]  # priced ones cheapest first; unknown (free) last
+    assert sky.ComputePool(big, small, local, name="ordered")._candidates() == [big, small, local]
+    capped = sky.ComputePool(big, small, max_hourly_cost=0.1, name="capped")
+    with pytest.raises(sky.ConfigError, match=r"max_hourly_cost=\$0.1/h: every spec costs more"):
+        capped.start()  # refused before anything is started
+    assert not capped.running
+
+
+def test_allocation_sets_the_market_and_provision_timeout_the_boot_wait():
+    pool = sky.ComputePool(aws(), allocation="spot-if-available", provision_timeout=90, name="market")
+    assert (pool.provider.spot, pool.provider.on_demand_fallback, pool.provider.boot_timeout) == (True, True, 90)
+    pool = sky.ComputePool(aws(spot=True), allocation="on-demand", name="market2")
+    assert pool.provider.spot is False
+
+
+def test_ttl_shuts_the_pool_down_and_default_compute_timeout_bounds_every_task(tmp_path):
+    with sky.ComputePool(sky.Local(root=tmp_path), default_compute_timeout=1, name="bounded") as pool:
+        with pytest.raises(TimeoutError, match="ran longer than its timeout of 1 s"):
+            nap(30) >> pool
+        assert nap(0) >> pool == "awake"
+    pool = sky.ComputePool(sky.Local(root=tmp_path), ttl=1.5, name="short-lived").start()
+    deadline = time.monotonic() + 15
+    while pool.running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pool.running
+
+
+def test_what_is_not_supported_says_so():
+    with pytest.raises(sky.ConfigError, match=r"nodes=\(1, 4\): a range of nodes \(autoscaling\) is not supported"):
+        sky.ComputePool(sky.Local(), nodes=(1, 4))
+    with pytest.raises(sky.ConfigError, match="allocation must be one of"):
+        sky.Spec(provider=sky.Local(), allocation="cheap")
+    with pytest.raises(sky.ConfigError, match="selection must be 'first' or 'cheapest'"):
+        sky.ComputePool(sky.Spec(provider=sky.Local()), selection="fastest")
+    with pytest.raises(sky.ConfigError, match="architecture must be"):
+        sky.ComputePool(sky.Local(), architecture="riscv")
