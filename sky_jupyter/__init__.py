@@ -45,11 +45,11 @@ _LAZY = {
 }
 
 __all__ = [
-    "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
+    "AWS", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
-    "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "Spec", "SpotReclaimError",
-    "VersionMismatchError", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather",
-    "instance_info", "is_head", "lock", "panel", "plugins", "queue", "set", "shard", "silent", "stderr", "stdout",
+    "ProvisionError", "Remote", "RemoteError", "SSH", "SerializationError", "SkyError", "Spec", "SpotReclaimError",
+    "VersionMismatchError", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather", "instance_info",
+    "is_head", "lock", "panel", "plugins", "pool", "queue", "set", "shard", "silent", "stderr", "stdout",
 ]
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ _STORE = {"dict": "dict_", "set": "set_", "counter": "counter", "queue": "queue"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "plugins":
-        return importlib.import_module(".plugins", __name__)
+    if name in ("plugins", "pool"):  # sky.pool(...) is Skyward's ComputePool(...): that module is callable
+        return importlib.import_module(f".{name}", __name__)
     if name in _STORE:
         return getattr(importlib.import_module(".store", __name__), _STORE[name])
     module = _LAZY.get(name)

@@ -16,8 +16,18 @@ R = TypeVar("R")
 
 
 def _pool(other: object, op: str) -> ComputePool:
-    from .pool import ComputePool
+    """The pool on the right of ``>>``/``@``: a ComputePool, or the ``sky_jupyter`` module itself (Skyward's
+    ``fn() >> sky``), which stands for the innermost pool entered with ``with`` in this context."""
+    import types
 
+    from .pool import ComputePool, active_pool
+
+    if isinstance(other, types.ModuleType) and other.__name__ == "sky_jupyter":
+        found = active_pool()
+        if found is None:
+            raise TypeError(f"fn(...) {op} sky needs a pool entered with `with sky.ComputePool(...):` (or "
+                            f"sky.pool(...)) around it; none is.")
+        return found
     if not isinstance(other, ComputePool):
         raise TypeError(f"the right side of {op} must be a sky.ComputePool, not {type(other).__name__}; "
                         f"write fn(...) {op} pool inside `with sky.ComputePool(...) as pool:`.")

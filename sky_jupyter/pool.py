@@ -6,6 +6,7 @@ once."""
 from __future__ import annotations
 
 import atexit
+import contextvars
 import dataclasses
 import functools
 import queue
@@ -13,6 +14,7 @@ import secrets
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any, TextIO
@@ -38,6 +40,13 @@ SHARE_AT = 256 * 1024
 DEFAULT_GRACE = 10 * 60.0
 
 _open_pools: set[ComputePool] = set()  # started and not closed: shut down at interpreter exit
+_active: contextvars.ContextVar[ComputePool | None] = contextvars.ContextVar("sky_active_pool", default=None)
+
+
+def active_pool() -> ComputePool | None:
+    """The innermost pool entered with ``with`` in this context (what ``fn() >> sky`` runs on), if it runs."""
+    pool = _active.get()
+    return pool if pool is not None and pool.running else None
 _open_lock = threading.Lock()
 
 
@@ -283,6 +292,7 @@ class ComputePool:
         self._stop = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
+        self._entered: list[contextvars.Token[ComputePool | None]] = []
 
     def __repr__(self) -> str:
         state_ = "running" if self.started_at and not self._closed else ("closed" if self._closed else "new")
@@ -319,10 +329,26 @@ class ComputePool:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> ComputePool:
         self.start()
+        self._entered.append(_active.set(self))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._entered:
+            try:
+                _active.reset(self._entered.pop())
+            except ValueError:  # exited in another context than it was entered in: leave that context alone
+                pass
         self.close()
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Skyward's ``@sky.pool(...)``: the decorated function runs with this pool started around it (and
+        ``fn() >> sky`` inside it reaches the pool)."""
+        @functools.wraps(fn)
+        def within(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return within
 
     def start(self) -> ComputePool:
         """Provision, bootstrap and connect every node. Anything started is torn down if this fails or is
@@ -957,3 +983,14 @@ def _explain_pickle_failure(pending: PendingCompute[Any], exc: Exception) -> str
             return (f"{label} ({type(value).__name__}) cannot be sent to a node: {inner}. "
                     f"Pass something picklable instead (a path, plain data), or create it on the node.")
     return f"the call to {pending.name} cannot be pickled: {exc}"
+
+
+class _CallableModule(types.ModuleType):
+    """``sky.pool(...)``, Skyward's name for ``sky.ComputePool(...)`` (a context manager, or ``@sky.pool(...)``
+    around a function): importing this module binds ``sky_jupyter.pool`` to it, so the module itself is callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ComputePool:
+        return ComputePool(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

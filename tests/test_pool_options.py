@@ -80,3 +80,18 @@ def test_what_is_not_supported_says_so():
         sky.ComputePool(sky.Spec(provider=sky.Local()), selection="fastest")
     with pytest.raises(sky.ConfigError, match="architecture must be"):
         sky.ComputePool(sky.Local(), architecture="riscv")
+
+
+def test_skyward_style_pool_and_the_module_as_the_right_side(tmp_path):
+    with sky.pool(sky.Local(root=tmp_path), nodes=2, name="as-sky"):
+        assert nap(0) >> sky == "awake"  # the innermost pool entered with `with`
+        assert nap(0) @ sky == ["awake", "awake"]
+        assert sky.gather(nap(0), nap(0)) >> sky == ("awake", "awake")
+
+    @sky.pool(provider=sky.Local(root=tmp_path), name="decorated")
+    def main() -> str:
+        return nap(0) >> sky
+
+    assert main() == "awake"
+    with pytest.raises(TypeError, match=r"needs a pool entered with `with sky.ComputePool"):
+        nap(0) >> sky
