@@ -45,9 +45,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "AWS", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
+    "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
-    "ProvisionError", "Remote", "RemoteError", "SSH", "SerializationError", "SkyError", "Spec", "SpotReclaimError",
+    "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "Spec", "SpotReclaimError",
     "VersionMismatchError", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather", "instance_info",
     "is_head", "lock", "panel", "plugins", "pool", "queue", "set", "shard", "silent", "stderr", "stdout",
 ]

@@ -37,6 +37,10 @@ class WorkerLostError(ConnectionLostError):
     """A node's worker process died; its remote namespace is gone."""
 
 
+class SpotReclaimError(ConnectionLostError):
+    """EC2 announced that it takes a spot node back: what ran there is lost, and the node takes no more work."""
+
+
 class VersionMismatchError(SkyError):
     """Client and worker run different Python or cloudpickle versions."""
 

@@ -20,6 +20,7 @@ from .errors import (
     RemoteTraceback,
     SerializationError,
     SkyError,
+    SpotReclaimError,
     VersionMismatchError,
     WorkerLostError,
 )
@@ -160,7 +161,8 @@ class WorkerLink:
     KEEP_FOR_RESEND = 64 << 20
 
     def __init__(self, io: P.FrameIO, label: str, on_drop: Callable[[WorkerLink], None],
-                 hello: P.Reply | None = None) -> None:
+                 hello: P.Reply | None = None, on_notice: Callable[[WorkerLink, dict[str, Any]], None] | None = None
+                 ) -> None:
         self.io = io
         self.label = label
         # What the worker said when this link connected (its pid and generation); empty for a link made without.
@@ -173,6 +175,7 @@ class WorkerLink:
         self.failure: str | None = None
         self.scrub = StreamRedactor()  # task output, by (task id, stream name)
         self._on_drop = on_drop
+        self._on_notice = on_notice  # NOTICE frames, when someone acts on them (a spot reclaim fails the calls)
         self._lock = threading.Lock()
         self.pongs = threading.Condition()
         self.last_pong: dict[str, Any] = {}
@@ -301,7 +304,10 @@ class WorkerLink:
                         self.last_pong = {"seq": task_id, **(meta or {})}
                         self.pongs.notify_all()
                 elif kind == P.NOTICE:
-                    print(f"[{self.label}] {redact(str(meta.get('text')))}", file=sys.__stderr__)
+                    if self._on_notice is not None and isinstance(meta, dict):
+                        self._on_notice(self, meta)
+                    else:
+                        print(f"[{self.label}] {redact(str(meta.get('text')))}", file=sys.__stderr__)
         except (EOFError, OSError) as exc:
             self._drop(exc)
         except BaseException as exc:  # noqa: BLE001 - a frame over the limits, or anything else: never hang calls
@@ -374,6 +380,7 @@ class RemoteWorker:
         self.incarnation = 0
         self.state = "new"
         self.notices: list[str] = []
+        self.reclaimed = ""  # EC2's reclaim notice for this spot node, as the message its calls fail with
         self.hostname = ""
         self._lock = threading.RLock()
         self.closing = False
@@ -436,7 +443,7 @@ class RemoteWorker:
         except BaseException:
             io.close()
             raise
-        link = WorkerLink(io, self.label, self._dropped, hello)
+        link = WorkerLink(io, self.label, self._dropped, hello, self._noticed)
         old = self.link
         unsent: list[Call] = []
         if old is not None and old.failure is not None:
@@ -478,9 +485,34 @@ class RemoteWorker:
         for call in link.take_calls().values():
             call._finish(lost=lost)
 
+    def _noticed(self, link: WorkerLink, meta: dict[str, Any]) -> None:
+        """A NOTICE frame from the worker. A spot reclaim notice (EC2 takes the instance back within minutes) fails
+        the calls running there now, and every later one at once, with SpotReclaimError, instead of letting them
+        wait for the instance to vanish; other notices are shown."""
+        if meta.get("kind") != P.RECLAIM:
+            print(f"[{self.label}] {redact(str(meta.get('text')))}", file=sys.__stderr__)
+            return
+        if self.reclaimed:
+            return  # the worker says it again to each new connection; once is enough
+        action, when = redact(str(meta.get("action") or "terminate")), redact(str(meta.get("time") or "soon"))
+        self.reclaimed = (f"{self.label} is being reclaimed (spot) at {when}: EC2 will {action} the instance then; "
+                          f"what ran there is lost, and it takes no more work. The other nodes keep working; start "
+                          f"a new pool (or use on-demand nodes: sky.AWS(spot=False)) to replace it.")
+        self.state = "reclaimed"
+        self.notices.append(self.reclaimed)
+        print(f"[{self.label}] {self.reclaimed}", file=sys.__stderr__)
+        lost = SpotReclaimError(self.reclaimed)
+        for call in link.take_calls().values():
+            call._finish(lost=lost)
+
     def _recover(self, link: WorkerLink) -> None:
         with self._lock:
             if self.closing or link is not self.link:
+                return
+            if self.reclaimed:  # the instance went away as announced: no reconnecting
+                for call in link.take_calls().values():
+                    call._finish(lost=SpotReclaimError(self.reclaimed))
+                self.link = None
                 return
             if link.failure is not None:  # not the connection ending: reconnecting would not bring the answers
                 self._fail_calls(link)
@@ -553,6 +585,8 @@ class RemoteWorker:
         self._setup(self)
 
     def ensure_link(self) -> WorkerLink:
+        if self.reclaimed:
+            raise SpotReclaimError(self.reclaimed)
         with self._lock:
             link = self.link
             if link is not None and link.alive:

@@ -154,6 +154,13 @@ class SharedMeta(TypedDict):
 
 class NoticeMeta(TypedDict):
     text: str
+    kind: NotRequired[str]  # RECLAIM: EC2 takes the node back (a spot instance); the client fails its calls there
+    action: NotRequired[str]  # what EC2 will do ("terminate", "stop", "hibernate")
+    time: NotRequired[str]  # when, as EC2 says it (UTC, ISO 8601)
+
+
+#: :class:`NoticeMeta` ``kind`` of a spot reclaim notice.
+RECLAIM: Final = "reclaim"
 
 
 class Reader(Protocol):

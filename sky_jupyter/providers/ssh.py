@@ -59,6 +59,7 @@ from ..transport import (
     note,
     remote_path,
 )
+from ..worker import watchdog
 from .base import Host, NodeStart, PoolSpec, Progress, Provider, WorkerHandle, check_workers, in_parallel
 from .local import private_dir
 
@@ -240,9 +241,34 @@ def _cleanup(run_dir: str, env: dict[str, str]) -> list[str]:
 
 
 def _detached(config: dict[str, Any], run_dir: str, env: dict[str, str]) -> dict[str, Any]:
-    """A worker's config for a node: detached from the SSH session, logging in its run folder, on a free port."""
+    """A worker's config for a node: detached from the SSH session, logging in its run folder, on a free port; with
+    a watchdog, where to leave the client's heartbeat for it (and, on spot nodes, where it leaves reclaim notices)."""
+    extra: dict[str, Any] = {}
+    if config.get("watchdog") is not None:
+        extra["heartbeat"] = f"{run_dir}/{watchdog.HEARTBEAT}"
+    if config.get("spot") is not None:
+        extra["spot_notice"] = f"{run_dir}/{watchdog.NOTICE_FILE}"
     return {**config, "detach": True, "log": f"{run_dir}/worker.log", "port": 0, "cleanup": _cleanup(run_dir, env),
-            "share_dir": f"{run_dir}/share"}
+            "share_dir": f"{run_dir}/share", **extra}
+
+
+def _watchdog_start(config: dict[str, Any] | None, run_dir: str, env: dict[str, str], pkg_dir: str) -> str:
+    """The shell line that starts the node's watchdog for this pool (:mod:`sky_jupyter.worker.watchdog`) in the
+    background, detached, when the config asks for one (``watchdog``: the dead-man switch that powers the node off;
+    ``spot``: reclaim notices from the instance metadata); else nothing. Its config is on its command line: paths,
+    the grace, the poweroff command and the metadata endpoint, no secrets. A watchdog already watching the run
+    folder (a worker restarted) keeps it; the new one exits."""
+    if config is None or (config.get("watchdog") is None and config.get("spot") is None):
+        return ""
+    dog = config.get("watchdog")
+    spec: dict[str, Any] = {"run_dir": run_dir, "cleanup": _cleanup(run_dir, env), "spot": config.get("spot")}
+    if dog is not None:
+        spec["grace"] = float(dog.get("grace") or config.get("grace", 600.0))
+        spec["command"] = dog.get("command") or watchdog.POWEROFF
+    run = remote_path(run_dir)
+    return (f"(umask 077; PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} {remote_path(NODE_PYTHON)} "
+            f"-m sky_jupyter.worker.watchdog {shlex.quote(json.dumps(spec))} "
+            f"< /dev/null >> {run}/{watchdog.LOG_FILE} 2>&1 &)")
 
 
 #: The line a node's bring-up prints before starting its workers: how many, and how many GPUs it found.
@@ -326,6 +352,7 @@ elif ls -d /dev/nvidia[0-9]* >/dev/null 2>&1; then gpus=$(ls -d /dev/nvidia[0-9]
 n={workers}; if [ "$n" = gpus ]; then n=$gpus; fi; [ "$n" -ge 1 ] 2>/dev/null || n=1
 echo "{announce} $n $gpus"
 cd && export PYTHONPATH={pkg}${{PYTHONPATH:+:$PYTHONPATH}}
+{watchdog}
 i=1
 while [ $i -lt $n ]; do printf '%s\\n' "$config" | {python} -m sky_jupyter.worker --local-rank $i & i=$((i+1)); done
 printf '%s\\n' "$config" | exec {python} -m sky_jupyter.worker --local-rank 0
@@ -628,7 +655,8 @@ class SSH(Provider):
         """The end of the node's bootstrap log and of this pool's worker log there, for ``%sky logs``."""
         pool = str(host.extra.get("pool", ""))
         run = remote_path(_run_dir(pool, host.rank))
-        script = (f"for p in {remote_path(NODE_HOME + '/bootstrap.log')} {run}/worker.log {run}/worker-*.log; do\n"
+        script = (f"for p in {remote_path(NODE_HOME + '/bootstrap.log')} {run}/worker.log {run}/worker-*.log "
+                  f"{run}/{watchdog.LOG_FILE}; do\n"
                   f"  if [ -f \"$p\" ]; then echo \"==> $p <==\"; tail -n 200 \"$p\"; fi\ndone\n")
         _, out, _ = self.connection(host).run(script, timeout=30)
         return redact(out) or f"no logs yet on {host.display} (under {NODE_HOME})"
@@ -664,7 +692,8 @@ class SSH(Provider):
             home=remote_path(NODE_HOME), script=remote_path(f"{NODE_HOME}/bootstrap-{plan.key}.sh"), pkg=pkg_dir,
             run=remote_path(run_dir), python=remote_path(NODE_PYTHON), start="1" if config is not None else "",
             need=NEED, restore=self._restore(plan), announce=WORKERS,
-            workers=check_workers((config or {}).get("workers_per_node", 1)))
+            workers=check_workers((config or {}).get("workers_per_node", 1)),
+            watchdog=_watchdog_start(config, run_dir, {**plan.environ, **(config or {}).get("env", {})}, pkg_dir))
         if config is not None:
             config = _detached(config, run_dir, {**plan.environ, **config.get("env", {})})
         # The package goes out unasked unless this client has seen the node holding it: on a slow link, sending
@@ -741,10 +770,15 @@ class SSH(Provider):
         run_dir = _run_dir(pool, host.rank)
         pkg_dir = _node_package_dir()
         python = remote_path(NODE_PYTHON)
+        watch = _watchdog_start(config, run_dir, config.get("env", {}), pkg_dir)
         config = _detached(config, run_dir, config.get("env", {}))
-        # The worker keeps the user's umask and starts in $HOME.
+        # The worker keeps the user's umask and starts in $HOME. The pool's watchdog, when it has one, is started
+        # again too: a worker that died and was stopped took the run folder, and so the watchdog, with it (one that
+        # still runs keeps watching and the new one leaves).
         command = f"""(umask 077; mkdir -p {remote_path(run_dir)}) || exit 1
-cd && PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker --local-rank {local_rank}"""
+cd || exit 1
+{watch}
+PYTHONPATH={pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} -m sky_jupyter.worker --local-rank {local_rank}"""
         with conn.start(command, timeout=60) as proc:
             proc.write(json.dumps(config) + "\n")
             proc.close_stdin()

@@ -16,5 +16,8 @@ the node has it. ``tests/test_worker_boundary.py`` enforces this.
 - :mod:`.outbox`: frames for the client, held across reconnects until acknowledged;
 - :mod:`.share`: a payload several workers of the node need, received once and copied for the others;
 - :mod:`.output`: what tasks print, to the client; the worker's own log;
-- :mod:`.cells`: notebook cells in the node's persistent namespace.
+- :mod:`.cells`: notebook cells in the node's persistent namespace;
+- :mod:`.watchdog`: ``python -m sky_jupyter.worker.watchdog``, one per pool per node beside the workers when the
+  provider asks (AWS): powers the node off when the client's heartbeat stops, even with every worker dead or hung,
+  and watches the instance metadata for spot reclaim notices.
 """

@@ -36,6 +36,7 @@ from .handshake import authenticate
 from .outbox import Outbox
 from .output import OutputCapture, TaskStream, log
 from .share import ShareError, check, store, take
+from .watchdog import POWEROFF, touch
 
 if TYPE_CHECKING:
     from .cells import CellRunner
@@ -120,6 +121,15 @@ class Worker:
         self.current_task = 0
         self.last_seen = time.monotonic()
         self.grace = float(config.get("grace", 600.0))
+        # The node's watchdog (:mod:`.watchdog`) learns that the client still speaks from this file's times: touched
+        # when a client frame came since the last touch, at most once a second.
+        self.heartbeat = os.path.expanduser(str(config["heartbeat"])) if config.get("heartbeat") else None
+        self._beat_every = min(1.0, self.grace / 10)
+        self._beat_for, self._beat_at = -1.0, 0.0
+        # Where the watchdog leaves a spot reclaim notice (spot nodes only), and the NOTICE frame made of it.
+        self.spot_notice = os.path.expanduser(str(config["spot_notice"])) if config.get("spot_notice") else None
+        self._spot_next = 0.0
+        self.reclaim: P.NoticeMeta | None = None
         self.interrupt_grace = float(config.get("interrupt_grace", 10.0))
         self._interrupt: tuple[int, float] | None = None
         self.main_ident = threading.get_ident()
@@ -218,6 +228,8 @@ class Worker:
         if old is not None:
             old.close()
         self.outbox.attach(conn)
+        if self.reclaim is not None:  # a client that connects after the notice learns of it too
+            self.outbox.send(P.NOTICE, 0, self.reclaim)
         try:
             self._read_while_busy(conn)
         finally:
@@ -340,8 +352,38 @@ class Worker:
             pending = self._interrupt
             if pending and pending[0] == self.current_task and time.monotonic() > pending[1]:
                 self.restart(pending[0])
+            self._heartbeat()
+            self._check_spot()
             if time.monotonic() - self.last_seen > self.grace:
                 self.shutdown(f"no word from the client for {self.grace:.0f} s (dead-man switch)")
+
+    def _heartbeat(self) -> None:
+        """Pass the client's word on to the node's watchdog (see :mod:`.watchdog`)."""
+        seen, now = self.last_seen, time.monotonic()
+        if self.heartbeat is not None and seen != self._beat_for and now - self._beat_at >= self._beat_every:
+            self._beat_for, self._beat_at = seen, now
+            touch(self.heartbeat)
+
+    def _check_spot(self) -> None:
+        """Twice a second on spot nodes: has the watchdog written EC2's reclaim notice? Then tell the client (once;
+        again to a client that connects later), which fails the calls running here instead of waiting for the
+        instance to vanish under them."""
+        now = time.monotonic()
+        if self.spot_notice is None or self.reclaim is not None or now < self._spot_next:
+            return
+        self._spot_next = now + 0.5
+        try:
+            with open(self.spot_notice) as f:
+                notice = json.load(f)
+        except (OSError, ValueError):
+            return
+        if not isinstance(notice, dict):
+            return
+        action, when = str(notice.get("action") or "terminate"), str(notice.get("time") or "")
+        self.reclaim = {"kind": P.RECLAIM, "action": action, "time": when,
+                        "text": f"EC2 reclaims this spot instance ({action}) at {when or 'any moment'}"}
+        log(f"spot reclaim notice: {action} at {when}")
+        self.outbox.send(P.NOTICE, 0, self.reclaim)
 
     def restart(self, task_id: int) -> None:
         """The running code ignored KeyboardInterrupt: replace this process, keeping the port."""
@@ -372,7 +414,7 @@ class Worker:
         for path in self.config.get("cleanup", []):
             _remove(path)
         if self.config.get("on_orphan") == "poweroff" and "dead-man" in reason:
-            os.system(self.config.get("poweroff_command") or "sudo -n shutdown -h now || shutdown -h now")
+            os.system(self.config.get("poweroff_command") or POWEROFF)
         os._exit(0)
 
     # -- running work ------------------------------------------------------------------------------------
