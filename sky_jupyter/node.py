@@ -5,6 +5,7 @@ worker)."""
 from __future__ import annotations
 
 import itertools
+import queue
 import sys
 import threading
 import time
@@ -41,8 +42,8 @@ HANDSHAKE_TIMEOUT = 15.0  # seconds a worker has to prove itself once connected
 class Call:
     """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
 
-    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "kind", "node", "on_done", "request",
-                 "sink", "task_id")
+    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "items", "kind", "node", "on_done",
+                 "request", "sink", "task_id")
 
     def __init__(self, node: RemoteWorker, sink: Sink | None, code: tuple[Any, ...] = (),
                  on_done: Callable[[], None] | None = None, task_id: int | None = None, kind: str = "") -> None:
@@ -62,6 +63,8 @@ class Call:
         self._lost: BaseException | None = None
         # What was sent (kind, meta, payload), kept until the call ends: sent again if the worker never got it.
         self.request: tuple[P.ClientKind, Any, list | tuple] | None = None
+        # A streamed generator's items as they arrive (their frames), then None once the call has ended.
+        self.items: queue.SimpleQueue[list | None] | None = None
 
     def done(self) -> bool:
         return self._finished
@@ -78,6 +81,8 @@ class Call:
             self._finished = True
             self.request = None
         self._gate.release()
+        if self.items is not None:
+            self.items.put(None)
         if self.on_done is not None:
             self.on_done()
 
@@ -299,6 +304,10 @@ class WorkerLink:
                         for name in ("stdout", "stderr"):
                             self._show(P.STREAM, task_id, {"name": name, "text": self.scrub.flush((task_id, name))})
                     self._show(kind, task_id, redact_strings(meta))
+                elif kind == P.ITEM:
+                    item_call = self.calls.get(task_id)
+                    if item_call is not None and item_call.items is not None:
+                        item_call.items.put(frames)
                 elif kind == P.PONG:
                     with self.pongs:
                         self.last_pong = {"seq": task_id, **(meta or {})}
@@ -622,12 +631,14 @@ class RemoteWorker:
     # -- work ----------------------------------------------------------------------------------------------
     def submit(self, kind: P.ClientKind, meta: Any = None, payload: list | tuple = (), sink: Sink | None = None,
                code: tuple[Any, ...] = (), on_done: Callable[[], None] | None = None,
-               share: tuple[str, int, int] | None = None) -> Call:
+               share: tuple[str, int, int] | None = None, items: queue.SimpleQueue[list | None] | None = None
+               ) -> Call:
         """Send one job. ``share`` (key, copies, copy): its payload is shared with sibling workers of this node
         (see :data:`~sky_jupyter.protocol.SHARED`): this worker carries it for ``copies`` siblings, or (``copy``
         > 0, no payload here) reads the copy a sibling carried."""
         link = self.ensure_link()
         call = Call(self, sink, code, on_done, kind=kind)
+        call.items = items  # before the first frame can arrive for it
         if share is None:
             link.submit(call, kind, meta, payload)
         else:

@@ -9,6 +9,7 @@ import atexit
 import contextvars
 import dataclasses
 import functools
+import inspect
 import queue
 import secrets
 import sys
@@ -791,7 +792,8 @@ class ComputePool:
         return sorted(self.workers, key=lambda w: (w.state in ("unreachable", "reclaimed"), w.in_flight(), w.rank))
 
     def submit(self, pending: PendingCompute[Any], node: RemoteWorker | None = None, sink: Sink | None = None,
-               on_done: Callable[[], None] | None = None) -> Call:
+               on_done: Callable[[], None] | None = None, items: queue.SimpleQueue[list | None] | None = None
+               ) -> Call:
         """Send one task (to ``node``, a worker, when given). Otherwise a worker that cannot be reached is skipped
         for the next one. ``on_done`` is called (on a reader thread) when it ends."""
         self._require_running()
@@ -801,7 +803,8 @@ class ComputePool:
         first_error: ConnectionLostError | None = None
         for candidate in candidates:
             try:
-                return candidate.submit(P.TASK, None, payload, sink or self._sink(candidate), (pending.fn,), on_done)
+                return candidate.submit(P.TASK, {"stream": True} if items is not None else None, payload,
+                                        sink or self._sink(candidate), (pending.fn,), on_done, items=items)
             except ConnectionLostError as exc:
                 first_error = first_error or exc
         assert first_error is not None
@@ -810,7 +813,26 @@ class ComputePool:
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
         """``pending >> pool``: run on one worker (the least busy, or ``rank``) and return its value."""
         worker = self.workers[rank] if rank is not None else None
+        if inspect.isgeneratorfunction(pending.fn):
+            return self._items(pending, worker)
         return self._wait_all([self.submit(pending, worker)], [pending], self.default_compute_timeout)[0]
+
+    def _items(self, pending: PendingCompute[Any], worker: RemoteWorker | None) -> Iterator[Any]:
+        """A generator function's call, streamed: its items as the worker yields them. Leaving the loop early
+        interrupts it there; its error is raised where the next item would be."""
+        items: queue.SimpleQueue[list | None] = queue.SimpleQueue()
+        call = self.submit(pending, worker, items=items)
+
+        def values() -> Iterator[Any]:
+            try:
+                while (frames := items.get()) is not None:
+                    yield P.loads(frames)
+                call.wait()  # its error, if it ended with one
+            finally:
+                if not call.done():
+                    call.interrupt()
+
+        return values()
 
     def broadcast(self, pending: PendingCompute[Any]) -> list[Any]:
         """``pending @ pool``: run on every worker at once; the values in rank order."""

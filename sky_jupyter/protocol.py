@@ -82,6 +82,7 @@ ACK: Final = "ack"              # meta: ids of tasks whose result or error arriv
 SHARED: Final = "shared"        # a TASK, CELL, SETUP whose payload is read from the node's share folder (SharedMeta)
 # Worker -> client:
 RESULT: Final = "result"
+ITEM: Final = "item"            # one value a task's generator yielded (its RESULT, the count, ends them)
 ERROR: Final = "error"          # meta: ErrorMeta
 STREAM: Final = "stream"        # meta: StreamMeta
 DISPLAY: Final = "display"      # meta: a Jupyter MIME bundle message
@@ -89,7 +90,7 @@ PONG: Final = "pong"            # meta: PongMeta
 NOTICE: Final = "notice"        # meta: NoticeMeta, for the user, not tied to a task
 
 ClientKind = Literal["task", "cell", "setup", "pull", "interrupt", "ping", "shutdown", "ack", "shared"]
-WorkerKind = Literal["result", "error", "stream", "display", "pong", "notice"]
+WorkerKind = Literal["result", "error", "stream", "display", "pong", "notice", "item"]
 Kind = ClientKind | WorkerKind
 #: A received frame: (kind, task id, meta, buffers). Its kind is any string (unknown ones are ignored), not a Kind.
 Frame = tuple[str, int, Any, list[bytearray]]

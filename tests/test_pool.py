@@ -303,3 +303,45 @@ def test_a_compute_timeout_interrupts_the_task_and_says_so(local_pool):
     assert after(0, "still works") >> local_pool
     with pytest.raises(TypeError, match="positive number of seconds"):
         sky.compute(timeout=0)
+
+
+# -- generator functions stream their items ------------------------------------------------------------------------
+@sky.compute
+def countdown(n: int, pause: float = 0.0, fail_at: int | None = None):
+    import time
+
+    for i in range(n, 0, -1):
+        if i == fail_at:
+            raise ValueError(f"stopped at {i}")
+        print("yielding", i, flush=True)
+        yield i, time.time()
+        time.sleep(pause)
+
+
+def test_a_generator_streams_its_items_as_they_are_yielded(local_pool, capsys):
+    import time
+
+    started = time.time()
+    items = countdown(3, pause=0.7) >> local_pool
+    first, at = next(items)
+    assert first == 3 and time.time() - started < 1.2  # not after the whole generator (about 2.1 s)
+    assert [i for i, _ in items] == [2, 1]
+    assert capsys.readouterr().out.count("yielding") == 3
+    assert [[i for i, _ in part] for part in countdown(2) @ local_pool] == [[2, 1], [2, 1]]  # @: lists
+
+
+def test_a_generator_error_comes_after_its_items_and_leaving_early_stops_it(local_pool):
+    import time
+
+    got = []
+    with pytest.raises(ValueError, match="stopped at 2"):
+        for i, _ in countdown(5, fail_at=2) >> local_pool:
+            got.append(i)
+    assert got == [5, 4, 3]
+    items = countdown(100, pause=0.5) >> local_pool
+    assert next(items)[0] == 100
+    items.close()  # interrupts it on the worker
+    deadline = time.monotonic() + 5
+    while any(w.in_flight() for w in local_pool.workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(w.in_flight() for w in local_pool.workers)

@@ -110,5 +110,5 @@ def test_message_kinds_are_the_literal_types():
 
     client, worker = set(get_args(P.ClientKind)), set(get_args(P.WorkerKind))
     assert client == {P.TASK, P.CELL, P.SETUP, P.PULL, P.INTERRUPT, P.PING, P.SHUTDOWN, P.ACK, P.SHARED}
-    assert worker == {P.RESULT, P.ERROR, P.STREAM, P.DISPLAY, P.PONG, P.NOTICE}
+    assert worker == {P.RESULT, P.ERROR, P.STREAM, P.DISPLAY, P.PONG, P.NOTICE, P.ITEM}
     assert not client & worker

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import inspect
 import json
 import os
 import queue
@@ -449,7 +450,7 @@ class Worker:
                 frames = take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
             match kind:
                 case P.TASK:
-                    value = self.run_task(frames)
+                    value = self.run_task(frames, task_id, bool(meta and meta.get("stream")))
                 case P.CELL:
                     value = self.cells.run(meta, frames)
                 case P.SETUP:
@@ -485,11 +486,23 @@ class Worker:
         self.flush_output()
         self.outbox.send(P.DISPLAY, self.current_task, meta)
 
-    def run_task(self, frames: list) -> Any:
+    def run_task(self, frames: list, task_id: int = 0, stream: bool = False) -> Any:
+        """Run a task. A generator it returns is drained here: each item goes back as it is yielded (``stream``:
+        the client iterates them) or, for a caller that wants one value, the items come back as a list."""
         fn, args, kwargs = P.loads(frames)
         for decorate in reversed(self.decorators):
             fn = decorate(fn)
-        return fn(*args, **kwargs)
+        value = fn(*args, **kwargs)
+        if not inspect.isgenerator(value):
+            return value
+        if not stream:
+            return list(value)
+        count = 0
+        for item in value:
+            self.flush_output()  # what it printed before yielding comes first
+            self.outbox.send(P.ITEM, task_id, None, P.dumps_reply(item))
+            count += 1
+        return count
 
     @property
     def cells(self) -> CellRunner:
