@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 # needs none of it (and the SSH and AWS providers need paramiko and boto3, the panel ipywidgets).
 _LAZY = {
     "Image": "image", "PipIndex": "image", "Remote": "remote", "Cluster": "plugin", "Plugin": "plugin",
-    "ComputePool": "pool", "Spec": "spec",
+    "ComputePool": "pool", "Spec": "spec", "Worker": "spec",
     "Local": "providers", "SSH": "providers", "AWS": "providers", "panel": "notebook.panel",
 }
 
@@ -48,8 +48,9 @@ __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
     "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "Spec", "SpotReclaimError",
-    "VersionMismatchError", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather", "instance_info",
-    "is_head", "lock", "panel", "plugins", "pool", "queue", "set", "shard", "silent", "stderr", "stdout",
+    "VersionMismatchError", "Worker", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather",
+    "instance_info", "is_head", "lock", "panel", "plugins", "pool", "queue", "set", "shard", "silent", "stderr",
+    "stdout",
 ]
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from .pool import ComputePool
     from .providers import AWS, SSH, Local
     from .remote import Remote
-    from .spec import Spec
+    from .spec import Spec, Worker
 
 
 #: The shared collections: ``sky.dict`` and ``sky.set`` are not bound here, where they would hide the builtins.

@@ -32,7 +32,7 @@ from .providers.base import PER_GPU, Cost, Host, PoolSpec, Provider, WorkerHandl
 from .providers.local import Local
 from .redaction import redact, register, register_environment
 from .shipping import register_user_modules
-from .spec import SELECTIONS, Spec, check_positive
+from .spec import SELECTIONS, Spec, Worker, check_positive
 from .sync import local_manifest, node_apply, node_manifest, tar_of
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
@@ -214,7 +214,7 @@ class ComputePool:
                  vcpus: float | None = None, memory_gb: float | None = None, architecture: str | None = None,
                  allocation: str | None = None, selection: str = "first", ttl: float | None = None,
                  max_hourly_cost: float | None = None, default_compute_timeout: float | None = None,
-                 provision_timeout: float | None = None,
+                 provision_timeout: float | None = None, worker: Worker | None = None,
                  grace: float = DEFAULT_GRACE, interrupt_grace: float = 10.0,
                  progress: Callable[[int, str, str], None] | None = None) -> None:
         # Skyward's fallback chains: ComputePool(sky.Spec(...), sky.Spec(...), selection="cheapest").
@@ -244,6 +244,9 @@ class ComputePool:
         self.max_hourly_cost = check_positive("max_hourly_cost", max_hourly_cost)
         self.default_compute_timeout = check_positive("default_compute_timeout", default_compute_timeout)
         self.provision_timeout = check_positive("provision_timeout", provision_timeout)
+        if worker is not None and not isinstance(worker, Worker):
+            raise ConfigError(f"worker must be a sky.Worker(concurrency=...), not {type(worker).__name__}")
+        self.worker = worker or Worker()
         first = specs[0]
         nodes, accelerator = first.nodes, first.accelerator
         provider = first.provider if isinstance(first.provider, Provider) else None
@@ -707,6 +710,7 @@ class ComputePool:
             options.pop("spot", None)
         return {**options,
                 "secret": self.secret, "rank": host.rank, "local_rank": local_rank,
+                "concurrency": self.worker.concurrency,
                 "workers_per_node": self._node_workers(), "world_size": self.size, "pool": self.name,
                 "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ,
                 "max_frame": P.MAX_FRAME, "max_buffers": P.MAX_BUFFERS}

@@ -58,3 +58,25 @@ class Spec:
         check_architecture(self.architecture)
         check_positive("vcpus", self.vcpus)
         check_positive("memory_gb", self.memory_gb)
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """How each worker process runs tasks (Skyward's ``sky.Worker``): ``concurrency`` tasks at once, on threads
+    of the worker (``executor="thread"``); ``>>`` then balances over every slot of every worker. For CPU-bound
+    pure Python, several processes beat threads: use ``workers_per_node=N`` (``executor="process"`` is not
+    supported yet and says so). A task on a slot thread sees an interrupt at its next Python instruction (a long
+    C call, ``time.sleep`` included, finishes first); notebook cells still run one at a time."""
+
+    concurrency: int = 1
+    executor: str = "thread"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or not self.concurrency >= 1:
+            raise ConfigError(f"sky.Worker(concurrency=...) takes a whole number from 1, got {self.concurrency!r}")
+        if self.executor == "process":
+            raise ConfigError("sky.Worker(executor='process') is not supported yet: use workers_per_node=N for N "
+                              "worker processes per node, or executor='thread'.")
+        if self.executor != "thread":
+            raise ConfigError(f"sky.Worker(executor=...) takes 'thread', got {self.executor!r}")
+

@@ -95,3 +95,44 @@ def test_skyward_style_pool_and_the_module_as_the_right_side(tmp_path):
     assert main() == "awake"
     with pytest.raises(TypeError, match=r"needs a pool entered with `with sky.ComputePool"):
         nap(0) >> sky
+
+
+@sky.compute
+def slot_work(seconds: float, label: str) -> tuple[str, int, float, float]:
+    import os
+    import time
+
+    started = time.time()
+    print(f"{label} starts", flush=True)
+    time.sleep(seconds)
+    print(f"{label} ends", flush=True)
+    return label, os.getpid(), started, time.time()
+
+
+def test_worker_concurrency_runs_tasks_side_by_side_in_one_process(tmp_path, capsys):
+    with sky.ComputePool(sky.Local(root=tmp_path), worker=sky.Worker(concurrency=3), name="slots") as pool:
+        results = sky.gather(*(slot_work(1.0, f"t{i}") for i in range(3))) >> pool
+        pids = {pid for _, pid, _, _ in results}
+        assert len(pids) == 1  # one worker process...
+        starts, ends = [s for *_, s, _ in results], [e for *_, e in results]
+        assert max(starts) < min(ends)  # ...running the three at once
+        out = capsys.readouterr().out
+        assert all(f"t{i} starts" in out and f"t{i} ends" in out for i in range(3))
+        # Each task's output is its own: no line mixes two tasks' text.
+        import re
+
+        assert all(re.fullmatch(r"t\d (starts|ends)", line) for line in out.splitlines() if line), out
+
+        @sky.compute
+        def spin() -> None:
+            while True:  # pure Python: the interrupt lands at its next instruction
+                pass
+
+        call = pool.submit(spin())
+        time.sleep(0.3)
+        call.interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            call.wait(10)
+        assert slot_work(0, "after") >> pool
+    with pytest.raises(sky.ConfigError, match="executor='process'.*is not supported yet"):
+        sky.Worker(concurrency=2, executor="process")

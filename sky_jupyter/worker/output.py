@@ -29,7 +29,8 @@ def log(msg: str) -> None:
 
 
 class TaskStream(io.TextIOBase):
-    """Replaces sys.stdout/sys.stderr: text goes to the client tagged with the running task's id.
+    """Replaces sys.stdout/sys.stderr: text goes to the client tagged with the id of the task that wrote it (the
+    main thread's, or that of the task slot thread writing: ``Worker.task_here``), each task's text apart.
 
     Complete lines (and carriage-return updates, as progress bars write) are sent at once; a partial line waits
     for ``flush()``, the end of the task, or the worker's 0.1 s tick.
@@ -39,8 +40,8 @@ class TaskStream(io.TextIOBase):
         super().__init__()
         self._worker = worker
         self._name = name
-        self._parts: list[str] = []
-        self._size = 0
+        self._parts: dict[int, list[str]] = {}  # task id -> text not sent yet
+        self._size: dict[int, int] = {}
         self._lock = threading.RLock()
         self.fd: int | None = None  # set while OutputCapture forwards this descriptor to the running task
 
@@ -69,25 +70,31 @@ class TaskStream(io.TextIOBase):
             capture.sync()  # what subprocesses wrote to the descriptor before this text comes first
         return self.append(text)
 
-    def append(self, text: str) -> int:
+    def append(self, text: str, task: int | None = None) -> int:
         if not text:
             return 0
+        task = self._worker.task_here() if task is None else task
         with self._lock:
-            self._parts.append(text)
-            self._size += len(text)
-            if "\n" in text or "\r" in text or self._size > 8192:
-                self.flush()
+            self._parts.setdefault(task, []).append(text)
+            self._size[task] = self._size.get(task, 0) + len(text)
+            if "\n" in text or "\r" in text or self._size[task] > 8192:
+                self.flush_task(task)
         return len(text)
 
     def flush(self) -> None:
+        """Send what every task has written so far."""
         with self._lock:
-            if not self._parts:
+            for task in list(self._parts):
+                self.flush_task(task)
+
+    def flush_task(self, task: int) -> None:
+        with self._lock:
+            parts = self._parts.pop(task, None)
+            self._size.pop(task, None)
+            if not parts:
                 return
-            text = "".join(self._parts)
-            self._parts.clear()
-            self._size = 0
-            meta: P.StreamMeta = {"name": self._name, "text": text}
-            self._worker.outbox.send(P.STREAM, self._worker.current_task, meta)
+            meta: P.StreamMeta = {"name": self._name, "text": "".join(parts)}
+            self._worker.outbox.send(P.STREAM, task, meta)
 
 
 class OutputCapture:
@@ -138,8 +145,9 @@ class OutputCapture:
                 return
             if not data:
                 return
-            if self.worker.current_task:
-                stream.append(decoder.decode(data))
+            task = self.worker.fd_task()
+            if task:
+                stream.append(decoder.decode(data), task)
             else:
                 os.write(self.saved[2], data)
 

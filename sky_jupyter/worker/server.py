@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import ctypes
 import inspect
 import json
 import os
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +115,12 @@ class Worker:
         self.local_rank = int(config.get("local_rank", 0))
         self.share_dir = os.path.expanduser(str(config.get("share_dir") or os.path.join("~", ".sky_jupyter", "share")))
         self.share_wait = float(config.get("share_wait", 600.0))
+        # sky.Worker(concurrency=N): N tasks at once, on slot threads (cells, setup and pulls stay on the main thread).
+        concurrency = int(config.get("concurrency", 1))
+        self.slots = ThreadPoolExecutor(concurrency, "sky-slot") if concurrency > 1 else None
+        self.in_slots: dict[int, int] = {}  # task id -> the slot thread running it
+        self._slots_lock = threading.Lock()
+        self._slot = threading.local()
         # SimpleQueue hands a job to the main thread faster than Queue; ``queued`` says what waits in it.
         self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.queued: set[int] = set()
@@ -188,7 +196,8 @@ class Worker:
         """Tasks this worker will still answer: all of them (queued, running, or with a result not yet
         acknowledged), so a reconnecting client learns which of its calls never arrived; and those no client can
         have seen the end of (queued, running, or finished while none was connected), for one that attaches."""
-        running = {self.current_task} - {0}
+        with self._slots_lock:
+            running = ({self.current_task} | set(self.in_slots)) - {0}
         unsent, unacked = self.outbox.held_tasks()
         undelivered = set(self.queued) | running | unsent
         return sorted(undelivered | unacked), sorted(undelivered)
@@ -294,7 +303,8 @@ class Worker:
         self.last_seen = time.monotonic()
         match kind:
             case P.PING:
-                pong: P.PongMeta = {"busy": self.current_task, "pid": os.getpid(), "rss": _rss()}
+                pong: P.PongMeta = {"busy": self.current_task or next(iter(self.in_slots), 0), "pid": os.getpid(),
+                                    "rss": _rss()}
                 conn.send(P.PONG, task_id, pong)
             case P.ACK:
                 self.outbox.ack(meta)
@@ -339,6 +349,50 @@ class Worker:
         if running and task_id in (0, running):
             self._interrupt = (running, time.monotonic() + self.interrupt_grace)
             signal.pthread_kill(self.main_ident, signal.SIGINT)
+        with self._slots_lock:
+            threads = [t for task, t in self.in_slots.items() if task_id in (0, task)]
+        for ident in threads:  # a task on a slot thread: KeyboardInterrupt at its next Python instruction
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+
+    def task_here(self) -> int:
+        """The task the calling thread runs: its slot's, else the main thread's (0: none)."""
+        return getattr(self._slot, "task", 0) or self.current_task
+
+    def fd_task(self) -> int:
+        """Whose what reaches file descriptors 1 and 2 is: the main thread's task, else the one slot task running
+        (several at once cannot be told apart: their descriptor-level output goes to the worker's log)."""
+        if self.current_task:
+            return self.current_task
+        with self._slots_lock:
+            return next(iter(self.in_slots)) if len(self.in_slots) == 1 else 0
+
+    def _run_in_slot(self, task_id: int, meta: Any, frames: list | SharedCopy) -> None:
+        """A task on one of the ``concurrency`` slot threads: its result or error goes back from here."""
+        self._slot.task = task_id
+        with self._slots_lock:
+            self.in_slots[task_id] = threading.get_ident()
+            self.queued.discard(task_id)
+        try:
+            if isinstance(frames, SharedCopy):
+                frames = take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
+            value = self.run_task(frames, task_id, bool(meta and meta.get("stream")))
+            self._flush_slot(task_id)
+            payload = P.dumps_reply(value)
+            self.outbox.send(P.RESULT, task_id, None, payload)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            self._flush_slot(task_id)
+            meta_err, payload = error_frames(exc)
+            self.outbox.send(P.ERROR, task_id, meta_err, payload)
+        finally:
+            with self._slots_lock:
+                self.in_slots.pop(task_id, None)
+            self._slot.task = 0
+
+    def _flush_slot(self, task_id: int) -> None:
+        if self.capture is not None:
+            self.capture.sync()
+        self.stdout.flush_task(task_id)
+        self.stderr.flush_task(task_id)
 
     def tick_loop(self) -> None:
         """Flush partial output, enforce the interrupt deadline and the dead-man switch."""
@@ -443,6 +497,9 @@ class Worker:
             raise KeyboardInterrupt
 
     def run_job(self, kind: str, task_id: int, meta: Any, frames: list | SharedCopy) -> None:
+        if kind == P.TASK and self.slots is not None:  # concurrency > 1: tasks run on slot threads
+            self.slots.submit(self._run_in_slot, task_id, meta, frames)
+            return
         self.current_task = task_id
         self.queued.discard(task_id)
         try:
@@ -484,7 +541,7 @@ class Worker:
     def send_display(self, meta: dict[str, Any]) -> None:
         """A display frame (a Jupyter MIME bundle) for the running task, after the output written before it."""
         self.flush_output()
-        self.outbox.send(P.DISPLAY, self.current_task, meta)
+        self.outbox.send(P.DISPLAY, self.task_here(), meta)
 
     def run_task(self, frames: list, task_id: int = 0, stream: bool = False) -> Any:
         """Run a task. A generator it returns is drained here: each item goes back as it is yielded (``stream``:
