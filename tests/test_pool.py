@@ -323,7 +323,7 @@ def test_a_generator_streams_its_items_as_they_are_yielded(local_pool, capsys):
 
     started = time.time()
     items = countdown(3, pause=0.7) >> local_pool
-    first, at = next(items)
+    first, _ = next(items)
     assert first == 3 and time.time() - started < 1.2  # not after the whole generator (about 2.1 s)
     assert [i for i, _ in items] == [2, 1]
     assert capsys.readouterr().out.count("yielding") == 3

@@ -107,7 +107,7 @@ def impostor_node():
 def _full_reply(**fields: Any) -> dict[str, Any]:
     return {"ok": True, "mac": "0" * 64, **P.versions(), "max_frame": P.MAX_FRAME, "max_buffers": P.MAX_BUFFERS,
             "pid": 4242, "generation": 0, "setup": True, "rank": 0, "tasks": [], "undelivered": [], "free_port": 29500,
-            **fields}
+            "store_port": 29501, **fields}
 
 
 def _evil_frame(marker: Path) -> bytes:
