@@ -3,7 +3,12 @@
 One explicit table, used by the AWS provider and by the panel (instance type and hourly price beside the name).
 Prices are AWS's on-demand list prices for Linux in us-east-1, per instance and hour, as of :data:`PRICES_DATE`;
 other regions cost somewhat more, spot instances less. They are for showing and estimating, not for billing: check
-the EC2 pricing page before relying on them, and update the table (and the date) when AWS changes them.
+the EC2 pricing page before relying on them, and update the table (and the date) when AWS changes them. A row whose
+type had no list price at that date has the price None ("no price known" in costs).
+
+A name may carry the GPU count of its row, ``"H100:8"`` is ``"H100"``; ``"H100:1"`` is a row of its own (one H100,
+p5.4xlarge). V100 is refused (see :data:`RETIRED`): current Deep Learning AMIs do not support the p3 instances that
+have it; ``AWS(instance_types={"V100": "p3.2xlarge"}, ami=...)`` still launches one with an image of your own.
 """
 
 from __future__ import annotations
@@ -28,26 +33,28 @@ class Accelerator:
     gpu_memory_gib: int  # per GPU
     vcpus: int
     memory_gib: int
-    price_per_hour: float  # USD, on demand, one instance, us-east-1 Linux, as of PRICES_DATE
+    price_per_hour: float | None  # USD, on demand, one instance, us-east-1 Linux, as of PRICES_DATE; None: unknown
 
     @property
     def summary(self) -> str:
         """``"A100: p4d.24xlarge, 8x 40 GiB, $21.96/h"``, for messages and the panel."""
         gpus = f"{self.gpus}x {self.gpu_memory_gib} GiB" if self.gpus else "no GPU"
-        return f"{self.name}: {self.instance_type}, {gpus}, ${self.price_per_hour:.2f}/h"
+        price = f"${self.price_per_hour:.2f}/h" if self.price_per_hour is not None else "no list price known"
+        return f"{self.name}: {self.instance_type}, {gpus}, {price}"
 
 
-#: The smallest instance type that offers each accelerator (one node = one instance). A100/H100/H200 only come
-#: as 8-GPU machines on EC2.
+#: The smallest instance type that offers each accelerator (one node = one instance). A100 and H200 only come as
+#: 8-GPU machines on EC2; H100 also as one GPU (p5.4xlarge, since August 2025: after PRICES_DATE, so its list price
+#: of that date does not exist and is None here).
 TABLE: tuple[Accelerator, ...] = (
     Accelerator("CPU", "m7i.xlarge", 0, 0, 4, 16, 0.2016),
     Accelerator("T4", "g4dn.xlarge", 1, 16, 4, 16, 0.526),
     Accelerator("A10G", "g5.xlarge", 1, 24, 4, 16, 1.006),
     Accelerator("L4", "g6.xlarge", 1, 24, 4, 16, 0.8048),
     Accelerator("L40S", "g6e.xlarge", 1, 48, 4, 32, 1.861),
-    Accelerator("V100", "p3.2xlarge", 1, 16, 8, 61, 3.06),
     Accelerator("A100", "p4d.24xlarge", 8, 40, 96, 1152, 21.96),
     Accelerator("A100-80GB", "p4de.24xlarge", 8, 80, 96, 1152, 27.45),
+    Accelerator("H100:1", "p5.4xlarge", 1, 80, 16, 256, None),
     Accelerator("H100", "p5.48xlarge", 8, 80, 192, 2048, 55.04),
     Accelerator("H200", "p5en.48xlarge", 8, 141, 192, 2048, 63.30),
 )
@@ -59,6 +66,13 @@ ALIASES: dict[str, str] = {
     "H100-80GB": "H100",
     "H200-141GB": "H200",
     "NONE": "CPU",
+    "H100-1": "H100:1",
+}
+
+#: Names the table no longer offers, with why and what to use instead.
+RETIRED: dict[str, str] = {
+    "V100": "V100 (p3 instances) is not offered: current AWS Deep Learning AMIs do not support it; use L4 "
+            "(g6.xlarge, 24 GiB) or A10G (g5.xlarge) instead.",
 }
 
 
@@ -84,17 +98,27 @@ def lookup(name: str | None) -> Accelerator:
     key = canonical(name)
     key = canonical(ALIASES.get(key, key))
     row = _BY_KEY.get(key)
+    if row is None and ":" in key:  # "H100:8" is the H100 row: a count that is the row's own
+        base, _, count = key.partition(":")
+        base = canonical(ALIASES.get(base, base))
+        if base in RETIRED:
+            key = base
+        elif base in _BY_KEY and count.isdigit() and int(count) == _BY_KEY[base].gpus:
+            row = _BY_KEY[base]
+    if key in RETIRED:
+        raise ConfigError(RETIRED[key])
     if row is None:
         raise ConfigError(f"unknown accelerator {name!r}; known: {', '.join(known())} "
                           f"(or pass instance_types={{{name!r}: 'some.instance-type'}} to sky.AWS).")
     return row
 
 
-def instance_for(name: str | None) -> tuple[str, float]:
-    """(instance type, on-demand USD per hour) for an accelerator name, e.g. ``("p4d.24xlarge", 21.96)``."""
+def instance_for(name: str | None) -> tuple[str, float | None]:
+    """(instance type, on-demand USD per hour or None when unknown) for an accelerator name, e.g.
+    ``("p4d.24xlarge", 21.96)``."""
     row = lookup(name)
     return row.instance_type, row.price_per_hour
 
 
-__all__ = ["ALIASES", "PRICES_DATE", "PRICES_REGION", "TABLE", "Accelerator", "canonical", "instance_for", "known",
-           "lookup"]
+__all__ = ["ALIASES", "PRICES_DATE", "PRICES_REGION", "RETIRED", "TABLE", "Accelerator", "canonical", "instance_for",
+           "known", "lookup"]

@@ -69,12 +69,16 @@ def price_note(accelerator: str | None, nodes: int, provider: str, spot: bool) -
         where = "Local: runs here, no cost"
     elif provider == "ssh":
         where = "SSH: your own machines, no cost counted"
+    elif row.price_per_hour is None:
+        where = (f"No list price in the table ({accelerators.PRICES_REGION}, {accelerators.PRICES_DATE}): cost "
+                 "not counted")
     else:
         total = row.price_per_hour * nodes
         where = (f"${total:.2f}/h for {nodes} node{'s' if nodes != 1 else ''} on demand "
                  f"({accelerators.PRICES_REGION}, {accelerators.PRICES_DATE})" + ("; spot costs less" if spot else ""))
     gpus = f"{row.gpus}x {row.gpu_memory_gib} GiB" if row.gpus else "no GPU"
-    return f"{row.name}: {row.instance_type} on AWS ({gpus}), ${row.price_per_hour:.2f}/h per node. {where}.", ""
+    price = f"${row.price_per_hour:.2f}/h per node" if row.price_per_hour is not None else "price unknown"
+    return f"{row.name}: {row.instance_type} on AWS ({gpus}), {price}. {where}.", ""
 
 
 def hourly_price(provider: str, accelerator: str | None) -> float | None:

@@ -7,9 +7,11 @@ import sys
 from typing import Any
 
 import boto3
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ... import state
+from ...errors import ProvisionError
+from . import teardown
 from .common import (
     LIVE_STATES,
     TAG_LAUNCH,
@@ -45,19 +47,29 @@ def _confirm(question: str) -> bool | None:
 
 
 def gc(region: str | None = None, interactive: bool = False, dry_run: bool = False, *,
-       session: boto3.Session | None = None, owner: str | None = None) -> list[str]:
+       session: boto3.Session | None = None, owner: str | None = None, timeout: float = 600.0,
+       poll: float = 5.0) -> list[str]:
     """Find instances this tool tagged (for this client's owner) whose pool is gone, show them, terminate them.
 
     A pool is gone when its state file is missing, its client process is dead, or it does not list the
     instance. With ``interactive`` the user confirms first (on a terminal or in a notebook); ``dry_run`` only
     shows. Security groups left by gone pools are deleted too. Returns the ids terminated (or, dry, found).
+    Waits up to ``timeout`` seconds for the terminations (asking every ``poll`` seconds); instances EC2 no longer
+    knows count as terminated. An AWS error is a :class:`~sky_jupyter.errors.ProvisionError` naming the region,
+    the instances and what to do next.
     """
     session, region = session_for(region, session)
     ec2 = client_for(session, "ec2", region)
     owner = owner or default_owner()
-    pages = ec2.get_paginator("describe_instances").paginate(Filters=[
-        {"Name": "tag-key", "Values": [TAG_POOL]}, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-    tagged = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    try:
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": "tag-key", "Values": [TAG_POOL]},
+            {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+        tagged = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    except (ClientError, BotoCoreError) as exc:
+        raise ProvisionError(f"sky gc ({region}): listing the instances this tool tagged failed "
+                             f"({teardown.why(exc)}); it needs ec2:DescribeInstances in {region}. Nothing was "
+                             f"terminated.") from None
     mine = [i for i in tagged if tag_map(i.get("Tags")).get(TAG_OWNER) == owner]
     orphans = [i for i in mine if not _live_pool_owns(i)]
     others = len(tagged) - len(mine)
@@ -90,28 +102,38 @@ def gc(region: str | None = None, interactive: bool = False, dry_run: bool = Fal
             print("nothing terminated.")
             return []
     if ids:
-        ec2.terminate_instances(InstanceIds=ids)
-        ec2.get_waiter("instance_terminated").wait(InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-        print(f"terminated {', '.join(ids)}.")
-    _gc_groups(ec2, owner)
+        gone = teardown.terminate(ec2, ids, region=region, timeout=timeout, poll=poll, say=print)
+        done = [i for i in ids if i not in gone]
+        if done:
+            print(f"terminated {', '.join(done)}.")
+    _gc_groups(ec2, owner, region)
     return ids
 
 
-def _gc_groups(ec2: Any, owner: str) -> None:
-    """Delete security groups of this owner's gone pools that no instance uses any more."""
-    groups = ec2.describe_security_groups(Filters=[{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}])
+def _gc_groups(ec2: Any, owner: str, region: str) -> None:
+    """Delete security groups of this owner's gone pools that no instance uses any more. Groups cost nothing:
+    one that cannot be listed or deleted now is reported, not raised."""
+    try:
+        groups = ec2.describe_security_groups(Filters=[{"Name": f"tag:{TAG_OWNER}", "Values": [owner]}])
+    except (ClientError, BotoCoreError) as exc:
+        print(f"sky gc ({region}): security groups not listed ({teardown.why(exc)}); none deleted.")
+        return
     for group in groups["SecurityGroups"]:
         tags = tag_map(group.get("Tags"))
         recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
         if recorded and state.pid_alive(recorded.get("client_pid")) and \
                 group["GroupId"] in ((recorded.get("cloud") or {}).get("security_groups") or ()):
             continue
-        users = ec2.describe_instances(Filters=[{"Name": "instance.group-id", "Values": [group["GroupId"]]},
-                                                {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-        if any(r["Instances"] for r in users["Reservations"]):
-            continue
         try:
+            users = ec2.describe_instances(Filters=[{"Name": "instance.group-id", "Values": [group["GroupId"]]},
+                                                    {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+            if any(r["Instances"] for r in users["Reservations"]):
+                continue
             ec2.delete_security_group(GroupId=group["GroupId"])
             print(f"deleted security group {group['GroupId']} ({group.get('GroupName', '')}).")
         except ClientError as exc:
+            if error_code(exc) in ("InvalidGroup.NotFound", "InvalidSecurityGroupID.NotFound"):
+                continue
             print(f"security group {group['GroupId']} not deleted yet ({error_code(exc)}); run gc again later.")
+        except BotoCoreError as exc:
+            print(f"security group {group['GroupId']} not deleted yet ({exc}); run gc again later.")
