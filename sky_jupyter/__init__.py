@@ -48,9 +48,9 @@ __all__ = [
     "AWS", "SSH", "AuthenticationError", "BootstrapError", "Cluster", "Compute", "ComputePool", "ConfigError",
     "ConnectionLostError", "Image", "InstanceInfo", "Local", "PendingCompute", "PendingGroup", "PipIndex", "Plugin",
     "ProvisionError", "Remote", "RemoteError", "SerializationError", "SkyError", "Spec", "SpotReclaimError",
-    "VersionMismatchError", "Worker", "WorkerLostError", "barrier", "compute", "counter", "dict", "gather",
-    "instance_info", "is_head", "lock", "panel", "plugins", "pool", "queue", "set", "shard", "silent", "stderr",
-    "stdout",
+    "VersionMismatchError", "Worker", "WorkerLostError", "accelerators", "barrier", "compute", "counter", "dict",
+    "gather", "instance_info", "is_head", "lock", "panel", "plugins", "pool", "queue", "set", "shard", "silent",
+    "stderr", "stdout",
 ]
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ _STORE = {"dict": "dict_", "set": "set_", "counter": "counter", "queue": "queue"
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("plugins", "pool"):  # sky.pool(...) is Skyward's ComputePool(...): that module is callable
+    if name in ("plugins", "pool", "accelerators"):  # sky.pool(...) is Skyward's ComputePool(...): that module is
+        # callable; sky.accelerators.H100(count=8) builds accelerator names
         return importlib.import_module(f".{name}", __name__)
     if name in _STORE:
         return getattr(importlib.import_module(".store", __name__), _STORE[name])

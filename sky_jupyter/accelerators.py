@@ -6,6 +6,8 @@ other regions cost somewhat more, spot instances less. They are for showing and 
 the EC2 pricing page before relying on them, and update the table (and the date) when AWS changes them. A row whose
 type had no list price at that date has the price None ("no price known" in costs).
 
+Skyward's constructors build names too: ``sky.accelerators.H100(count=8)`` is ``"H100"``, ``H100(count=1)`` is
+``"H100:1"``, ``A100(memory="80GB")`` is ``"A100-80GB"`` (a count EC2 does not sell is refused, naming those it does).
 A name may carry the GPU count of its row, ``"H100:8"`` is ``"H100"``; ``"H100:1"`` is a row of its own (one H100,
 p5.4xlarge). V100 is refused (see :data:`RETIRED`): current Deep Learning AMIs do not support the p3 instances that
 have it; ``AWS(instance_types={"V100": "p3.2xlarge"}, ami=...)`` still launches one with an image of your own.
@@ -113,6 +115,70 @@ def lookup(name: str | None) -> Accelerator:
     return row
 
 
+class Named(str):
+    """An accelerator as Skyward's ``sky.accelerators.H100(count=8)`` builds it: the table's name (a ``str``, so it
+    goes wherever a name goes), with the count and memory asked for."""
+
+    gpus: int  # per node (not ``count``: that is str's method)
+    memory: str | None
+
+    def __new__(cls, name: str, count: int, memory: str | None = None) -> Named:
+        value = super().__new__(cls, name)
+        value.gpus, value.memory = count, memory
+        return value
+
+    def __repr__(self) -> str:
+        return f"sky.accelerators.{self.split(':')[0].split('-')[0]}(count={self.gpus}" + (
+            f", memory={self.memory!r})" if self.memory else ")")
+
+
+def _named(kind: str, count: int, memory: str | None = None) -> Named:
+    """The table row for ``count`` GPUs of ``kind`` (and ``memory`` per GPU, like "80GB"), as a :class:`Named`."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"sky.accelerators.{kind}(count=...) takes a whole number of GPUs from 1, got {count!r}")
+    rows = [a for a in TABLE if canonical(a.name).split(":")[0].split("-")[0] == kind and a.gpus]
+    if memory is not None:
+        wanted = "".join(c for c in str(memory) if c.isdigit())
+        rows = [a for a in rows if str(a.gpu_memory_gib) == wanted]
+        if not rows:
+            sizes = sorted({f"{a.gpu_memory_gib}GB" for a in TABLE if canonical(a.name).startswith(kind) and a.gpus})
+            raise ConfigError(f"{kind} with {memory} per GPU is not in the table; it has {', '.join(sizes)}.")
+    for row in rows:
+        if row.gpus == count:
+            return Named(row.name, count, memory)
+    offered = ", ".join(dict.fromkeys(f"{a.gpus} ({a.instance_type})" for a in rows))
+    raise ConfigError(f"EC2 offers {kind}{f' {memory}' if memory else ''} as {offered} per machine, not {count}; "
+                      f"ask for one of those counts (more GPUs: more nodes).")
+
+
+def T4(count: int = 1) -> Named:
+    return _named("T4", count)
+
+
+def A10G(count: int = 1) -> Named:
+    return _named("A10G", count)
+
+
+def L4(count: int = 1) -> Named:
+    return _named("L4", count)
+
+
+def L40S(count: int = 1) -> Named:
+    return _named("L40S", count)
+
+
+def A100(count: int = 8, memory: str | None = None) -> Named:
+    return _named("A100", count, memory)
+
+
+def H100(count: int = 8) -> Named:
+    return _named("H100", count)
+
+
+def H200(count: int = 8) -> Named:
+    return _named("H200", count)
+
+
 def instance_for(name: str | None) -> tuple[str, float | None]:
     """(instance type, on-demand USD per hour or None when unknown) for an accelerator name, e.g.
     ``("p4d.24xlarge", 21.96)``."""
@@ -120,5 +186,5 @@ def instance_for(name: str | None) -> tuple[str, float | None]:
     return row.instance_type, row.price_per_hour
 
 
-__all__ = ["ALIASES", "PRICES_DATE", "PRICES_REGION", "RETIRED", "TABLE", "Accelerator", "canonical", "instance_for",
-           "known", "lookup"]
+__all__ = ["A10G", "A100", "ALIASES", "H100", "H200", "L4", "L40S", "PRICES_DATE", "PRICES_REGION", "RETIRED", "T4",
+           "TABLE", "Accelerator", "Named", "canonical", "instance_for", "known", "lookup"]
