@@ -504,3 +504,21 @@ def test_a_pool_whose_kernel_died_is_attached_to_billed_and_terminated(moto_ec2,
         again.close()
     assert {i["State"]["Name"] for i in moto_ec2.instances("aws-attach")} == {"terminated"}
     assert moto_ec2.groups("aws-attach") == [] and state.load("aws-attach") is None
+
+
+def test_cpu_nodes_sized_by_vcpus_memory_and_architecture(moto_ec2, key_file):
+    from sky_jupyter.providers.aws.prices import cpu_instance
+
+    assert cpu_instance(None, None, None) == "c7i.large"
+    assert cpu_instance(16, 64, "arm64") == "m7g.4xlarge"  # 4 GiB per vCPU: the general-purpose family
+    assert cpu_instance(4, 100, None) == "r7i.4xlarge"
+    with pytest.raises(sky.ConfigError, match="no x86_64 CPU instance type here has 500 vCPUs"):
+        cpu_instance(500, None, None)
+    provider = make(moto_ec2, key_file)
+    ids = provider.launch(PoolSpec("aws-sized", 1, None, vcpus=8, memory_gb=30, architecture="x86_64"))
+    try:
+        assert moto_ec2.client().describe_instances(InstanceIds=ids)["Reservations"][0]["Instances"][0][
+            "InstanceType"] == "m7i.2xlarge"
+    finally:
+        provider.terminate("aws-sized")
+    assert provider.instance_type(PoolSpec("p", 1, "T4", vcpus=64)) == "g4dn.xlarge"  # a named accelerator wins

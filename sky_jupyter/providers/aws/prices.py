@@ -116,3 +116,34 @@ def spot_role_message(message: str = "") -> str:
             "AWSServiceRoleForEC2Spot, which EC2 creates on an account's first spot request, and these credentials "
             "may not create it (iam:CreateServiceLinkedRole). Someone allowed to do so creates it once per account "
             "with `aws iam create-service-linked-role --aws-service-name spot.amazonaws.com`.")
+
+
+#: Instance families for CPU nodes asked for by size (``vcpus``, ``memory_gb``, ``architecture``): their GiB of
+#: memory per vCPU, and their price per vCPU relative to the compute-optimised family's (AWS's us-east-1 list
+#: prices: compute-optimised, then general-purpose about 12% more, memory-optimised about 48% more).
+CPU_FAMILIES: dict[str, tuple[tuple[str, int, float], ...]] = {
+    "x86_64": (("c7i", 2, 1.0), ("m7i", 4, 1.12), ("r7i", 8, 1.48)),
+    "arm64": (("c7g", 2, 1.0), ("m7g", 4, 1.12), ("r7g", 8, 1.48)),
+}
+#: vCPUs of the sizes these families come in.
+CPU_SIZES: tuple[tuple[str, int], ...] = (("large", 2), ("xlarge", 4), ("2xlarge", 8), ("4xlarge", 16),
+                                          ("8xlarge", 32), ("12xlarge", 48), ("16xlarge", 64))
+
+
+def cpu_instance(vcpus: float | None, memory_gb: float | None, architecture: str | None) -> str:
+    """The cheapest CPU instance type with at least ``vcpus`` and ``memory_gb`` for ``architecture`` (default
+    x86_64): in each family the smallest size that fits, then the family where that costs least."""
+    from ...errors import ConfigError
+
+    arch = architecture or "x86_64"
+    want_cpu, want_mem = vcpus or 1, memory_gb or 0
+    fits = [(weight * cpus, f"{family}.{size}")
+            for family, per_vcpu, weight in CPU_FAMILIES[arch]
+            for size, cpus in [next(((s, c) for s, c in CPU_SIZES if c >= want_cpu and c * per_vcpu >= want_mem),
+                                    ("", 0))] if cpus]
+    if fits:
+        return min(fits)[1]
+    largest = CPU_SIZES[-1][1]
+    raise ConfigError(f"no {arch} CPU instance type here has {want_cpu:g} vCPUs and {want_mem:g} GiB (the largest: "
+                      f"{largest} vCPUs, {largest * CPU_FAMILIES[arch][-1][1]} GiB); ask for less, or name one with "
+                      f"AWS(instance_types={{'CPU': '...'}}).")

@@ -53,6 +53,7 @@ from .common import (
 )
 from .prices import (
     SPOT_ROLE_ERROR,
+    cpu_instance,
     list_price,
     quota_for,
     quota_value,
@@ -215,8 +216,16 @@ class AWS(Provider):
             return itype, list_price(itype)
         return accelerators.instance_for(name)
 
+    def instance_type(self, spec: PoolSpec) -> str:
+        """What to launch for ``spec``: its accelerator's type; with none named, a CPU type sized by its ``vcpus``,
+        ``memory_gb`` and ``architecture`` when it gives any (an ``instance_types`` entry for "CPU" wins)."""
+        sized = any(v is not None for v in (spec.vcpus, spec.memory_gb, spec.architecture))
+        if spec.accelerator or not sized or "CPU" in self.instance_types:
+            return self.accelerator(spec.accelerator)[0]
+        return cpu_instance(spec.vcpus, spec.memory_gb, spec.architecture)
+
     def check(self, spec: PoolSpec) -> None:
-        self.accelerator(spec.accelerator)  # ConfigError listing the known names
+        self.instance_type(spec)  # ConfigError listing the known names, or naming a size no type has
         if self.key_file:
             load_key(self.key_file)  # ConfigError naming an unreadable key file
         if self.public_key is not None:
@@ -599,7 +608,7 @@ class AWS(Provider):
 
     def _launch(self, spec: PoolSpec, launch: str, count: int) -> None:
         pool = spec.name
-        itype, _ = self.accelerator(spec.accelerator)
+        itype = self.instance_type(spec)
         public_line, self._private_key = self.key_material()
         row = next((a for a in accelerators.TABLE if a.instance_type == itype), None)
         ami = self.image_id(gpu=row is None or row.gpus > 0)
