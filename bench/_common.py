@@ -73,3 +73,97 @@ def paired_comparison(base: str, sky_runs: list[dict[str, Any]], sky_call: list[
         "goal_met_ratio_of_medians": ratio_job <= goal,
         "goal_met_paired_median": med(paired) <= goal,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Byte-counting links (tests/fixtures/slowlink.py) in a helper process: their threads do not compete with the
+# bench's client for its GIL. A bench runs ``python BENCH.py --links-helper`` through :class:`Links` and calls
+# :func:`links_helper` when it sees that flag.
+
+
+def links_helper() -> None:
+    """Start SlowLinks (and package indexes) when asked (JSON lines on stdin, answers on stdout), report their
+    byte counters, and stop them all when stdin closes (the bench ended, or died)."""
+    import signal
+    import sys
+
+    from tests.fixtures.pkg_index import PackageIndex
+    from tests.fixtures.slowlink import SlowLink
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the bench's to handle; it closes our stdin
+    links: dict[int, SlowLink] = {}
+    indexes: list[PackageIndex] = []
+    try:
+        for line in sys.stdin:
+            req = json.loads(line)
+            if req["op"] == "start":
+                link = SlowLink((req["addr"], req["port"]), rtt=req["rtt"], rate_bps=req["rate_bps"],
+                                handshake=req["handshake"])
+                links[link.port] = link
+                out: dict[str, Any] = {"port": link.port}
+            elif req["op"] == "index":
+                index = PackageIndex(Path(req["folder"]), req["addrs"])
+                indexes.append(index)
+                out = {"port": index.port}
+            elif req["op"] == "counts":
+                out = {str(p): [link.bytes_up, link.bytes_down, link.connections] for p, link in links.items()}
+            else:
+                out = {"error": f"unknown op {req['op']!r}"}
+            sys.stdout.write(json.dumps(out) + "\n")
+            sys.stdout.flush()
+    finally:
+        for link in links.values():
+            link.stop()
+        for index in indexes:
+            index.stop()
+
+
+class Links:
+    """The bench's handle on its links helper process (``script --links-helper``)."""
+
+    def __init__(self, script: str) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--links-helper"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+        self._lock = threading.Lock()
+
+    def _ask(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with self._lock:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the links helper ended (exit code {self.proc.poll()})")
+        return dict(json.loads(line))
+
+    def start(self, addr: str, port: int, rtt: float = 0.0, rate_bps: float | None = None,
+              handshake: bool = False) -> int:
+        """A link to ``addr:port`` with that delay and rate (none: only counting); its local port."""
+        req = {"op": "start", "addr": addr, "port": port, "rtt": rtt, "rate_bps": rate_bps, "handshake": handshake}
+        return int(self._ask(req)["port"])
+
+    def index(self, folder: Path, addrs: list[str]) -> int:
+        return int(self._ask({"op": "index", "folder": str(folder), "addrs": addrs})["port"])
+
+    def counts(self) -> dict[int, tuple[int, int]]:
+        """Bytes up and down through each link so far, by its port."""
+        return {int(p): (up, down) for p, (up, down, _) in self._ask({"op": "counts"}).items()}
+
+    def stop(self) -> None:
+        import contextlib
+        import subprocess
+
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+

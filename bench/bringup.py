@@ -48,7 +48,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
-from _common import report  # noqa: E402  (it also turns the default index off for benches)
+from _common import Links, links_helper, report  # noqa: E402  (it also turns the default index off for benches)
 
 RTT = 0.040
 COUNT_RTT = 0.200  # the cross-check: node-side CPU noise of +-50 ms is +-1.2 round trips at 40 ms, +-0.25 at 200 ms
@@ -60,82 +60,6 @@ GOAL_ATTACH_S = 1.0
 NODES = 4
 
 now = time.perf_counter
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The links, in a helper process
-
-
-def links_helper() -> None:
-    """``bringup.py --links-helper``: start SlowLinks when asked (JSON lines on stdin, answers on stdout), report
-    their byte counters, and stop them all when stdin closes (the bench ended, or died)."""
-    from tests.fixtures.pkg_index import PackageIndex
-    from tests.fixtures.slowlink import SlowLink
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the bench's to handle; it closes our stdin
-    links: dict[int, SlowLink] = {}
-    indexes: list[PackageIndex] = []
-    try:
-        for line in sys.stdin:
-            req = json.loads(line)
-            if req["op"] == "start":
-                link = SlowLink((req["addr"], req["port"]), rtt=req["rtt"], rate_bps=req["rate_bps"], handshake=True)
-                links[link.port] = link
-                out: dict[str, Any] = {"port": link.port}
-            elif req["op"] == "index":
-                index = PackageIndex(Path(req["folder"]), req["addrs"])
-                indexes.append(index)
-                out = {"port": index.port}
-            elif req["op"] == "counts":
-                out = {str(p): [link.bytes_up, link.bytes_down, link.connections] for p, link in links.items()}
-            else:
-                out = {"error": f"unknown op {req['op']!r}"}
-            sys.stdout.write(json.dumps(out) + "\n")
-            sys.stdout.flush()
-    finally:
-        for link in links.values():
-            link.stop()
-        for index in indexes:
-            index.stop()
-
-
-class Links:
-    """The parent's handle on the helper process."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--links-helper"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     start_new_session=True)
-        self._lock = threading.Lock()
-
-    def _ask(self, req: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        with self._lock:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the links helper ended (exit code {self.proc.poll()})")
-        return json.loads(line)
-
-    def start(self, addr: str, port: int, rtt: float) -> int:
-        return int(self._ask({"op": "start", "addr": addr, "port": port, "rtt": rtt, "rate_bps": RATE_BPS})["port"])
-
-    def index(self, folder: Path, addrs: list[str]) -> int:
-        return int(self._ask({"op": "index", "folder": str(folder), "addrs": addrs})["port"])
-
-    def counts(self) -> dict[int, tuple[int, int]]:
-        return {int(p): (up, down) for p, (up, down, _) in self._ask({"op": "counts"}).items()}
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class HelperIndex:
@@ -347,7 +271,8 @@ class Bench:
 
     def add_links(self, rtts: tuple[float, ...]) -> None:
         for rtt in rtts:
-            self.ports[rtt] = [self.links.start(node.addr, node.port, rtt) for node in self.cluster.nodes]
+            self.ports[rtt] = [self.links.start(node.addr, node.port, rtt, RATE_BPS, handshake=True)
+                               for node in self.cluster.nodes]
 
     def hosts(self, n: int, rtt: float) -> list[str]:
         return [f"{node.user}@127.0.0.1:{port}" for node, port in zip(self.cluster.nodes[:n], self.ports[rtt])]
@@ -706,7 +631,7 @@ def main() -> None:
     os.environ["SKY_JUPYTER_HOME"] = str(tmp / "sky_home")
     load_before = os.getloadavg()
     began = time.time()
-    links = Links()
+    links = Links(__file__)
     try:
         from sky_jupyter.providers.ssh import _client_uv, package_archive
 

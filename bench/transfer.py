@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from _common import report
+from _common import Links, links_helper, report
 
 import sky_jupyter as sky
 from tests.fixtures.sshd_cluster import ensure_node_python, pinned_requirements, start_cluster
@@ -88,67 +87,6 @@ def busy_cpu_seconds() -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The counting links, in a helper process (their threads do not compete with this client for its GIL)
-
-
-def links_helper() -> None:
-    """``transfer.py --links-helper``: start a SlowLink (no delay, no rate limit) per request (JSON lines on
-    stdin, answers on stdout), report their byte counters, and stop them all when stdin closes."""
-    from tests.fixtures.slowlink import SlowLink
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the bench's to handle; it closes our stdin
-    links: dict[int, SlowLink] = {}
-    try:
-        for line in sys.stdin:
-            req = json.loads(line)
-            if req["op"] == "start":
-                link = SlowLink((req["addr"], req["port"]), rtt=0.0, rate_bps=None)
-                links[link.port] = link
-                out: dict[str, Any] = {"port": link.port}
-            elif req["op"] == "counts":
-                out = {str(p): [link.bytes_up, link.bytes_down] for p, link in links.items()}
-            else:
-                out = {"error": f"unknown op {req['op']!r}"}
-            sys.stdout.write(json.dumps(out) + "\n")
-            sys.stdout.flush()
-    finally:
-        for link in links.values():
-            link.stop()
-
-
-class Links:
-    """The parent's handle on the helper process."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--links-helper"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     start_new_session=True)
-        self._lock = threading.Lock()
-
-    def _ask(self, req: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        with self._lock:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the links helper ended (exit code {self.proc.poll()})")
-        return json.loads(line)
-
-    def start(self, addr: str, port: int) -> int:
-        return int(self._ask({"op": "start", "addr": addr, "port": port})["port"])
-
-    def counts(self) -> dict[int, tuple[int, int]]:
-        return {int(p): (up, down) for p, (up, down) in self._ask({"op": "counts"}).items()}
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,63 +131,6 @@ def install_stamps() -> bool:
     proto.FrameIO.recv = recv_stamped  # type: ignore[method-assign]
     server.store, server.take = store_stamped, take_stamped
     return True
-
-
-@sky.compute
-def install_mapped_take() -> bool:
-    """What-if (benchmark only): while ``server._bench_mapped`` is true (:func:`set_mapped`), this worker maps its
-    sibling copy (mmap, private copy-on-write) instead of reading it into fresh memory; the frames are views of the
-    mapping, which the unpickled value keeps alive."""
-    import mmap
-    import os
-    import struct
-    import time
-
-    import sky_jupyter.worker.server as server
-    from sky_jupyter.worker.share import ShareError
-
-    def take_mapped(folder, key, copy, wait, carrier):  # type: ignore[no-untyped-def]
-        path = os.path.join(folder, f"{key}.{copy}")
-        deadline = time.monotonic() + wait
-        delay = 0.002
-        while True:
-            try:
-                f = open(path, "rb+")  # noqa: SIM115 - closed below
-                break
-            except FileNotFoundError:
-                if time.monotonic() > deadline:
-                    raise ShareError(f"no copy {path} from {carrier} within {wait:.0f} s") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        try:
-            os.unlink(path)
-            m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            f.close()
-        view = memoryview(m)
-        (count,) = struct.unpack_from("!I", view, 0)
-        sizes = struct.unpack_from(f"!{count}Q", view, 4)
-        frames, offset = [], 4 + 8 * count
-        for size in sizes:
-            frames.append(view[offset:offset + size])
-            offset += size
-        return frames
-
-    original = server.take
-    server._bench_mapped = False  # type: ignore[attr-defined]
-
-    def take_either(*args):  # type: ignore[no-untyped-def]
-        return (take_mapped if server._bench_mapped else original)(*args)  # type: ignore[attr-defined]
-
-    server.take = take_either
-    return True
-
-
-@sky.compute
-def set_mapped(on: bool) -> None:
-    import sky_jupyter.worker.server as server
-
-    server._bench_mapped = on  # type: ignore[attr-defined]
 
 
 @sky.compute
@@ -497,39 +378,6 @@ def diagnose(sh: Sharing, arr: np.ndarray, rounds: int) -> dict[str, Any]:
     return {f"{NODES}x{w}": {k: round(med([x[k] for x in rows[w]]), 4) for k in rows[w][0]} for w in (1, WORKERS)}
 
 
-def what_if_mapped(sets: list[Sharing], arr: np.ndarray, rounds: int) -> dict[str, Any]:
-    """Broadcast rounds of 2x1, 2x4 as it is, and 2x4 with its siblings mapping their copies
-    (:func:`install_mapped_take`, switched on and off between sends on the same pool), interleaved."""
-    for sh in sets:
-        install_mapped_take() @ sh.pools[WORKERS]
-    order = [(sh, w, mapped) for sh in sets for w, mapped in ((1, False), (WORKERS, False), (WORKERS, True))]
-    runs: dict[tuple[str, int, bool], list[float]] = {(sh.tag, w, m): [] for sh, w, m in order}
-    for r in range(rounds):
-        for sh, w, mapped in order[r % len(order):] + order[:r % len(order)]:
-            pool = sh.pools[w]
-            if w == WORKERS:
-                set_mapped(mapped) @ pool
-            t0 = time.perf_counter()
-            assert nbytes(arr) @ pool == [arr.nbytes] * len(pool.workers)
-            runs[(sh.tag, w, mapped)].append(time.perf_counter() - t0)
-        print(f"what-if round {r + 1}/{rounds}: " + "; ".join(
-            f"{sh.tag} {NODES}x1 {runs[(sh.tag, 1, False)][-1]:.3f} s, {NODES}x{WORKERS} "
-            f"{runs[(sh.tag, WORKERS, False)][-1]:.3f} s, mapped {runs[(sh.tag, WORKERS, True)][-1]:.3f} s"
-            for sh in sets), flush=True)
-    for sh in sets:
-        set_mapped(False) @ sh.pools[WORKERS]
-    out: dict[str, Any] = {}
-    for sh in sets:
-        one, now, mapped = (runs[(sh.tag, w, m)] for w, m in ((1, False), (WORKERS, False), (WORKERS, True)))
-        out[sh.tag] = {
-            f"seconds_{NODES}x1": round(med(one), 4), f"seconds_{NODES}x{WORKERS}": round(med(now), 4),
-            f"seconds_{NODES}x{WORKERS}_mapped": round(med(mapped), 4),
-            "ratio_time": round(med(now) / med(one), 3), "ratio_time_mapped": round(med(mapped) / med(one), 3),
-            "ratio_time_mapped_per_round": [round(m / o, 3) for m, o in zip(mapped, one)],
-        }
-    return out
-
-
 def share_io_alone(mb: int) -> dict[str, Any]:
     """The share folder's own cost with nothing else running: one store of ``mb`` MiB with 3 copies, then 3 takes,
     in one process, on the file system the test nodes' homes are on (/home)."""
@@ -558,7 +406,7 @@ def share_io_alone(mb: int) -> dict[str, Any]:
 def per_node_sharing(cluster: Any, arr: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     mb = arr.nbytes / 1e6
     load = os.getloadavg()
-    links = Links()
+    links = Links(__file__)
     sets = [Sharing(cluster, links, "link"), Sharing(cluster, None, "direct")]
     try:
         t0 = time.perf_counter()
@@ -570,11 +418,6 @@ def per_node_sharing(cluster: Any, arr: np.ndarray, args: argparse.Namespace) ->
         out["broadcast_direct"] = compare(runs["direct"], mb)
         if args.diagnose_rounds:
             out["diagnosis_broadcast_medians_s"] = {sh.tag: diagnose(sh, arr, args.diagnose_rounds) for sh in sets}
-            out["what_if_siblings_map_their_copy"] = {
-                "what": "benchmark-only patch in the workers (not product code): a sibling maps its copy "
-                        "(mmap, private copy-on-write) instead of reading it into fresh memory; interleaved "
-                        "broadcast rounds of 2x1, 2x4 as it is and 2x4 with the patch switched on (same pools)",
-                **what_if_mapped(sets, arr, args.shared_rounds)}
         for sh in sets:
             sh.close()
         if args.cell:
@@ -618,11 +461,6 @@ def print_sharing(fig: dict[str, Any]) -> None:
         print(f"  diagnosis ({tag}; seconds after the call began, medians):")
         for k, v in d.items():
             print(f"    {k}: " + ", ".join(f"{kk} {vv}" for kk, vv in v.items()))
-    if "what_if_siblings_map_their_copy" in fig:
-        print("  what if siblings mapped their copy (benchmark-only patch in the workers):")
-        for tag, v in fig["what_if_siblings_map_their_copy"].items():
-            if tag != "what":
-                print(f"    {tag}: " + ", ".join(f"{k} {vv}" for k, vv in v.items()))
     print(f"  share folder alone (store with {WORKERS - 1} copies, then each take): {fig['share_io_alone']}\n")
 
 

@@ -38,13 +38,7 @@ CIDR = "203.0.113.7/32"  # TEST-NET-3: what the security group must admit, and o
 HARMLESS = 'touch "$HOME/sky-poweroff-ran"'  # what an orphaned test node runs instead of powering off
 
 
-@pytest.fixture(autouse=True)
-def no_address_lookup(monkeypatch):
-    """The caller's public address must come from ssh_cidr here, never from a web service."""
-    def refuse(*_: Any, **__: Any) -> str:
-        raise AssertionError("the test tried to look up this machine's public address; pass ssh_cidr")
-
-    monkeypatch.setattr(aws.network, "public_address", refuse)
+pytestmark = pytest.mark.usefixtures("no_address_lookup")
 
 
 @pytest.fixture

@@ -38,12 +38,7 @@ HARMLESS = 'touch "$HOME/sky-poweroff-ran"'
 P_QUOTA, P_SPOT_QUOTA, G_QUOTA = "L-417A185B", "L-7212CCBC", "L-DB2E81BA"
 
 
-@pytest.fixture(autouse=True)
-def no_address_lookup(monkeypatch):
-    def refuse(*_: Any, **__: Any) -> str:
-        raise AssertionError("the test tried to look up this machine's public address; pass ssh_cidr")
-
-    monkeypatch.setattr(aws.network, "public_address", refuse)
+pytestmark = pytest.mark.usefixtures("no_address_lookup")
 
 
 @pytest.fixture

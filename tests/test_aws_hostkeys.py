@@ -22,11 +22,13 @@ import pytest
 from sky_jupyter.errors import ConfigError
 from sky_jupyter.providers.base import PoolSpec
 from sky_jupyter.transport import HostKeyError
-from tests.test_aws import key_file, make, no_address_lookup, only_test_nodes  # noqa: F401 - fixtures
+from tests.test_aws import key_file, make, only_test_nodes  # noqa: F401 - fixtures
 
 if TYPE_CHECKING:
     from tests.fixtures.moto_ec2 import MotoEC2
     from tests.fixtures.sshd_cluster import Cluster, SshNode
+
+pytestmark = pytest.mark.usefixtures("no_address_lookup")
 
 aws = pytest.importorskip("sky_jupyter.providers.aws")
 hostkeys = aws.hostkeys

@@ -39,7 +39,7 @@ from .handshake import authenticate
 from .outbox import Outbox
 from .output import OutputCapture, TaskStream, log
 from .share import ShareError, check, store, take
-from .watchdog import POWEROFF, touch
+from .watchdog import POWEROFF, remove_path, touch
 
 if TYPE_CHECKING:
     from .cells import CellRunner
@@ -467,7 +467,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - leaving anyway; say why
             log(f"plugin exit failed: {exc!r}")
         for path in self.config.get("cleanup", []):
-            _remove(path)
+            remove_path(path)
         if self.config.get("on_orphan") == "poweroff" and "dead-man" in reason:
             os.system(self.config.get("poweroff_command") or POWEROFF)
         os._exit(0)
@@ -593,15 +593,3 @@ class Worker:
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(P.__file__)) + os.sep
 
-
-def _remove(path: str) -> None:
-    import shutil
-
-    path = os.path.expanduser(path)
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass

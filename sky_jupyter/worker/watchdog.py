@@ -170,7 +170,7 @@ class Watchdog:
         log(f"no word from the client for {silent:.1f} s (grace {self.grace:g} s): dead-man switch; removing the "
             f"pool's secrets and running the poweroff command")
         for path in self.cleanup:
-            _remove(os.path.expanduser(path))
+            remove_path(path)
         try:
             done = subprocess.run(self.command or POWEROFF, shell=True, stdin=subprocess.DEVNULL, timeout=120,
                                   check=False)
@@ -207,9 +207,11 @@ class Watchdog:
             time.sleep(interval)
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+    """Remove a file or folder (``~`` is the user's home); nothing when it is gone already."""
     import shutil
 
+    path = os.path.expanduser(path)
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
