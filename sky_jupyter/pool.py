@@ -710,7 +710,7 @@ class ComputePool:
             options.pop("spot", None)
         return {**options,
                 "secret": self.secret, "rank": host.rank, "local_rank": local_rank,
-                "concurrency": self.worker.concurrency,
+                "concurrency": self.worker.concurrency, "executor": self.worker.executor,
                 "workers_per_node": self._node_workers(), "world_size": self.size, "pool": self.name,
                 "grace": self.grace, "interrupt_grace": self.interrupt_grace, "env": self.image.environ,
                 "max_frame": P.MAX_FRAME, "max_buffers": P.MAX_BUFFERS}

@@ -62,11 +62,12 @@ class Spec:
 
 @dataclass(frozen=True, slots=True)
 class Worker:
-    """How each worker process runs tasks (Skyward's ``sky.Worker``): ``concurrency`` tasks at once, on threads
-    of the worker (``executor="thread"``); ``>>`` then balances over every slot of every worker. For CPU-bound
-    pure Python, several processes beat threads: use ``workers_per_node=N`` (``executor="process"`` is not
-    supported yet and says so). A task on a slot thread sees an interrupt at its next Python instruction (a long
-    C call, ``time.sleep`` included, finishes first); notebook cells still run one at a time."""
+    """How each worker process runs tasks (Skyward's ``sky.Worker``): ``concurrency`` tasks at once; ``>>`` then
+    balances over every slot of every worker. ``executor="thread"`` runs them on threads of the worker (a task sees
+    an interrupt at its next Python instruction: a long C call, ``time.sleep`` included, finishes first);
+    ``executor="process"`` runs each in a process forked from the worker, for CPU-bound pure Python (it sees the
+    worker's namespace and modules as they were at the fork; what it changes there stays in the child; an interrupt
+    is a SIGINT to it; a generator's items come back as a list). Notebook cells still run one at a time."""
 
     concurrency: int = 1
     executor: str = "thread"
@@ -74,9 +75,6 @@ class Worker:
     def __post_init__(self) -> None:
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or not self.concurrency >= 1:
             raise ConfigError(f"sky.Worker(concurrency=...) takes a whole number from 1, got {self.concurrency!r}")
-        if self.executor == "process":
-            raise ConfigError("sky.Worker(executor='process') is not supported yet: use workers_per_node=N for N "
-                              "worker processes per node, or executor='thread'.")
-        if self.executor != "thread":
-            raise ConfigError(f"sky.Worker(executor=...) takes 'thread', got {self.executor!r}")
+        if self.executor not in ("thread", "process"):
+            raise ConfigError(f"sky.Worker(executor=...) takes 'thread' or 'process', got {self.executor!r}")
 

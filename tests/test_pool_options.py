@@ -134,5 +134,49 @@ def test_worker_concurrency_runs_tasks_side_by_side_in_one_process(tmp_path, cap
         with pytest.raises(KeyboardInterrupt):
             call.wait(10)
         assert slot_work(0, "after") >> pool
-    with pytest.raises(sky.ConfigError, match="executor='process'.*is not supported yet"):
-        sky.Worker(concurrency=2, executor="process")
+    with pytest.raises(sky.ConfigError, match="takes 'thread' or 'process', got 'fiber'"):
+        sky.Worker(concurrency=2, executor="fiber")
+
+
+@sky.compute
+def burn(n: int) -> tuple[int, int, float, float]:
+    import os
+    import time
+
+    started, total = time.time(), 0
+    for i in range(n):  # pure Python: one interpreter lock per process
+        total += i * i
+    print(f"burned {n}", flush=True)
+    return os.getpid(), total, started, time.time()
+
+
+def test_process_slots_run_pure_python_in_processes_of_their_own(tmp_path, capsys):
+    with sky.ComputePool(sky.Local(root=tmp_path), worker=sky.Worker(concurrency=2, executor="process"),
+                         name="forks") as pool:
+        worker_pid = pool.workers[0].handle.pid
+        first, second = sky.gather(burn(3_000_000), burn(3_000_000)) >> pool
+        (pid_a, total, start_a, end_a), (pid_b, _, start_b, end_b) = first, second
+        assert total == sum(i * i for i in range(3_000_000))
+        assert len({pid_a, pid_b, worker_pid}) == 3  # two children of the one worker
+        assert max(start_a, start_b) < min(end_a, end_b)  # side by side
+        assert capsys.readouterr().out.count("burned 3000000") == 2  # their output, through their own pipes
+
+        @sky.compute
+        def fails() -> None:
+            raise KeyError("from a child")
+
+        with pytest.raises(KeyError, match="from a child") as info:
+            fails() >> pool
+        assert "raise KeyError" in str(info.value.__cause__)  # the child's traceback came back
+
+        @sky.compute
+        def spin() -> None:
+            while True:
+                pass
+
+        call = pool.submit(spin())
+        time.sleep(0.5)
+        call.interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            call.wait(10)
+        assert burn(10) >> pool

@@ -118,3 +118,29 @@ def test_workers_on_two_ssh_nodes_meet_at_the_head(sshd_cluster):
         assert [value for value, _ in results] == [50, 50]
         assert sorted(first for _, first in results) == [0, 1]
         assert pool.hosts[0].private_addr != "127.0.0.1"
+
+
+def test_collections_across_two_nodes_with_two_slots_each(tmp_path):
+    """Slot threads of one worker each keep their own connection to the head; a lock and a counter stay exact."""
+    with sky.ComputePool(provider=sky.Local(root=tmp_path), nodes=2, worker=sky.Worker(concurrency=2),
+                         name="store-slots") as pool:
+
+        @sky.compute
+        def add_under_lock(n: int) -> int:
+            import threading
+
+            totals = sky.dict("slot-totals")
+            for _ in range(n):
+                with sky.lock("slot-totals"):
+                    totals["sum"] = totals.get("sum", 0) + 1
+                sky.counter("slot-hits").add()
+            return threading.get_ident()
+
+        idents = sky.gather(*(add_under_lock(25) for _ in range(4))) >> pool  # 2 nodes x 2 slots at once
+
+        @sky.compute
+        def read() -> tuple[int, int]:
+            return sky.dict("slot-totals")["sum"], sky.counter("slot-hits").value
+
+        assert read() >> pool == (100, 100)
+        assert len(set(idents)) >= 2

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
 from ..info import InstanceInfo, _set_current
+from .forked import run_forked
 from .handshake import authenticate
 from .outbox import Outbox
 from .output import OutputCapture, TaskStream, log
@@ -116,9 +117,12 @@ class Worker:
         self.share_dir = os.path.expanduser(str(config.get("share_dir") or os.path.join("~", ".sky_jupyter", "share")))
         self.share_wait = float(config.get("share_wait", 600.0))
         # sky.Worker(concurrency=N): N tasks at once, on slot threads (cells, setup and pulls stay on the main thread).
+        # With executor "process", each slot thread runs its task in a forked child (:mod:`.forked`).
         concurrency = int(config.get("concurrency", 1))
-        self.slots = ThreadPoolExecutor(concurrency, "sky-slot") if concurrency > 1 else None
+        self.forking = config.get("executor") == "process"
+        self.slots = ThreadPoolExecutor(concurrency, "sky-slot") if concurrency > 1 or self.forking else None
         self.in_slots: dict[int, int] = {}  # task id -> the slot thread running it
+        self.in_forks: dict[int, int] = {}  # task id -> the pid of the child running it
         self._slots_lock = threading.Lock()
         self._slot = threading.local()
         # SimpleQueue hands a job to the main thread faster than Queue; ``queued`` says what waits in it.
@@ -350,7 +354,13 @@ class Worker:
             self._interrupt = (running, time.monotonic() + self.interrupt_grace)
             signal.pthread_kill(self.main_ident, signal.SIGINT)
         with self._slots_lock:
-            threads = [t for task, t in self.in_slots.items() if task_id in (0, task)]
+            threads = [t for task, t in self.in_slots.items() if task_id in (0, task) and task not in self.in_forks]
+            children = [pid for task, pid in self.in_forks.items() if task_id in (0, task)]
+        for pid in children:  # a task in a forked child: SIGINT, KeyboardInterrupt there
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
         for ident in threads:  # a task on a slot thread: KeyboardInterrupt at its next Python instruction
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
 
@@ -375,6 +385,9 @@ class Worker:
         try:
             if isinstance(frames, SharedCopy):
                 frames = take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
+            if self.forking:
+                self._run_forked(task_id, frames)
+                return
             value = self.run_task(frames, task_id, bool(meta and meta.get("stream")))
             self._flush_slot(task_id)
             payload = P.dumps_reply(value)
@@ -386,7 +399,24 @@ class Worker:
         finally:
             with self._slots_lock:
                 self.in_slots.pop(task_id, None)
+                self.in_forks.pop(task_id, None)
             self._slot.task = 0
+
+    def _run_forked(self, task_id: int, frames: list) -> None:
+        """A slot's task in a forked child; its answer goes back from here."""
+        def started(pid: int) -> None:
+            with self._slots_lock:
+                self.in_forks[task_id] = pid
+
+        def output(name: str, text: str) -> None:
+            (self.stderr if name == "stderr" else self.stdout).append(text, task_id)
+
+        error, payload = run_forked(frames, self.decorators, output, started, error_frames)
+        self._flush_slot(task_id)
+        if error is None:
+            self.outbox.send(P.RESULT, task_id, None, payload)
+        else:
+            self.outbox.send(P.ERROR, task_id, error, payload)
 
     def _flush_slot(self, task_id: int) -> None:
         if self.capture is not None:
