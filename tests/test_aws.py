@@ -55,6 +55,23 @@ def make(moto: MotoEC2, key: str, session: Any = None, **kw: Any) -> aws.AWS:
                    poweroff_command=HARMLESS, **kw)
 
 
+def aws_client(moto: MotoEC2, cluster: Cluster, extra: str = "") -> str:
+    """The start of a client process's code (``tests.test_attach.abandon``): ``provider``, an AWS against moto
+    whose instance k is test node k, with ``extra`` keyword arguments (source text, each followed by a comma)."""
+    targets = [n.host_string for n in cluster.nodes[:2]]
+    return f"""
+        import boto3
+        import sky_jupyter as sky
+        from tests.fixtures.moto_ec2 import only_loopback
+        session = boto3.Session()
+        session.events.register("before-send", only_loopback)
+        targets = {targets!r}
+        provider = sky.AWS(ami={moto.image_id()!r}, ssh_cidr={CIDR!r}, key_file={str(cluster.key_file)!r},
+                           owner={OWNER!r}, poll=0.1, poweroff_command={HARMLESS!r}, session=session, {extra}
+                           connect_via=lambda description, rank: targets[rank], console_timeout=0.5)
+    """
+
+
 def zones(moto: MotoEC2) -> list[tuple[str, str]]:
     """(zone, default subnet) pairs in the order the provider tries them."""
     subnets = moto.client().describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
@@ -472,20 +489,10 @@ def test_a_pool_whose_kernel_died_is_attached_to_billed_and_terminated(moto_ec2,
     from tests.test_attach import abandon
 
     assert os.environ["AWS_ENDPOINT_URL"] == moto_ec2.endpoint  # the client process inherits the fixture's environment
-    targets = [n.host_string for n in sshd_cluster.nodes[:2]]
-    abandon(f"""
-        import boto3
-        import sky_jupyter as sky
+    abandon(aws_client(moto_ec2, sshd_cluster) + """
         from sky_jupyter import protocol as P
-        from tests.fixtures.moto_ec2 import only_loopback
-        session = boto3.Session()
-        session.events.register("before-send", only_loopback)
-        targets = {targets!r}
-        provider = sky.AWS(ami={moto_ec2.image_id()!r}, ssh_cidr={CIDR!r}, key_file={str(sshd_cluster.key_file)!r},
-                           owner={OWNER!r}, poll=0.1, poweroff_command={HARMLESS!r}, session=session,
-                           connect_via=lambda description, rank: targets[rank], console_timeout=0.5)
         pool = sky.ComputePool(provider=provider, nodes=2, accelerator="A10G", name="aws-attach").start()
-        pool.workers[1].submit(P.CELL, {{"code": "kept = 'on the GPU node'"}}).wait(30)
+        pool.workers[1].submit(P.CELL, {"code": "kept = 'on the GPU node'"}).wait(30)
     """, tmp_path)  # the client dies (SIGKILL): nothing tears the pool down
     assert len(moto_ec2.alive("aws-attach")) == 2
 

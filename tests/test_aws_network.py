@@ -23,7 +23,7 @@ import sky_jupyter as sky
 from sky_jupyter import state
 from sky_jupyter.providers.base import PoolSpec
 from tests.fixtures.moto_ec2 import inject_error
-from tests.test_aws import CIDR, HARMLESS, OWNER, _only
+from tests.test_aws import CIDR, HARMLESS, OWNER, _only, aws_client
 
 if TYPE_CHECKING:
     from tests.fixtures.moto_ec2 import MotoEC2
@@ -238,17 +238,7 @@ def test_attach_then_grow_keeps_the_zone_and_group_and_moves_the_ssh_rule(moto_e
     from tests.test_attach import abandon
 
     targets = [n.host_string for n in sshd_cluster.nodes[:2]]
-    abandon(f"""
-        import boto3
-        import sky_jupyter as sky
-        from tests.fixtures.moto_ec2 import only_loopback
-        session = boto3.Session()
-        session.events.register("before-send", only_loopback)
-        targets = {targets!r}
-        provider = sky.AWS(ami={moto_ec2.image_id()!r}, ssh_cidr={CIDR!r}, key_file={str(sshd_cluster.key_file)!r},
-                           owner={OWNER!r}, poll=0.1, poweroff_command={HARMLESS!r}, session=session,
-                           availability_zones=["us-east-1c"], console_timeout=0.5,
-                           connect_via=lambda description, rank: targets[rank])
+    abandon(aws_client(moto_ec2, sshd_cluster, 'availability_zones=["us-east-1c"],') + """
         pool = sky.ComputePool(provider=provider, nodes=1, accelerator="A10G", name="net-attach").start()
     """, tmp_path)
     (first,) = moto_ec2.alive("net-attach")
