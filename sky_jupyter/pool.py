@@ -24,7 +24,7 @@ from . import protocol as P
 from . import state
 from .bootstrap import BootstrapPlan
 from .compute import PendingCompute
-from .errors import ConfigError, ConnectionLostError, ProvisionError, SerializationError, SkyError
+from .errors import ConfigError, ConnectionLostError, ProvisionError, SerializationError, SkyError, SpotReclaimError
 from .image import Image
 from .node import Call, RemoteWorker, Sink
 from .plugin import Cluster, Plugin, bootstrap_ops, check_plugins, transform_image
@@ -816,10 +816,48 @@ class ComputePool:
 
     def run(self, pending: PendingCompute[Any], rank: int | None = None) -> Any:
         """``pending >> pool``: run on one worker (the least busy, or ``rank``) and return its value."""
-        worker = self.workers[rank] if rank is not None else None
         if inspect.isgeneratorfunction(pending.fn):
-            return self._items(pending, worker)
-        return self._wait_all([self.submit(pending, worker)], [pending], self.default_compute_timeout)[0]
+            return self._items(pending, self.workers[rank] if rank is not None else None)
+        return self._retrying(lambda: self._wait_all(
+            [self.submit(pending, self.workers[rank] if rank is not None else None)], [pending],
+            self.default_compute_timeout)[0])
+
+    def _retrying(self, attempt: Callable[[], Any]) -> Any:
+        """``attempt()``; when the provider retries on interruption (AWS ``retry_on_interruption=True``) and it failed
+        because EC2 reclaims a spot node, that node is replaced in its zone and ``attempt()`` runs once more."""
+        try:
+            return attempt()
+        except SpotReclaimError:
+            if not getattr(self.provider, "retry_on_interruption", False):
+                raise
+        for node in sorted({w.node for w in self.workers if w.reclaimed}):
+            self.replace_node(node)
+        return attempt()
+
+    def replace_node(self, node: int) -> None:
+        """A new machine for node ``node`` (a spot node being reclaimed), in its zone and groups: its workers start
+        fresh there (their namespace is lost) and every worker is set up again (torch.distributed re-forms)."""
+        self._require_running()
+        old = [w for w in self.workers if w.node == node]
+        self._parallel([functools.partial(w.close, 2.0) for w in old], raise_first=False)
+        spec = PoolSpec(self.name, self.size, self.accelerator, self.spec.vcpus, self.spec.memory_gb,
+                        self.spec.architecture, self.spec.allocation)
+        host = self.provider.replace(spec, self.hosts[node])
+        self.hosts[node] = host
+        self._synced.pop(node, None)
+        fresh = self._bring_up([host], self._plan(), first_rank=old[0].rank if old else 0)
+        at = self.workers.index(old[0]) if old else len(self.workers)
+        self.workers[at:at + len(old)] = fresh
+        for rank, worker in enumerate(self.workers):
+            worker.rank = rank
+        if node == 0:  # the head moved: its ports for torch.distributed and the shared collections too
+            head = self.workers[0].link
+            assert head is not None
+            self.head_port, self.store_port = head.hello["free_port"], head.hello.get("store_port", 0)
+        self._setup_all()
+        self.sync()
+        self._save_state()
+        print(f"[{self.name}] node {node} was replaced ({host.display}); its workers start fresh", file=sys.stderr)
 
     def _items(self, pending: PendingCompute[Any], worker: RemoteWorker | None) -> Iterator[Any]:
         """A generator function's call, streamed: its items as the worker yields them. Leaving the loop early
@@ -843,9 +881,13 @@ class ComputePool:
         self._require_running()
         self.last_used = time.monotonic()
         payload = self._payload(pending)
-        calls = self.submit_many([Request(w, P.TASK, None, payload, self._sink(w, alone=False), (pending.fn,))
-                                  for w in self.workers])
-        return self._wait_all(calls, [pending] * len(calls), self.default_compute_timeout)
+
+        def attempt() -> list[Any]:
+            calls = self.submit_many([Request(w, P.TASK, None, payload, self._sink(w, alone=False), (pending.fn,))
+                                      for w in self.workers])
+            return self._wait_all(calls, [pending] * len(calls), self.default_compute_timeout)
+
+        return self._retrying(attempt)
 
     def submit_many(self, requests: Sequence[Request]) -> list[Call]:
         """Send several jobs at once, a payload that several workers of one node get (the same buffers) crossing
@@ -880,7 +922,8 @@ class ComputePool:
 
     def gather(self, items: Sequence[PendingCompute[Any]]) -> tuple[Any, ...]:
         """Several computations at once, spread over the workers; values in order."""
-        return tuple(self._wait_all(self._spread(items), list(items), self.default_compute_timeout))
+        return tuple(self._retrying(lambda: self._wait_all(self._spread(items), list(items),
+                                                           self.default_compute_timeout)))
 
     def _spread(self, items: Sequence[PendingCompute[Any]], on_done: Callable[[int], None] | None = None
                 ) -> list[Call]:

@@ -407,3 +407,58 @@ def test_an_aws_spot_node_polls_the_metadata_service_and_its_task_fails_on_the_n
     assert {r.client for r in imds.requests} == {node.addr}
     assert {i["State"]["Name"] for i in moto_ec2.instances("wd-aws-spot")} == {"terminated"}
     _wait_for(lambda: node_watchdogs(node, "wd-aws-spot") == [], 3)  # within a tick (1 s) of the pool closing
+
+
+@sky.compute
+def long_the_first_time(seconds: float) -> str:
+    """Sleeps ``seconds`` the first time it runs on a node (a marker in the home folder), then answers at once."""
+    import os
+    import time
+
+    marker = os.path.expanduser("~/ran-once")
+    if os.path.exists(marker):
+        return "ran again"
+    open(marker, "w").close()
+    time.sleep(seconds)
+    return "ran the first time"
+
+
+@pytest.mark.ssh
+def test_retry_on_interruption_replaces_the_reclaimed_node_in_its_zone_and_runs_the_task_again(moto_ec2, fresh,
+                                                                                             monkeypatch):
+    """AWS(retry_on_interruption=True): the task on a spot node EC2 reclaims fails there, a new instance takes the
+    node's rank in the same zone and groups, and the task runs again (the new instance is played by the same test
+    node, so the task's marker shows that it ran twice)."""
+    from tests.test_aws import _only, on_cluster
+
+    _only(monkeypatch, fresh)
+    imds = StandInIMDS(fresh.bridge_addr)
+    node = fresh.nodes[0]
+    (node.home / "ran-once").unlink(missing_ok=True)
+    provider = on_cluster(moto_ec2, fresh, spot=True, metadata_endpoint=imds.url, console_timeout=0.5,
+                          retry_on_interruption=True)
+    try:
+        with sky.ComputePool(provider=provider, nodes=1, accelerator="T4", name="wd-aws-retry", image=_image(fresh),
+                             progress=lambda *_: None) as pool:
+            first = pool.hosts[0].instance_id
+
+            def reclaim() -> None:  # EC2's notice once the task runs; gone again for the instance that replaces it
+                time.sleep(1.0)
+                imds.arm()
+                _wait_for(lambda: pool.workers[0].reclaimed, 30)
+                imds.notice = None
+
+            threading.Thread(target=reclaim, daemon=True).start()
+            assert long_the_first_time(120) >> pool == "ran again"
+            second = pool.hosts[0].instance_id
+            assert second != first and len(pool.workers) == 1 and not pool.workers[0].reclaimed
+            by_id = {i["InstanceId"]: i for i in moto_ec2.instances("wd-aws-retry")}
+            assert by_id[first]["State"]["Name"] in ("shutting-down", "terminated")
+            assert by_id[second]["Placement"]["AvailabilityZone"] == by_id[first]["Placement"]["AvailabilityZone"]
+            assert [g["GroupId"] for g in by_id[second]["SecurityGroups"]] == \
+                [g["GroupId"] for g in by_id[first]["SecurityGroups"]]
+            assert long_the_first_time(0) >> pool == "ran again"  # the replaced node takes work
+    finally:
+        imds.stop()
+        (node.home / "ran-once").unlink(missing_ok=True)
+    assert {i["State"]["Name"] for i in moto_ec2.instances("wd-aws-retry")} == {"terminated"}

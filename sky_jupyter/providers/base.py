@@ -164,6 +164,11 @@ class Provider(abc.ABC):
         """The bootstrap for this provider's nodes: by default only the plugins' phases."""
         return BootstrapPlan(image, tuple(Phase(name, script) for name, script in plugin_phases))
 
+    def replace(self, spec: PoolSpec, host: Host) -> Host:
+        """A new machine in ``host``'s place (same rank; AWS: same zone and groups), the old one given back: what
+        ``retry_on_interruption`` does with a spot node EC2 reclaims."""
+        raise ConfigError(f"{self.name} nodes cannot be replaced; start a new pool.")
+
     def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
         """Reach again the hosts of a pool that an earlier client started (their state file's ``hosts`` and
         ``cloud``), so that its workers can be attached to; the hosts as this provider now reaches them."""

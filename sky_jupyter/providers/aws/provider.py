@@ -118,7 +118,8 @@ class AWS(Provider):
                  poweroff_command: str | None = None, boot_timeout: float = 600.0, poll: float = 5.0,
                  ssh_config: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0,
                  host_key_check: str = "tofu", console_timeout: float = 60.0, address_source: str | None = None,
-                 allow_open_ssh: bool = False, metadata_endpoint: str | None = None) -> None:
+                 allow_open_ssh: bool = False, metadata_endpoint: str | None = None,
+                 retry_on_interruption: bool = False) -> None:
         # The SSH half (connections, bootstrap, workers, logs) starts with no hosts: provision() gives it one target
         # per instance it starts. Its host keys are pinned per instance id (hostkeys.py), in a store all pools share.
         self.host_key_check = hostkeys.check_policy(host_key_check)
@@ -155,6 +156,7 @@ class AWS(Provider):
         self.poweroff_command = poweroff_command
         # Where spot nodes ask for reclaim notices (the instance metadata service; tests name a stand-in).
         self.metadata_endpoint = metadata_endpoint
+        self.retry_on_interruption = bool(retry_on_interruption)
         self.boot_timeout = boot_timeout
         self.poll = poll
         self.events: list[str] = []  # what provisioning did and decided, in order (also printed)
@@ -600,6 +602,36 @@ class AWS(Provider):
                 raise
         with self._lock:
             return list(self._order[pool][: spec.nodes])
+
+    def replace(self, spec: PoolSpec, host: Host) -> Host:
+        """Launch one instance in the pool's placement (its zone, subnet and groups) to take ``host``'s rank, connect
+        to it, and terminate the old one (a spot instance EC2 is reclaiming anyway); the new host."""
+        pool, rank = spec.name, host.rank
+        with self._lock:
+            order = list(self._order.get(pool, []))
+        if rank >= len(order):
+            raise ProvisionError(f"pool {pool!r} has no node {rank} to replace")
+        old = order[rank]
+        launch = secrets.token_hex(8)
+        self._say(pool, f"replacing node {rank} ({old}) in its zone")
+        try:
+            self._launch(replace(spec, nodes=len(order) + 1), launch, 1)
+        except BaseException:
+            self._cleanup(pool, launch=launch)
+            raise
+        with self._lock:
+            current = self._order[pool]
+            new = current.pop()  # launched last: it takes the old instance's rank
+            current[rank] = new
+            ids = list(current)
+        self.ssh.disconnect([host])  # the old machine's connection: the rank's next one reaches the new
+        try:
+            hosts = self._connect(replace(spec, nodes=len(ids)), ids)
+        except BaseException:
+            self._cleanup(pool, ids=[new])
+            raise
+        self._terminate(pool, only=[old], wait=False)
+        return hosts[rank]
 
     def terminate(self, pool: str) -> None:
         """Terminate every instance of ``pool`` this provider started and wait until they are gone; then
