@@ -211,6 +211,21 @@ def test_multi_node_error_names_the_failed_ranks(shell):
     assert "failed on 1 of 2 nodes (ranks 1)" in out + err
 
 
+def test_a_keyboard_interrupt_the_cell_raises_on_a_node_fails_the_cell_with_its_node(shell):
+    """Not the Stop button: the cell's own code raised it. It was taken for a node stopped because another failed
+    (a KeyError: 0 on one node; rank 1's swallowed on two)."""
+    for nodes, rank in ((1, 0), (2, 1)):
+        result, out, err = run(shell, f"""
+            %%sky --nodes {nodes}
+            import sky_jupyter as sky
+            if sky.instance_info().rank == {rank}:
+                raise KeyboardInterrupt("raised by rank {rank}")
+        """)
+        assert isinstance(result.error_in_exec, KeyboardInterrupt), (nodes, result.error_in_exec)
+        assert f"raised by rank {rank}" in out + err and f"(raised on node {rank} " in out + err
+        assert "session.py" not in out + err  # the node's traceback, not this extension's frames
+
+
 def test_bad_lines_are_one_line_usage_errors_and_run_nothing(shell):
     for line, words in [("%%sky --nodes 0", "--nodes must be at least 1"), ("%%sky --nodes x", "invalid int"),
                         ("%%sky --provider moon", "invalid choice"), ("%%sky --bogus", "unrecognized"),

@@ -194,7 +194,10 @@ class SkyMagics(Magics):
                             plain_mode(self.shell))
         except (ConfigError, SyntaxError) as exc:
             raise UsageError(str(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if _is_remote(exc):  # raised by the cell's code on a node (not the Stop button here): shown like others
+                _show_remote_traceback(exc)
+                raise exc.with_traceback(None) from exc.__cause__
             raise
         except Exception as exc:  # noqa: BLE001 - any error of the user's code is re-raised with context
             if _is_remote(exc):

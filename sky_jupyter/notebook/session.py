@@ -288,6 +288,7 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
           ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, BaseException]]]:
     deadline = None if timeout is None else time.monotonic() + timeout
     failed_at: float | None = None
+    interrupted: set[int] = set()  # ranks this wait stopped because another failed
     try:
         while not all(call.done() for _, call, _ in calls):
             output.pump(0.1)
@@ -295,8 +296,9 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
                 failed_at = time.monotonic()
             elif failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE:
                 # One node failed: the others would wait forever in collective operations. Stop them too.
-                for _, call, _ in calls:
+                for rank, call, _ in calls:
                     if not call.done():
+                        interrupted.add(rank)
                         call.interrupt()
                 _drain(calls, output)
                 break
@@ -318,9 +320,10 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
     for rank, call, _ in calls:
         try:
             results[rank] = call.wait(0)
-        except KeyboardInterrupt as exc:  # stopped because another node failed
-            stopped.append(rank)
-            if failed_at is None:
+        except KeyboardInterrupt as exc:
+            if rank in interrupted:  # stopped here because another node failed
+                stopped.append(rank)
+            else:  # raised by the cell's own code on the node: a failure like any other
                 failures.append((rank, exc))
         except Exception as exc:  # noqa: BLE001 - gathered, the first re-raised with a summary
             failures.append((rank, exc))
