@@ -380,7 +380,7 @@ fi
 
 
 # Runs in the venv's interpreter: prints the requirements it does not satisfy, one per line. uv ignores system
-# site packages when deciding what is installed (FACTS.md), so only these are handed to it.
+# site packages when deciding what is installed (docs/notes.md), so only these are handed to it.
 _UNSATISFIED = r'''
 import json, re, sys
 from importlib import metadata

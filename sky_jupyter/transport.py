@@ -2,7 +2,7 @@
 
 Like Fabric's ``Connection``: ``run`` a command, ``start`` one and read its output as it comes, ``put`` bytes or a
 file, and ``open_tcp`` a ``direct-tcpip`` channel to a port on the node's loopback (how the client reaches its
-worker). Tuned for bulk data as FACTS.md measured: a TCP_NODELAY socket, AES-GCM first, a large window and packet
+worker). Tuned for bulk data as docs/notes.md records: a TCP_NODELAY socket, AES-GCM first, a large window and packet
 size, large reads served from a buffer (paramiko's own small reads copy its whole buffer each time), and client
 rekeying left to the server (paramiko issue 822). A dropped connection is rebuilt with backoff on the next use.
 
