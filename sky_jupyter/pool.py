@@ -266,7 +266,6 @@ class ComputePool:
         self.provider = provider
         self.spec = first
         self.size = check_nodes(nodes)
-        self.provision_timeout = check_positive("provision_timeout", provision_timeout)
         self._use(first)
         self.workers_per_node = check_workers_per_node(workers_per_node)
         self.output = output

@@ -11,6 +11,7 @@ touch the worker's connection, outbox or locks: it writes only to its pipes and 
 from __future__ import annotations
 
 import codecs
+import inspect
 import os
 import signal
 import struct
@@ -48,7 +49,7 @@ def _child(frames: list, decorators: list[Any], result_fd: int, error_frames: Ca
         for decorate in reversed(decorators):
             fn = decorate(fn)
         value = fn(*args, **kwargs)
-        if hasattr(value, "__next__") and hasattr(value, "send"):  # a generator: its items, as a list
+        if inspect.isgenerator(value):  # a generator: its items, as a list (as the worker does for one value)
             value = list(value)
         answer: tuple[Any, ...] = (True, value)
     except BaseException as exc:  # noqa: BLE001 - goes back to the worker

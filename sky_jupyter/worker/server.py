@@ -383,8 +383,7 @@ class Worker:
             self.in_slots[task_id] = threading.get_ident()
             self.queued.discard(task_id)
         try:
-            if isinstance(frames, SharedCopy):
-                frames = take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
+            frames = self._own(frames)
             if self.forking:
                 self._run_forked(task_id, frames)
                 return
@@ -417,6 +416,12 @@ class Worker:
             self.outbox.send(P.RESULT, task_id, None, payload)
         else:
             self.outbox.send(P.ERROR, task_id, error, payload)
+
+    def _own(self, frames: list | SharedCopy) -> list:
+        """A job's payload: as received, or this worker's copy from the node's share folder."""
+        if isinstance(frames, SharedCopy):
+            return take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
+        return frames
 
     def _flush_slot(self, task_id: int) -> None:
         if self.capture is not None:
@@ -533,8 +538,7 @@ class Worker:
         self.current_task = task_id
         self.queued.discard(task_id)
         try:
-            if isinstance(frames, SharedCopy):
-                frames = take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
+            frames = self._own(frames)
             match kind:
                 case P.TASK:
                     value = self.run_task(frames, task_id, bool(meta and meta.get("stream")))
