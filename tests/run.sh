@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh machine (system packages when root, a .venv with the
-# package and its test extras), checks the code with ruff and mypy, and runs the suite. Extra arguments go to pytest.
+# package and its test extras), checks the code with ruff and mypy, and runs the suite. Extra arguments go to pytest
+# (`bash tests/run.sh -m unit`: the fast tier alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +23,7 @@ fi
 # Lint and type-check first: either failing fails the run (set -e).
 .venv/bin/python -m ruff check sky_jupyter tests bench
 .venv/bin/python -m mypy sky_jupyter
-exec .venv/bin/python -m pytest -q "$@"
+# Two processes (pytest-xdist), each module whole on one of them with its own fixtures (sshd cluster slot, Hub,
+# moto, sky home): the suite waits on processes and sockets as much as on the CPU. SKY_TEST_PROCESSES=0 runs in this
+# process; later arguments win (e.g. `bash tests/run.sh -n 0 -k name`).
+exec .venv/bin/python -m pytest -q -n "${SKY_TEST_PROCESSES:-2}" --dist loadfile "$@"

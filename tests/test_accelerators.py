@@ -5,6 +5,8 @@ import pytest
 from sky_jupyter import accelerators
 from sky_jupyter.errors import ConfigError
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 @pytest.mark.parametrize("name", ["T4", "A10G", "L4", "L40S", "A100", "A100-80GB", "H100", "H200"])
 def test_the_table_knows_the_common_gpus(name):

@@ -8,6 +8,8 @@ import time
 import sky_jupyter as sky
 from sky_jupyter.providers.base import in_parallel
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_in_parallel_returns_values_and_exceptions_in_order():
     def fail() -> int:

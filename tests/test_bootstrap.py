@@ -21,6 +21,8 @@ from sky_jupyter.bootstrap import (
 from sky_jupyter.errors import BootstrapError, ConfigError
 from sky_jupyter.image import Image, PipIndex
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def _run(script: str, home) -> list[str]:
     out = subprocess.run(["bash", "-c", script], check=False, env={**os.environ, "HOME": str(home)},

@@ -16,6 +16,8 @@ import pytest
 from sky_jupyter.errors import SkyError
 from sky_jupyter.notebook.capture import CellNames, CellSyntaxError, ImportRef, analyze, transform_cell
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 # Names the notebook namespace never holds unless the user shadows them; the caller filters them out.
 NOT_USER = frozenset(dir(builtins)) | {"get_ipython"}
 

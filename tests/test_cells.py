@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from sky_jupyter.worker.cells import CellRunner, rebind
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_rebound_functions_write_globals_into_the_node_namespace():
     shipped: dict = {"__name__": "__main__"}

@@ -9,6 +9,8 @@ import pytest
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 @sky.compute
 def add(a: int, b: int = 1) -> int:

@@ -4,6 +4,8 @@ import pickle
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_remote_error_keeps_its_fields_through_pickling():
     err = sky.RemoteError("mylib.Boom", "it broke", "Traceback ...", "node 1")

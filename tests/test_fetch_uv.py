@@ -12,6 +12,8 @@ from sky_jupyter.errors import ConfigError
 from sky_jupyter.image import Image, PipIndex, shown_url
 from sky_jupyter.redaction import redact
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 X86 = "uv-0.9.5-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 ARM = "uv-0.9.5-py3-none-manylinux_2_17_aarch64.manylinux2014_aarch64.whl"
 MUSL = "uv-0.9.5-py3-none-musllinux_1_1_x86_64.whl"

@@ -7,6 +7,8 @@ import pytest
 import sky_jupyter as sky
 from sky_jupyter.plugins.huggingface import find_token
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 TOKEN = "hf_skytestUnitTokenAbcdefghijklmnopqrstuv"
 
 

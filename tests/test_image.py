@@ -6,6 +6,8 @@ import pytest
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_image_is_frozen_and_hashable():
     image = sky.Image(pip=["numpy"], env={"A": "1"})

@@ -4,6 +4,8 @@ import pytest
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_every_exported_name_resolves():
     """`sky.Remote` went missing once when the package's imports became lazy: every name in __all__ must resolve."""
@@ -42,6 +44,7 @@ def test_shard_shuffle_is_the_same_on_every_node_and_drop_last_evens_out():
     assert len(set().union(*map(set, parts))) == 9
 
 
+@pytest.mark.torch
 def test_shard_keeps_arrays_and_tensors():
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")

@@ -8,6 +8,8 @@ import pytest
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 joblib = pytest.importorskip("joblib")
 sklearn = pytest.importorskip("sklearn")
 

@@ -8,6 +8,8 @@ import signal
 import sky_jupyter as sky
 from sky_jupyter.providers.local import missing_requirements
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_missing_requirements_checks_names_and_versions():
     assert missing_requirements(("cloudpickle", "cloudpickle>=1.0")) == []

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_status_lists_no_pools_in_a_fresh_home(tmp_path):
     env = {**os.environ, "SKY_JUPYTER_HOME": str(tmp_path)}

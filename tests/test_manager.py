@@ -7,6 +7,8 @@ import pytest
 from sky_jupyter.errors import ConfigError
 from sky_jupyter.notebook.manager import PoolManager, Settings, torch_by_default
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_config_text_is_parsed_and_checked():
     mgr = PoolManager()

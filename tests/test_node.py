@@ -6,6 +6,8 @@ from sky_jupyter import protocol as P
 from sky_jupyter.errors import RemoteError, RemoteTraceback, WorkerLostError
 from sky_jupyter.node import remote_exception
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_a_rebuildable_exception_keeps_its_type_and_gets_the_remote_traceback():
     exc = remote_exception({"type": "ValueError", "message": "bad", "traceback": "Traceback ...\nValueError: bad\n"},

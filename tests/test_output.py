@@ -5,6 +5,8 @@ from __future__ import annotations
 from sky_jupyter import protocol as P
 from sky_jupyter.notebook.output import CellOutput, plain_mode
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_plain_mode_groups_per_node_in_rank_order(capsys):
     out = CellOutput([0, 1], plain=True)

@@ -21,6 +21,7 @@ from IPython.utils.capture import capture_output
 import sky_jupyter as sky
 from sky_jupyter.notebook.manager import Settings, manager
 from sky_jupyter.notebook.panel import Panel, hourly_price
+from tests.waiting import wait_for
 
 if TYPE_CHECKING:
     from tests.fixtures.hub import HubFixture
@@ -205,7 +206,7 @@ def test_launch_grows_a_running_pool_and_reports_it(panel):
 
 
 # -- several workers per node --------------------------------------------------------------------------------------
-def test_a_node_with_two_workers_shows_one_row_per_worker_under_it(panel):
+def test_a_node_with_two_workers_shows_one_row_per_worker_under_it(panel, tmp_path):
     from sky_jupyter import protocol as P
 
     panel.workers.value = "2"
@@ -231,14 +232,19 @@ def test_a_node_with_two_workers_shows_one_row_per_worker_under_it(panel):
     # What a worker runs and its memory (as its heartbeat reports it) show on its own row.
     for worker in pool.workers:
         worker.ping(timeout=10)
-    call = pool.workers[1].submit(P.CELL, {"code": "import time; time.sleep(1)"})
-    panel.refresh()
-    busy = [(w["rank"], w["in_flight"]) for w in panel.rows()[0]["workers"]]
-    assert busy == [(0, 0), (1, 1)]
-    assert all(w["rss"] and w["rss"] > 1 << 20 for w in panel.rows()[0]["workers"])
-    text = table_text(panel)
-    assert re.search(r"rank 0\s+worker 0 of 2\s+ready\s+idle\s+&middot;\s+\d+ MiB", text), text
-    assert re.search(r"rank 1\s+worker 1 of 2\s+ready\s+busy \(1 task\)", text), text
+    release = tmp_path / "release"  # the task runs until the test has looked at the table
+    code = f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.02)\n"
+    call = pool.workers[1].submit(P.CELL, {"code": code})
+    try:
+        panel.refresh()
+        busy = [(w["rank"], w["in_flight"]) for w in panel.rows()[0]["workers"]]
+        assert busy == [(0, 0), (1, 1)]
+        assert all(w["rss"] and w["rss"] > 1 << 20 for w in panel.rows()[0]["workers"])
+        text = table_text(panel)
+        assert re.search(r"rank 0\s+worker 0 of 2\s+ready\s+idle\s+&middot;\s+\d+ MiB", text), text
+        assert re.search(r"rank 1\s+worker 1 of 2\s+ready\s+busy \(1 task\)", text), text
+    finally:
+        release.touch()
     call.wait(30)
     panel.refresh()
     assert "busy" not in table_text(panel)
@@ -427,9 +433,8 @@ def test_a_pool_left_by_a_dead_kernel_is_offered_for_attach_and_shut_down(panel,
     assert "(or click Attach, or Shut down)" in panel.messages[-1]
     panel.attach_button.click()
     panel.wait(60)
-    deadline = time.monotonic() + 15
-    while not any("[node 0] still going" in m for m in panel.messages) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the task it left behind is still running
+    wait_for(lambda: any("[node 0] still going" in m for m in panel.messages), timeout=15,
+             what="the output of the task the dead kernel left running")
     log = "\n".join(panel.messages)
     assert "attached to pool 'panel-left': 2 nodes" in log and "node 0 still runs" in log, log
     assert "[node 0] still going" in log, log

@@ -11,6 +11,7 @@ import pytest
 
 import sky_jupyter as sky
 from sky_jupyter import protocol as P
+from tests.waiting import wait_for
 
 
 class CustomError(Exception):
@@ -51,16 +52,27 @@ def chatty(delay: float) -> float:
 
 
 @sky.compute
-def sleeper(seconds: float) -> str:
+def sleeper(seconds: float, started: str = "") -> str:
+    if started:  # a file the test waits for before it interrupts or kills the task
+        open(started, "w").close()
     time.sleep(seconds)
     return "woke"
 
 
 @sky.compute
-def stubborn(seconds: float) -> str:
+def stubborn(seconds: float, started: str) -> str:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    open(started, "w").close()
     time.sleep(seconds)
     return "done"
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt here even in a pytest started with it ignored (a background job's lot)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_rshift_runs_on_one_node(local_pool):
@@ -123,9 +135,10 @@ def test_stdout_streams_while_the_task_runs(local_pool):
     assert any("last line" in text for _, text in seen)
 
 
-def test_interrupt_stops_remote_code_and_pool_keeps_working(local_pool):
-    call = local_pool.submit(sleeper(60), node=local_pool.workers[0])
-    time.sleep(0.3)
+def test_interrupt_stops_remote_code_and_pool_keeps_working(local_pool, tmp_path):
+    started = tmp_path / "started"
+    call = local_pool.submit(sleeper(60, str(started)), node=local_pool.workers[0])
+    wait_for(started.exists, what="the task to start on node 0")
     start = time.monotonic()
     call.interrupt()
     with pytest.raises(KeyboardInterrupt):
@@ -134,22 +147,28 @@ def test_interrupt_stops_remote_code_and_pool_keeps_working(local_pool):
     assert double(2) >> local_pool == 4
 
 
-def test_keyboard_interrupt_while_waiting_reaches_the_node(local_pool):
-    timer = threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
-    timer.start()
-    start = time.monotonic()
+def test_keyboard_interrupt_while_waiting_reaches_the_node(local_pool, tmp_path, ctrl_c):
+    started, sent = tmp_path / "started", []
+
+    def ctrl_c_once_it_runs() -> None:
+        wait_for(started.exists, what="the task to start on a node")
+        sent.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_it_runs, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        sleeper(30) >> local_pool
-    assert time.monotonic() - start < 5
+        sleeper(30, str(started)) >> local_pool
+    assert time.monotonic() - sent[0] < 5
     assert all(n.in_flight() == 0 for n in local_pool.workers)
     assert double(3) >> local_pool == 6
 
 
-def test_code_ignoring_interrupt_gets_its_worker_restarted():
+def test_code_ignoring_interrupt_gets_its_worker_restarted(tmp_path):
     with sky.ComputePool(nodes=1, interrupt_grace=1.0, name="test-restart") as pool:
         pool.workers[0].submit(P.CELL, {"code": "kept = 1"}).wait(10)
-        call = pool.submit(stubborn(60))
-        time.sleep(0.3)
+        ignoring = tmp_path / "ignoring"
+        call = pool.submit(stubborn(60, str(ignoring)))
+        wait_for(ignoring.exists, what="the task to ignore SIGINT")
         call.interrupt()
         with pytest.raises((KeyboardInterrupt, sky.WorkerLostError)) as info:
             call.wait(15)
@@ -160,11 +179,12 @@ def test_code_ignoring_interrupt_gets_its_worker_restarted():
         assert any("namespace" in n for n in pool.workers[0].notices)
 
 
-def test_sigkill_names_the_node_and_next_task_works():
+def test_sigkill_names_the_node_and_next_task_works(tmp_path):
     with sky.ComputePool(nodes=1, name="test-kill") as pool:
         _, _, pid = whoami() >> pool
-        call = pool.submit(sleeper(30))
-        time.sleep(0.3)
+        started = tmp_path / "started"
+        call = pool.submit(sleeper(30, str(started)))
+        wait_for(started.exists, what="the task to start on node 0")
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(sky.WorkerLostError, match=r"node 0 .*SIGKILL"):
             call.wait(10)
@@ -215,7 +235,7 @@ def test_exception_in_with_block_tears_down(sky_home):
     assert not (sky_home / "pools" / "test-teardown.json").exists()
 
 
-def test_keyboard_interrupt_during_provisioning_leaves_nothing(sky_home):
+def test_keyboard_interrupt_during_provisioning_leaves_nothing(sky_home, ctrl_c):
     """A plugin's bootstrap op interrupts the client while the pool is being built."""
     plugin = sky.Plugin.create("interrupter").with_bootstrap(
         lambda cluster: [f"kill -INT {os.getpid()}", "sleep 5"])
@@ -236,15 +256,20 @@ def _zombie(pid: int) -> bool:
 
 
 def _workers() -> set[int]:
+    """This process's own worker processes (not another test run's on the same machine)."""
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"sky_jupyter.worker" in f.read() and not _zombie(int(entry)):
-                        pids.add(int(entry))
+                    cmdline = f.read()
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
             except OSError:
                 continue
+            parent = int(stat[stat.rfind(")") + 2:].split()[1])
+            if b"sky_jupyter.worker" in cmdline and parent == os.getpid() and not _zombie(int(entry)):
+                pids.add(int(entry))
     return pids
 
 
@@ -278,11 +303,9 @@ def test_leaving_a_stream_early_interrupts_what_still_runs(local_pool):
 
     stream = sky.gather(after(0.1, "quick"), after(30, "long"), stream=True, ordered=False) >> local_pool
     assert next(stream)[0] == "quick"
-    started = time.monotonic()
     stream.close()  # the 30 s task is interrupted where it runs
-    while any(w.in_flight() for w in local_pool.workers) and time.monotonic() - started < 10:
-        time.sleep(0.05)
-    assert time.monotonic() - started < 5, "the long task was not interrupted when the stream was closed"
+    wait_for(lambda: not any(w.in_flight() for w in local_pool.workers), timeout=5,
+             what="the long task to be interrupted when the stream was closed")
     assert after(0, "next") >> local_pool == ("next", pytest.approx(time.time(), abs=5))
 
 
@@ -331,8 +354,6 @@ def test_a_generator_streams_its_items_as_they_are_yielded(local_pool, capsys):
 
 
 def test_a_generator_error_comes_after_its_items_and_leaving_early_stops_it(local_pool):
-    import time
-
     got = []
     with pytest.raises(ValueError, match="stopped at 2"):
         for i, _ in countdown(5, fail_at=2) >> local_pool:
@@ -341,7 +362,5 @@ def test_a_generator_error_comes_after_its_items_and_leaving_early_stops_it(loca
     items = countdown(100, pause=0.5) >> local_pool
     assert next(items)[0] == 100
     items.close()  # interrupts it on the worker
-    deadline = time.monotonic() + 5
-    while any(w.in_flight() for w in local_pool.workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(w.in_flight() for w in local_pool.workers)
+    wait_for(lambda: not any(w.in_flight() for w in local_pool.workers), timeout=5,
+             what="the generator to be interrupted when its items were closed")

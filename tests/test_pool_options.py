@@ -8,6 +8,9 @@ import time
 import pytest
 
 import sky_jupyter as sky
+from tests.waiting import wait_for
+
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
 
 
 @sky.compute
@@ -65,10 +68,7 @@ def test_ttl_shuts_the_pool_down_and_default_compute_timeout_bounds_every_task(t
             nap(30) >> pool
         assert nap(0) >> pool == "awake"
     pool = sky.ComputePool(sky.Local(root=tmp_path), ttl=1.5, name="short-lived").start()
-    deadline = time.monotonic() + 15
-    while pool.running and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not pool.running
+    wait_for(lambda: not pool.running, timeout=15, what="the pool to shut down after its ttl of 1.5 s")
 
 
 def test_what_is_not_supported_says_so():
@@ -124,12 +124,14 @@ def test_worker_concurrency_runs_tasks_side_by_side_in_one_process(tmp_path, cap
         assert all(re.fullmatch(r"t\d (starts|ends)", line) for line in out.splitlines() if line), out
 
         @sky.compute
-        def spin() -> None:
+        def spin(started: str) -> None:
+            open(started, "w").close()
             while True:  # pure Python: the interrupt lands at its next instruction
                 pass
 
-        call = pool.submit(spin())
-        time.sleep(0.3)
+        spinning = tmp_path / "spinning"
+        call = pool.submit(spin(str(spinning)))
+        wait_for(spinning.exists, what="the task to start in a slot")
         call.interrupt()
         with pytest.raises(KeyboardInterrupt):
             call.wait(10)
@@ -170,12 +172,14 @@ def test_process_slots_run_pure_python_in_processes_of_their_own(tmp_path, capsy
         assert "raise KeyError" in str(info.value.__cause__)  # the child's traceback came back
 
         @sky.compute
-        def spin() -> None:
+        def spin(started: str) -> None:
+            open(started, "w").close()
             while True:
                 pass
 
-        call = pool.submit(spin())
-        time.sleep(0.5)
+        spinning = tmp_path / "spinning"
+        call = pool.submit(spin(str(spinning)))
+        wait_for(spinning.exists, what="the task to start in a child process")
         call.interrupt()
         with pytest.raises(KeyboardInterrupt):
             call.wait(10)

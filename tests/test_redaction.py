@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from sky_jupyter.redaction import redact, register
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_registered_secrets_are_hidden_longest_first():
     register("hf_skytestABCDEFGHIJ")

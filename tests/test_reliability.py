@@ -24,6 +24,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from sky_jupyter.notebook.manager import manager
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +59,14 @@ def cell(ip: InteractiveShell, source: str):
 
 def test_worker_killed_mid_cell_is_named_quickly_and_pool_recovers(shell):
     cell(shell, "%%sky --nodes 2 --pool faults\nimport os\npid = os.getpid()")
-    pids = [n.handle.pid for n in manager().pools["faults"].pool.workers]
-    timer = threading.Timer(0.5, os.kill, (pids[1], signal.SIGKILL))
-    timer.start()
+    workers = manager().pools["faults"].pool.workers
+    pids = [n.handle.pid for n in workers]
+
+    def kill_node_1_once_it_runs_the_cell() -> None:
+        wait_for(lambda: workers[1].ping(timeout=10)["busy"], what="node 1 to run the cell")
+        os.kill(pids[1], signal.SIGKILL)
+
+    threading.Thread(target=kill_node_1_once_it_runs_the_cell, daemon=True).start()
     start = time.monotonic()
     result, out = cell(shell, "%%sky --nodes 2 --pool faults\nimport time\ntime.sleep(30)")
     elapsed = time.monotonic() - start
@@ -91,10 +97,8 @@ def test_client_silent_past_grace_fires_the_dead_man_switch(tmp_path):
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         os.kill(proc.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 15
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(p) for p in pids), "workers outlived the grace period"
+        wait_for(lambda: not any(_alive(p) for p in pids), timeout=15,
+                 what="the workers of a stopped client to end after its grace period")
         log = (tmp_path / "home" / "local" / "deadman" / "node-0" / "worker.log").read_text()
         assert "dead-man switch" in log
     finally:
@@ -117,10 +121,7 @@ def test_killed_client_leaves_no_worker(tmp_path):
     pids = [int(p) for p in proc.stdout.readline().split()]
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
+    wait_for(lambda: not any(_alive(p) for p in pids), timeout=10, what="the workers of a killed client to end")
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ def test_two_hundred_concurrent_tasks_from_eight_threads(local_pool):
 # -- faults on the real sshd cluster ---------------------------------------------------------------------------
 
 def _slow_value(seconds: float) -> str:
+    print("started", flush=True)
     time.sleep(seconds)
     return "slept"
 
@@ -309,8 +311,9 @@ def test_ssh_cut_mid_task_delivers_the_result(sshd_cluster):
     node = sshd_cluster.nodes[0]
     with sky.ComputePool(provider=provider(sshd_cluster, [node]), name="cut-task") as pool:
         pool.workers[0].submit(P.CELL, {"code": "kept = 7"}).wait(30)
-        call = pool.submit(sky.compute(_slow_value)(2.0))
-        time.sleep(0.5)
+        printed: list[str] = []
+        call = pool.submit(sky.compute(_slow_value)(2.0), sink=lambda kind, meta: printed.append(meta.get("text", "")))
+        wait_for(lambda: "started" in "".join(printed), what="the task to start on the node")
         assert drop_user_sessions(node) > 0  # the SSH connection dies while the task runs
         assert call.wait(60) == "slept"  # delivered after the reconnect: the worker held it until acknowledged
         assert pool.workers[0].submit(P.CELL, {"code": "kept"}).wait(30)["value"] == 7
@@ -361,10 +364,8 @@ def test_a_killed_client_leaves_no_worker_on_ssh_nodes(sshd_cluster, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 30
-    while any(workers_on(sshd_cluster, n) for n in nodes) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not any(workers_on(sshd_cluster, n) for n in nodes), "a worker outlived its dead client"
+    wait_for(lambda: not any(workers_on(sshd_cluster, n) for n in nodes), timeout=30, interval=0.5,
+             what="the SSH workers of a killed client to end")
 
 
 @pytest.mark.ssh
@@ -415,7 +416,7 @@ def _cmdlines_with(secret: str, stop: threading.Event, found: list[str]) -> None
                             found.append(entry)
                 except OSError:
                     continue
-        time.sleep(0.02)
+        stop.wait(0.02)
 
 
 @pytest.mark.ssh

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from sky_jupyter.remote import Remote, human_size
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_remote_handle_says_what_where_and_how_to_fetch():
     handle = Remote("model", "BertModel", 418_200_000, 0, "default", "over the pull budget")

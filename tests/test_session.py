@@ -5,6 +5,8 @@ from __future__ import annotations
 from sky_jupyter import protocol as P
 from sky_jupyter.notebook.session import content_hash, notebook_globals
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_content_hash_follows_content_not_identity():
     assert content_hash(P.dumps([1, 2, 3])) == content_hash(P.dumps([1, 2, 3]))

@@ -9,6 +9,8 @@ import pytest
 
 from sky_jupyter.worker.share import ShareError, check, store, take
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def test_each_sibling_maps_its_own_copy_and_the_file_goes_with_the_last(tmp_path):
     frames = [bytearray(b"head"), bytearray(os.urandom(1 << 20)), bytearray()]

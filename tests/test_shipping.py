@@ -11,6 +11,8 @@ from pathlib import Path
 import sky_jupyter as sky
 from sky_jupyter.shipping import is_user_module
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

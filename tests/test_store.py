@@ -10,6 +10,8 @@ import pytest
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 @pytest.fixture(scope="module")
 def pool2x2(tmp_path_factory):

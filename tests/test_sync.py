@@ -10,6 +10,8 @@ import pytest
 
 import sky_jupyter as sky
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def make_package(root: Path, answer: int) -> Path:
     pkg = root / "mypkg"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from sky_jupyter.info import InstanceInfo
 from sky_jupyter.plugins.torch import distributed_env, interface_of
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def _info(rank: int, addrs: tuple[str, ...], per_node: int = 1) -> InstanceInfo:
     return InstanceInfo(rank=rank, world_size=len(addrs) * per_node, head_addr=addrs[0], node_addrs=addrs,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from sky_jupyter.tracebacks import localize
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 def helper_that_fails(v):
     return v / 0  # the line the traceback should show

@@ -18,6 +18,9 @@ import pytest
 
 import sky_jupyter as sky
 from sky_jupyter import protocol as P
+from tests.waiting import wait_for
+
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
 
 
 def _raw(port: int) -> tuple[socket.socket, P.FrameIO]:
@@ -175,7 +178,14 @@ def test_a_running_task_leaves_heartbeats_interrupts_and_queued_tasks_to_the_con
     busy, after = 2 ** 62 + 10, 2 ** 62 + 11
     io.send(P.TASK, busy, None, P.dumps((time.sleep, (30,), {})))
     io.send(P.TASK, after, None, P.dumps((int, ("5",), {})))
-    time.sleep(0.3)
+    pings = iter(range(2 ** 62 + 100, 2 ** 62 + 200))
+
+    def running() -> int:
+        ping = next(pings)
+        io.send(P.PING, ping)
+        return _answer(io, ping)[2]["busy"]
+
+    wait_for(lambda: running() == busy, what="the worker's heartbeat to name the sleeping task")
     started = time.monotonic()
     io.send(P.PING, 7)
     kind, _, meta, _ = _answer(io, 7)
@@ -189,6 +199,12 @@ def test_a_running_task_leaves_heartbeats_interrupts_and_queued_tasks_to_the_con
     sock.close()
 
 
+def _signal_pending(pid: int) -> bool:
+    """Whether a signal sent to the process has not been delivered yet (the kernel's pending set for it)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["ShdPnd"], 16) != 0 or int(status["SigPnd"], 16) != 0
+
+
 def test_a_late_interrupt_or_stray_sigint_between_tasks_hits_nothing(lone_worker):
     """An interrupt for a task that already ended, and a SIGINT while the main thread waits for the next frame,
     neither break the connection nor stop the next task."""
@@ -197,8 +213,9 @@ def test_a_late_interrupt_or_stray_sigint_between_tasks_hits_nothing(lone_worker
     io.send(P.TASK, first, None, P.dumps((int, ("1",), {})))
     assert _answer(io, first)[0] == P.RESULT
     io.send(P.INTERRUPT, first)
-    os.kill(lone_worker.workers[0].handle.pid, signal.SIGINT)
-    time.sleep(0.2)
+    pid = lone_worker.workers[0].handle.pid
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: not _signal_pending(pid), what="the worker to take the SIGINT")  # before the next task
     io.send(P.TASK, second, None, P.dumps((time.sleep, (0.3,), {})))
     kind, _, _, frames = _answer(io, second)
     assert (kind, P.loads(frames)) == (P.RESULT, None)
