@@ -4,6 +4,8 @@ worker)."""
 
 from __future__ import annotations
 
+import builtins
+import getpass
 import itertools
 import queue
 import sys
@@ -31,7 +33,9 @@ from .tracebacks import localize
 if TYPE_CHECKING:
     from .providers.base import Host, WorkerHandle
 
-Sink = Callable[[str, Any], None]  # (frame kind, meta) for STREAM and DISPLAY frames
+# (frame kind, meta) for STREAM and DISPLAY frames; a sink whose ``takes_prompts`` is true gets INPUT_REQUEST frames
+# too, their meta a :class:`Prompt` (else the thread waiting for the call answers them).
+Sink = Callable[[str, Any], None]
 # Task ids continue from the clock (microseconds), so a client that attaches to workers an earlier client started
 # never reuses an id those workers still hold a result for.
 _task_ids = itertools.count(time.time_ns() // 1000)
@@ -39,11 +43,65 @@ _finishing = threading.Lock()  # a call ends once, whichever thread learns of it
 HANDSHAKE_TIMEOUT = 15.0  # seconds a worker has to prove itself once connected
 
 
-class Call:
-    """One task in flight on one node. ``wait()`` returns its decoded value or raises its error."""
+class Prompt:
+    """A node's task waits in ``input()``, ``getpass.getpass()`` or ``sys.stdin.readline()`` for a line: answer it
+    once, with :meth:`answer` (asks this process's user) or :meth:`refuse`. The answer goes to the node and is kept
+    nowhere here."""
 
-    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "code", "items", "kind", "node", "on_done",
-                 "request", "sink", "task_id")
+    __slots__ = ("_link", "ask", "label", "password", "prompt", "task_id")
+
+    def __init__(self, link: WorkerLink, task_id: int, ask: int, prompt: str, password: bool) -> None:
+        self._link = link
+        self.task_id = task_id
+        self.ask = ask
+        self.prompt = prompt
+        self.password = password
+        self.label = link.label
+
+    def answer(self, prefix: str = "") -> None:
+        """Ask with the ``input()`` or ``getpass.getpass()`` current now (in a kernel, while a cell runs: ipykernel's,
+        the notebook's input box) on the calling thread, and send the line to the node. Where there is none (a
+        front end without stdin, a closed terminal) the node's call raises instead; KeyboardInterrupt (Stop) is
+        passed on to the node and raised here too."""
+        try:
+            value = getpass.getpass(prefix + self.prompt) if self.password else builtins.input(prefix + self.prompt)
+        except BaseException as exc:
+            self.refuse(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        reply: P.InputReplyMeta = {"ask": self.ask, "value": str(value)}
+        self._link.send(P.INPUT_REPLY, self.task_id, reply)
+
+    def refuse(self, exc: BaseException, why: str = "") -> None:
+        """No line for the node: its ``input()`` raises EOFError, KeyboardInterrupt or StdinNotImplementedError
+        (``why``: what that says instead of the front end having no input box)."""
+        what = "getpass()" if self.password else "input()"
+        if isinstance(exc, KeyboardInterrupt):
+            error, message = "KeyboardInterrupt", f"{what} was interrupted"
+        elif type(exc).__name__ == "StdinNotImplementedError":
+            error, message = "StdinNotImplementedError", (
+                f"{what} on {self.label} needs an answer, but "
+                + (why or "this front end has no input box (it runs the notebook without stdin, as `jupyter "
+                          "execute` and nbclient do)")
+                + "; set the value in a notebook variable the cell reads instead")
+        else:
+            error, message = "EOFError", f"{what} on {self.label} got no line here: {type(exc).__name__}: {exc}"
+        reply: P.InputReplyMeta = {"ask": self.ask, "error": error, "message": redact(message)}
+        self._link.send(P.INPUT_REPLY, self.task_id, reply)
+
+
+class StdinNotImplementedError(NotImplementedError):
+    """Why a prompt is refused where no input box can show it (IPython's error of that name, without IPython)."""
+
+
+class Call:
+    """One task in flight on one node. ``wait()`` returns its decoded value or raises its error; a prompt of its task
+    (``input()`` on the node) is answered by the thread that waits, in ``join()``/``wait()``, unless its sink takes
+    prompts (``sink.takes_prompts``: a notebook cell's output answers them where it writes the cell)."""
+
+    __slots__ = ("_error", "_finished", "_frames", "_gate", "_lost", "_poked", "_prompts", "code", "items", "kind",
+                 "node", "on_done", "request", "sink", "task_id")
 
     def __init__(self, node: RemoteWorker, sink: Sink | None, code: tuple[Any, ...] = (),
                  on_done: Callable[[], None] | None = None, task_id: int | None = None, kind: str = "") -> None:
@@ -58,6 +116,9 @@ class Call:
         self._gate = threading.Lock()
         self._gate.acquire()
         self._finished = False
+        # Prompts for the waiting thread; ``_poked``: the gate was opened (while running) to wake it for them.
+        self._prompts: list[Prompt] = []
+        self._poked = False
         self._frames: list | None = None
         self._error: dict[str, Any] | None = None
         self._lost: BaseException | None = None
@@ -80,19 +141,49 @@ class Call:
             self._frames, self._error, self._lost = frames, error, lost
             self._finished = True
             self.request = None
-        self._gate.release()
+            poked, self._poked, self._prompts = self._poked, False, []  # prompts of an ended task: nobody waits
+        if not poked:  # else it is open already, for a waiter that now finds the call finished
+            self._gate.release()
         if self.items is not None:
             self.items.put(None)
         if self.on_done is not None:
             self.on_done()
 
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait until the call ends (at most ``timeout`` seconds); whether it has."""
-        if self._finished:
-            return True
-        if self._gate.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
-            self._gate.release()  # open for every other waiter too
-        return self._finished
+    def prompt(self, prompt: Prompt) -> None:
+        """A prompt of this call's task (on a link's reader thread): wakes the thread waiting in :meth:`join`."""
+        with _finishing:
+            if self._finished:
+                return
+            self._prompts.append(prompt)
+            poke, self._poked = not self._poked, True
+        if poke:
+            self._gate.release()
+
+    def join(self, timeout: float | None = None, prompts: bool = True) -> bool:
+        """Wait until the call ends (at most ``timeout`` seconds); whether it has. Meanwhile its task's prompts are
+        answered here (``prompts``), or refused."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._finished:
+            if not self._gate.acquire(timeout=-1 if end is None else max(end - time.monotonic(), 0)):
+                return self._finished
+            with _finishing:
+                asked, self._prompts, self._poked = self._prompts, [], False
+                finished = self._finished
+            if finished:
+                self._gate.release()  # open for every other waiter too
+                return True
+            # Woken for prompts: the gate is closed again (this thread took it) until the call ends or asks again.
+            for i, prompt in enumerate(asked):
+                if not prompts:
+                    prompt.refuse(KeyboardInterrupt())
+                    continue
+                try:
+                    prompt.answer()
+                except BaseException as exc:
+                    for rest in asked[i + 1:]:
+                        rest.refuse(exc)
+                    raise
+        return True
 
     def wait(self, timeout: float | None = None) -> Any:
         """The task's value. A KeyboardInterrupt while waiting interrupts the remote code, then propagates."""
@@ -101,7 +192,7 @@ class Call:
                 raise TimeoutError(f"{self.node.label}: no result after {timeout} s")
         except KeyboardInterrupt:
             self.interrupt()
-            self.join(15)
+            self.join(15, prompts=False)
             raise
         if self._lost is not None:
             raise self._lost
@@ -304,6 +395,11 @@ class WorkerLink:
                         for name in ("stdout", "stderr"):
                             self._show(P.STREAM, task_id, {"name": name, "text": self.scrub.flush((task_id, name))})
                     self._show(kind, task_id, redact_strings(meta))
+                elif kind == P.INPUT_REQUEST:
+                    if self.scrub.holding:  # output written before the prompt comes before it
+                        for name in ("stdout", "stderr"):
+                            self._show(P.STREAM, task_id, {"name": name, "text": self.scrub.flush((task_id, name))})
+                    self._prompt(task_id, meta)
                 elif kind == P.ITEM:
                     item_call = self.calls.get(task_id)
                     if item_call is not None and item_call.items is not None:
@@ -325,6 +421,21 @@ class WorkerLink:
             else:
                 why = f"the connection's reader failed ({type(exc).__name__}: {exc})"
             self._drop(exc, failure=redact(why))
+
+    def _prompt(self, task_id: int, meta: Any) -> None:
+        """An INPUT_REQUEST: to the call's sink when it takes prompts (a notebook cell), else to the thread waiting
+        for the call; refused when no call of ours runs that task."""
+        if not (isinstance(meta, dict) and type(meta.get("ask")) is int):
+            return
+        prompt = Prompt(self, task_id, meta["ask"], redact(str(meta.get("prompt", ""))), bool(meta.get("password")))
+        call = self.calls.get(task_id)
+        if call is None:
+            prompt.refuse(EOFError("no caller here waits for that task"))
+        elif getattr(call.sink, "takes_prompts", False):
+            assert call.sink is not None
+            call.sink(P.INPUT_REQUEST, prompt)
+        else:
+            call.prompt(prompt)
 
     def _show(self, kind: str, task_id: int, meta: Any) -> None:
         """Hand a STREAM or DISPLAY frame to the sink of the call that started the task."""
@@ -674,6 +785,10 @@ class RemoteWorker:
         if link is not None and link.alive:
             link.send(P.SHUTDOWN)
             link.close()
+        if link is not None:  # whoever still waits for a call here (a background cell) is told, not left waiting
+            for call in link.take_calls().values():
+                call._finish(lost=ConnectionLostError(f"{self.label}: the pool was shut down while this ran; it "
+                                                      f"did not finish"))
         if self.handle is not None and self.state != "unreachable":  # its dead-man switch cleans up instead
             try:
                 self.handle.stop(timeout)

@@ -49,7 +49,8 @@ import cloudpickle
 
 from .errors import SkyError
 
-PROTOCOL_VERSION = 3
+#: 4: a worker may ask the client for a line of input (INPUT_REQUEST), which a client must answer (INPUT_REPLY).
+PROTOCOL_VERSION = 4
 READY = "SKY-READY"  # the line a starting worker prints, followed by {"port": ..., "pid": ...}
 _HEAD = struct.Struct("!II")
 _LEN = struct.Struct("!Q")
@@ -80,6 +81,7 @@ PING: Final = "ping"            # heartbeat; answered with PONG
 SHUTDOWN: Final = "shutdown"    # exit (and clean up)
 ACK: Final = "ack"              # meta: ids of tasks whose result or error arrived; the worker stops holding them
 SHARED: Final = "shared"        # a TASK, CELL, SETUP whose payload is read from the node's share folder (SharedMeta)
+INPUT_REPLY: Final = "input_reply"  # the answer to an INPUT_REQUEST (meta: InputReplyMeta)
 # Worker -> client:
 RESULT: Final = "result"
 ITEM: Final = "item"            # one value a task's generator yielded (its RESULT, the count, ends them)
@@ -88,9 +90,10 @@ STREAM: Final = "stream"        # meta: StreamMeta
 DISPLAY: Final = "display"      # meta: a Jupyter MIME bundle message
 PONG: Final = "pong"            # meta: PongMeta
 NOTICE: Final = "notice"        # meta: NoticeMeta, for the user, not tied to a task
+INPUT_REQUEST: Final = "input_request"  # the task waits in input()/getpass() for a line (meta: InputRequestMeta)
 
-ClientKind = Literal["task", "cell", "setup", "pull", "interrupt", "ping", "shutdown", "ack", "shared"]
-WorkerKind = Literal["result", "error", "stream", "display", "pong", "notice", "item"]
+ClientKind = Literal["task", "cell", "setup", "pull", "interrupt", "ping", "shutdown", "ack", "shared", "input_reply"]
+WorkerKind = Literal["result", "error", "stream", "display", "pong", "notice", "item", "input_request"]
 Kind = ClientKind | WorkerKind
 #: A received frame: (kind, task id, meta, buffers). Its kind is any string (unknown ones are ignored), not a Kind.
 Frame = tuple[str, int, Any, list[bytearray]]
@@ -114,6 +117,7 @@ class CellMeta(TypedDict, total=False):
     python: str  # the same as plain Python (IPython's transform), for nodes without IPython
     filename: str  # what tracebacks name (the client registers the cell's lines under it)
     inputs: list[tuple[str, int]]  # (name, number of buffers) of each input pickled into the frame, in order
+    reads: list[str]  # every notebook value the cell reads, sent now or not: those it changed in place come back
     refs: dict[str, str]  # alias -> the name of a value the node already holds
     binds: list[str]  # the names the cell binds, to send back (or describe)
     budget: int  # bytes of values that may come back
@@ -158,6 +162,23 @@ class NoticeMeta(TypedDict):
     kind: NotRequired[str]  # RECLAIM: EC2 takes the node back (a spot instance); the client fails its calls there
     action: NotRequired[str]  # what EC2 will do ("terminate", "stop", "hibernate")
     time: NotRequired[str]  # when, as EC2 says it (UTC, ISO 8601)
+
+
+class InputRequestMeta(TypedDict):
+    """A task asks for one line (``input()``, ``sys.stdin.readline()``) or a password (``getpass``)."""
+
+    ask: int  # numbers the request on its worker; the reply names it
+    prompt: str
+    password: bool  # the answer is not echoed (the client asks with getpass)
+
+
+class InputReplyMeta(TypedDict):
+    """The client's answer to an :class:`InputRequestMeta`: the line, or why there is none."""
+
+    ask: int
+    value: NotRequired[str]  # the line, without its newline
+    error: NotRequired[str]  # instead of a value: "EOFError", "KeyboardInterrupt", "StdinNotImplementedError"
+    message: NotRequired[str]  # what the error says
 
 
 #: :class:`NoticeMeta` ``kind`` of a spot reclaim notice.

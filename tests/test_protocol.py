@@ -11,6 +11,8 @@ import pytest
 
 from sky_jupyter import protocol as P
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 
 class _Pipe:
     """Both ends of a socketpair as FrameIOs."""
@@ -109,6 +111,7 @@ def test_message_kinds_are_the_literal_types():
     from typing import get_args
 
     client, worker = set(get_args(P.ClientKind)), set(get_args(P.WorkerKind))
-    assert client == {P.TASK, P.CELL, P.SETUP, P.PULL, P.INTERRUPT, P.PING, P.SHUTDOWN, P.ACK, P.SHARED}
-    assert worker == {P.RESULT, P.ERROR, P.STREAM, P.DISPLAY, P.PONG, P.NOTICE, P.ITEM}
+    assert client == {P.TASK, P.CELL, P.SETUP, P.PULL, P.INTERRUPT, P.PING, P.SHUTDOWN, P.ACK, P.SHARED,
+                      P.INPUT_REPLY}
+    assert worker == {P.RESULT, P.ERROR, P.STREAM, P.DISPLAY, P.PONG, P.NOTICE, P.ITEM, P.INPUT_REQUEST}
     assert not client & worker

@@ -21,14 +21,17 @@ import sky_jupyter as sky
 from sky_jupyter import protocol as P
 from sky_jupyter.node import WorkerLink
 
+UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
+
 ROOT = Path(sky.__file__).resolve().parents[1]
 PACKAGE = ROOT / "sky_jupyter"
 #: Modules outside sky_jupyter/worker/ that the worker imports; they keep the same rule.
 SHARED = {"sky_jupyter.errors", "sky_jupyter.info", "sky_jupyter.protocol", "sky_jupyter.store"}
 #: What ``import sky_jupyter`` loads besides (its functions may import the client's machinery: a node never calls them).
 PUBLIC = {"sky_jupyter", "sky_jupyter.compute"}
-#: What node code may import in a function, when the node has it (cells run in an IPython shell there).
-OPTIONAL = {"IPython", "traitlets"}
+#: What node code may import in a function, when the node has it (cells run in an IPython shell there; xxhash, where
+#: present, hashes the values a cell reads to see whether it changed them).
+OPTIONAL = {"IPython", "traitlets", "xxhash"}
 NODE_TOP_LEVEL = set(sys.stdlib_module_names) | {"cloudpickle", "sky_jupyter"}
 
 # Runs first in the worker's interpreter (python -I, so no PYTHONPATH or user site): refuse every other top-level
@@ -132,7 +135,8 @@ def test_a_worker_runs_with_nothing_but_the_standard_library_and_cloudpickle(gua
         kind, value, _ = _ask(io, P.CELL, 5, {"code": REPORT, "filename": "<boundary>", "binds": ["report"]})
         assert kind == P.RESULT, value
         report = value["value"]
-        assert _ask(io, P.PULL, 6, {"names": ["report"]})[1] == {"report": report}
+        pulled = _ask(io, P.PULL, 6, {"names": ["report", "absent"]})[1]
+        assert P.loads(pulled["values"]["report"]) == report and pulled["missing"] == ["absent"]
         io.send(P.PING, 7)
         assert io.recv()[0] == P.PONG
     finally:

@@ -1,9 +1,12 @@
 """Where a cell's remote output goes.
 
 Frames arrive on link reader threads; they are queued and written by the thread that runs the cell, so output
-lands in the cell that started the work (ipykernel ties output to the executing request). Stream frames are text;
+lands in the cell that started the work (ipykernel ties output to the executing request). Stream frames are text
+(what arrived together is written, and flushed, once per node and stream: in a kernel each flush is a message);
 display frames are Jupyter MIME bundles (what the node's IPython shell displayed: rich reprs, figures, HTML), with
-``transient``/``update`` for ``display_id`` updates, or a ``clear`` request.
+``transient``/``update`` for ``display_id`` updates, or a ``clear`` request. A node's ``input()`` or ``getpass()``
+is asked there too, in order with the output (in a kernel: the notebook's input box, through ipykernel's own
+``input``/``getpass``, which work only on the thread running the cell).
 
 Interactive kernels see everything live, lines prefixed ``[node K]`` when several nodes run (``[rank R]`` when
 nodes run several workers; a worker whose stdout is not shown, with ``--output head``, still shows its stderr); a
@@ -22,6 +25,7 @@ import threading
 from typing import Any
 
 from .. import protocol as P
+from ..node import Prompt, StdinNotImplementedError
 
 _COMPACT_AT = 256 * 1024  # characters of held text per stream before carriage-return updates are folded
 
@@ -113,6 +117,20 @@ class _Transcript:
         self.items.append(message)
 
 
+class _RankSink:
+    """Where one node's frames for a cell go: the cell's queue (stdout and displays dropped for a quiet node; its
+    stderr and prompts kept). Takes prompts (see :class:`~sky_jupyter.node.Call`)."""
+
+    takes_prompts = True
+
+    def __init__(self, into: queue.SimpleQueue[tuple[int, str, Any]], rank: int, quiet: bool) -> None:
+        self.into, self.rank, self.quiet = into, rank, quiet
+
+    def __call__(self, kind: str, meta: Any) -> None:
+        if not self.quiet or kind == P.INPUT_REQUEST or (kind == P.STREAM and meta.get("name") == "stderr"):
+            self.into.put((self.rank, kind, meta))
+
+
 class CellOutput:
     """Collects frames from every node of one cell run and writes them into the cell."""
 
@@ -137,31 +155,43 @@ class CellOutput:
         if last:
             self.queue.put((-1, "", None))
 
-    def sink(self, rank: int):
-        quiet = rank in self.quiet
-
-        def put(kind: str, meta: Any) -> None:
-            if not quiet or (kind == P.STREAM and meta.get("name") == "stderr"):
-                self.queue.put((rank, kind, meta))
-        return put
+    def sink(self, rank: int) -> _RankSink:
+        return _RankSink(self.queue, rank, rank in self.quiet)
 
     def label(self, rank: int) -> str:
         return self.labels.get(rank, f"node {rank}")
 
     def pump(self, timeout: float | None = None) -> None:
-        """Write what has arrived (waiting up to ``timeout`` for the first frame)."""
+        """Write what has arrived (waiting up to ``timeout`` for the first frame): the text of one node's stream
+        that arrived together in one write, so a burst of frames costs one notebook message."""
         try:
             item = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
         except queue.Empty:
             return
+        held: tuple[int, str, list[str]] | None = None  # (rank, stream name, texts) not written yet
         while True:
-            self._handle(*item)
+            rank, kind, meta = item
+            if kind == P.STREAM and held is not None and held[:2] == (rank, meta["name"]):
+                held[2].append(meta["text"])
+            else:
+                if held is not None:
+                    self._handle(held[0], P.STREAM, {"name": held[1], "text": "".join(held[2])})
+                    held = None
+                if kind == P.STREAM:
+                    held = (rank, meta["name"], [meta["text"]])
+                else:
+                    self._handle(rank, kind, meta)
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
-                return
+                break
+        if held is not None:
+            self._handle(held[0], P.STREAM, {"name": held[1], "text": "".join(held[2])})
 
     def _handle(self, rank: int, kind: str, meta: Any) -> None:
+        if rank >= 0 and kind == P.INPUT_REQUEST:
+            self._ask(rank, meta)
+            return
         if rank < 0 or kind not in (P.STREAM, P.DISPLAY):
             return
         if self.plain or self.prefixed:  # live, several nodes: kept to redraw the others after one node clears
@@ -172,6 +202,18 @@ class CellOutput:
             self._write(rank, meta["name"], meta["text"])
         else:
             self._show(rank, meta, live=True)
+
+    def _ask(self, rank: int, prompt: Prompt) -> None:
+        """A node's prompt, asked on this (the cell's) thread, labelled when several nodes run; refused on any other
+        (a ``%%sky --bg`` cell's, or what ``%sky attach`` collects), where the notebook's ``input`` would hang or
+        answer for another cell."""
+        if threading.current_thread() is not threading.main_thread():
+            prompt.refuse(StdinNotImplementedError(), "output shown in the background (a %%sky --bg cell, or what "
+                                                      "%sky attach collects) has no input box")
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        prompt.answer(f"[{self.label(rank)}] " if self.prefixed else "")
 
     def _write(self, rank: int, name: str, text: str) -> None:
         stream = sys.stderr if name == "stderr" else sys.stdout

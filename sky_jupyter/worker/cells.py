@@ -6,6 +6,12 @@ the notebook arrive pickled by value with private globals; they are rebound to t
 the node's values and their ``global`` writes land here. After the code runs, the names the cell bound go back
 while they fit the pull budget; the others stay here and the client binds a ``sky.Remote`` handle instead.
 
+What a cell defines (functions, classes, namedtuples, enums, dataclasses) goes back by value, and so do instances of
+them: the notebook cannot import them by name. What the notebook sent goes back by reference, so the notebook gets
+its own class or function back. A value the notebook holds a copy of (sent by it, brought back, pulled) is hashed
+before a cell that reads it runs and again after: when the cell changed it in place (``cfg.lr *= 2``), it goes back
+as well, so the notebook does not keep a stale copy.
+
 Remote cells are IPython cells: when the node has IPython (every notebook pool's image does), cells run in an
 ``InteractiveShell`` over the same namespace, so ``!cmd``, ``%timeit``, ``%pip install`` and ``get_ipython()`` act
 on the node, and whatever the shell displays (``display()``, rich reprs, inline matplotlib figures) goes to the
@@ -17,16 +23,23 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import importlib
+import inspect
+import io
 import linecache
 import os
 import pickle
 import shlex
 import shutil
 import sys
+import time
 import types
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
+
+import cloudpickle
 
 from .. import protocol as P
 
@@ -51,6 +64,117 @@ def rebind(value: Any, namespace: dict[str, Any]) -> Any:
             elif isinstance(member, (staticmethod, classmethod)) and isinstance(member.__func__, types.FunctionType):
                 setattr(value, attr, type(member)(rebind(member.__func__, namespace)))
     return value
+
+
+def _defined_in_cells(value: Any) -> bool:
+    """A function or class whose home is the cell namespace (``__main__``): defined by a cell, or sent by the
+    notebook."""
+    return isinstance(value, (type, types.FunctionType)) and getattr(value, "__module__", None) == "__main__"
+
+
+class _ReplyPickler(cloudpickle.Pickler):
+    """cloudpickle, which sends what the cells defined by value, except for the functions and classes the notebook
+    sent: those go by reference, and the notebook resolves them to its own objects (not to copies)."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None],
+                 from_notebook: weakref.WeakSet[Any]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self.from_notebook = from_notebook
+
+    def reducer_override(self, obj: Any) -> Any:
+        if _defined_in_cells(obj) and obj in self.from_notebook:
+            main = sys.modules.get("__main__")
+            if main is not None and vars(main).get(obj.__qualname__) is obj:
+                return NotImplemented  # the C pickler's reference, ``__main__.NAME``: the notebook has NAME
+        return super().reducer_override(obj)
+
+
+class _StatePickler(pickle.Pickler):
+    """Pickles a value for its hash only: functions and classes stand for themselves (their identity), so the hash
+    changes when the value does, not when a global that its class's methods read does."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.FunctionType) or (isinstance(obj, type) and obj.__module__ != "builtins"):
+            return int, (id(obj),)
+        return NotImplemented
+
+
+def _c_pickle(value: Any) -> list | None:
+    """The C pickler's frames, or None where they would name something of the cells' (``__main__``): the notebook
+    has other objects under those names, or none."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        main = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:  # noqa: BLE001 - whatever the C pickler refuses, the caller's pickler gets a chance at
+        return None
+    if b"__main__" in main:  # rarely a false alarm (a string that says it): that costs the slower pickler only
+        return None
+    return [main, *(b.raw() for b in buffers)]
+
+
+def _pickled(make: Callable[[io.BytesIO, Callable[[pickle.PickleBuffer], None]], pickle.Pickler],
+             value: Any) -> list:
+    """``value`` pickled by the pickler ``make`` returns: ``[main, *buffers]``."""
+    buffers: list[pickle.PickleBuffer] = []
+    file = io.BytesIO()
+    make(file, buffers.append).dump(value)
+    return [file.getbuffer(), *(b.raw() for b in buffers)]
+
+
+def _hasher() -> Any:
+    """xxh3 where the node has it (about 9 GB/s here), else sha256 (about 1 GB/s): the node compares its own
+    hashes only, so the client may have either."""
+    try:
+        import xxhash
+
+        return xxhash.xxh3_128()
+    except ImportError:
+        return hashlib.sha256()
+
+
+def _digest(frames: Iterable[Any]) -> str:
+    digest = _hasher()
+    for frame in frames:
+        view = memoryview(frame)
+        digest.update(view.nbytes.to_bytes(8, "little"))
+        digest.update(view)
+    return digest.hexdigest()
+
+
+def state_hash(value: Any) -> str | None:
+    """A hash of the value's state, or None for a value that cannot be pickled (its changes go unseen)."""
+    frames = _c_pickle(value)
+    if frames is None:
+        try:
+            frames = _pickled(_StatePickler, value)
+        except Exception:  # noqa: BLE001 - (un)pickling user objects can raise anything
+            return None
+    return _digest(frames)
+
+
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, range, types.ModuleType, type, types.FunctionType,
+              types.BuiltinFunctionType)
+
+
+def _may_change(value: Any, depth: int = 0) -> bool:
+    """Whether a cell could change the value in place (functions and classes are not watched: the notebook keeps
+    its own definitions)."""
+    if isinstance(value, _IMMUTABLE):
+        return False
+    if type(value) in (tuple, frozenset) and len(value) <= 64 and depth < 3:
+        return any(_may_change(item, depth + 1) for item in value)
+    return True
+
+
+def _unpicklable(value: Any, exc: BaseException) -> str:
+    """Why a value cannot leave the node, in a few words."""
+    if inspect.isgenerator(value) or inspect.isasyncgen(value):
+        return "a generator cannot leave the process it runs in (a list of its items can)"
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return f"not picklable ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
 #: MIME types of ipywidgets views: their models live on the node, so the notebook could not render them.
@@ -246,26 +370,39 @@ def _without_ipython_frames(exc: BaseException) -> BaseException:
 @functools.lru_cache(maxsize=256)
 def _compiled(source: str, filename: str) -> tuple[types.CodeType, types.CodeType | None]:
     """The cell's statements and its last expression (None when it ends with a statement), compiled once: the
-    client names a cell's file after its content, so a re-run cell finds its code here."""
+    client names a cell's file after its content, so a re-run cell finds its code here. Top-level ``await`` is
+    allowed: code that uses it evaluates to a coroutine."""
     tree = ast.parse(source, filename)
     last = None
     if tree.body and isinstance(end := tree.body[-1], ast.Expr):
         tree.body.pop()
-        last = compile(ast.Expression(end.value), filename, "eval")
-    return compile(tree, filename, "exec"), last
+        last = compile(ast.Expression(end.value), filename, "eval", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    return compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), last
+
+
+def _awaits(code: types.CodeType | None) -> bool:
+    """Whether compiled cell code uses top-level ``await`` (evaluating it gives a coroutine to run)."""
+    return code is not None and bool(code.co_flags & inspect.CO_COROUTINE)
 
 
 _NO_SHELL = object()
 
 
 class CellRunner:
-    """Executes cell code like a notebook does: statements, then the last expression's value."""
+    """Executes cell code like a notebook does: statements, then the last expression's value.
+
+    ``held``: the names whose value the notebook holds a copy of, each with the hash of that value's state here
+    (None until a cell that reads it is about to run); ``from_notebook``: the functions and classes the notebook
+    sent, which go back by reference."""
 
     def __init__(self, namespace: dict[str, Any], send_display: SendDisplay | None = None) -> None:
         self.namespace = namespace
         self.send_display = send_display
         self._shell: Any = None
         self._installed = False
+        self._loop: Any = None  # the event loop of cells with top-level await, on nodes without IPython
+        self.held: dict[str, str | None] = {}
+        self.from_notebook: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def shell(self) -> Any:
@@ -285,22 +422,81 @@ class CellRunner:
             except Exception as exc:  # noqa: BLE001 - (un)pickling user objects can raise anything
                 raise ImportError(f"notebook variable {name!r} could not be rebuilt on this node: "
                                   f"{type(exc).__name__}: {exc}") from None
-            self.namespace[name] = rebind(value, self.namespace)
+            value = self.namespace[name] = rebind(value, self.namespace)
+            if _defined_in_cells(value):
+                self.from_notebook.add(value)
+            self._holds(name, value)
         for alias, target in meta.get("refs", {}).items():
             if target not in self.namespace:
                 raise NameError(f"{alias!r} refers to {target!r}, which this node no longer has "
                                 f"(was its worker restarted?)")
             self.namespace[alias] = self.namespace[target]
+            self.held.pop(alias, None)  # the notebook has a handle to it, not a copy
+
+    def _holds(self, name: str, value: Any) -> None:
+        """The notebook now holds a copy of ``value`` under ``name``: watch it for changes, if it can have any."""
+        if _may_change(value):
+            self.held[name] = None
+        else:
+            self.held.pop(name, None)
+
+    def reply_frames(self, value: Any) -> list:
+        """``value`` pickled for the notebook: by the C pickler where it can (several times cheaper on small
+        values), else by cloudpickle, so that what the cells defined travels by value."""
+        frames = _c_pickle(value)
+        if frames is None:
+            frames = _pickled(functools.partial(_ReplyPickler, from_notebook=self.from_notebook), value)
+        return frames
+
+    def _watch(self, reads: list[str]) -> list[str]:
+        """The names among ``reads`` that the notebook holds a copy of, each with its state hash taken now (before
+        the cell runs) unless it has one."""
+        watched = []
+        for name in reads:
+            if name not in self.held or name not in self.namespace:
+                continue
+            if self.held[name] is None:
+                self.held[name] = state_hash(self.namespace[name])
+            if self.held[name] is not None:
+                watched.append(name)
+            else:  # cannot be pickled: its changes cannot be seen
+                del self.held[name]
+        return watched
+
+    def _changed(self, watched: list[str], binds: set[str]) -> list[str]:
+        """The watched names whose value the cell changed in place (those it bound go back anyway)."""
+        changed = []
+        for name in watched:
+            if name in binds or name not in self.namespace:
+                continue
+            now = state_hash(self.namespace[name])
+            if now != self.held.get(name):
+                changed.append(name)
+                self.held[name] = now
+        return changed
 
     def execute(self, source: str, filename: str) -> tuple[bool, Any]:
         """Without IPython: exec the statements, eval the last expression."""
         # Tracebacks show the cell's own lines.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         body, last = _compiled(source, filename)
-        exec(body, self.namespace)
+        if _awaits(body):
+            self._run_coroutine(eval(body, self.namespace))
+        else:
+            exec(body, self.namespace)
         if last is None:
             return False, None
-        return True, eval(last, self.namespace)
+        value = eval(last, self.namespace)
+        return True, self._run_coroutine(value) if _awaits(last) else value
+
+    def _run_coroutine(self, coroutine: Any) -> Any:
+        """Run a cell's top-level ``await`` code to its end, on an event loop kept from cell to cell (what it
+        created, a client session or a queue, stays usable in later cells)."""
+        import asyncio
+
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coroutine)
 
     def execute_ipython(self, shell: Any, raw: str, filename: str, display: bool) -> tuple[bool, Any]:
         """Run the raw cell in the shell; its error is raised here with its own type and the cell's frames."""
@@ -318,12 +514,19 @@ class CellRunner:
 
     @staticmethod
     def _plain_python(shell: Any, meta: P.CellMeta) -> bool:
-        """A cell with no IPython syntax (the client's transform left it unchanged), on a shell with no
-        per-cell hooks beyond the execute events, needs none of the shell's cell machinery."""
+        """A cell with no IPython syntax (the client's transform left it unchanged) and no top-level ``await`` (the
+        shell runs that on its event loop), on a shell with no per-cell hooks beyond the execute events, needs none
+        of the shell's cell machinery."""
         if meta.get("python") != meta["code"]:
             return False
         callbacks = shell.events.callbacks
-        return not callbacks.get("pre_run_cell") and not callbacks.get("post_run_cell")
+        if callbacks.get("pre_run_cell") or callbacks.get("post_run_cell"):
+            return False
+        try:
+            body, last = _compiled(meta["code"], meta.get("filename", "<sky-cell>"))
+        except SyntaxError:
+            return True  # raised again, as the cell's error, where the fast path compiles it
+        return not (_awaits(body) or _awaits(last))
 
     def execute_fast(self, shell: Any, source: str, filename: str, display: bool) -> tuple[bool, Any]:
         """Plain Python in the shell's context (its builtins, kept active by make_shell, its display hook and
@@ -342,33 +545,64 @@ class CellRunner:
             shell.value_bundle = portable_bundle(*shell.display_formatter.format(value))
         return (False, None) if value is None else (has_value, value)
 
-    def collect(self, meta: P.CellMeta) -> dict[str, Any]:
-        """Values of the names the cell bound: pickled while under budget, described otherwise."""
-        out: dict[str, Any] = {"values": {}, "remote": {}, "modules": {}, "bound": [], "missing": []}
+    def _give_back(self, name: str, out: dict[str, Any], budget: int) -> int:
+        """Put ``name``'s value in the reply while it fits ``budget`` (what is left of it is returned), else
+        describe why it stays here."""
+        value = self.namespace[name]
+        try:
+            frames = self.reply_frames(value)
+        except Exception as exc:  # noqa: BLE001 - reported to the user as the reason it stayed here
+            out["remote"][name] = {"type": _type_name(value), "size": None, "reason": _unpicklable(value, exc)}
+            self.held.pop(name, None)
+            return budget
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > budget:
+            out["remote"][name] = {"type": _type_name(value), "size": size, "reason": "over the pull budget"}
+            self.held.pop(name, None)
+            return budget
+        out["values"][name] = [pickle.PickleBuffer(f) for f in frames]
+        return budget - size
+
+    def collect(self, meta: P.CellMeta, changed: Iterable[str] = ()) -> dict[str, Any]:
+        """Values of the names the cell bound, then of those it changed in place: pickled while under budget,
+        described otherwise."""
+        out: dict[str, Any] = {"values": {}, "remote": {}, "modules": {}, "bound": [], "missing": [], "changed": []}
         budget = int(meta.get("budget", 64 << 20))
+        pull = meta.get("pull", True)
         for name in meta.get("binds", ()):
             if name not in self.namespace:
                 out["missing"].append(name)
+                self.held.pop(name, None)
                 continue
             value = self.namespace[name]
             out["bound"].append(name)
             if isinstance(value, types.ModuleType):
                 out["modules"][name] = value.__name__
+            elif pull:
+                budget = self._give_back(name, out, budget)
+            if name in out["values"]:
+                self._holds(name, value)
+            else:  # a module, or a value left here: the notebook holds no copy of it to watch
+                self.held.pop(name, None)
+        for name in changed:
+            out["changed"].append(name)
+            if pull:
+                budget = self._give_back(name, out, budget)
+            else:  # the notebook keeps its own copy: this one is the node's own from now on
+                self.held.pop(name, None)
+        return out
+
+    def pull(self, names: list[str]) -> dict[str, Any]:
+        """``%sky pull``: the named values (whatever their size), which names this node lacks, and why the
+        others cannot leave it."""
+        out: dict[str, Any] = {"values": {}, "remote": {}, "missing": []}
+        for name in names:
+            if name not in self.namespace:
+                out["missing"].append(name)
                 continue
-            if not meta.get("pull", True):
-                continue
-            try:
-                frames = P.dumps_reply(value)
-            except Exception as exc:  # noqa: BLE001 - reported to the user as the reason it stayed here
-                out["remote"][name] = {"type": _type_name(value), "size": None,
-                                       "reason": f"not picklable ({type(exc).__name__})"}
-                continue
-            size = sum(memoryview(f).nbytes for f in frames)
-            if size > budget:
-                out["remote"][name] = {"type": _type_name(value), "size": size, "reason": "over the pull budget"}
-                continue
-            budget -= size
-            out["values"][name] = [pickle.PickleBuffer(f) for f in frames]
+            self._give_back(name, out, sys.maxsize)
+            if name in out["values"]:
+                self._holds(name, self.namespace[name])
         return out
 
     def run(self, meta: P.CellMeta, frames: list) -> dict[str, Any]:
@@ -378,6 +612,9 @@ class CellRunner:
         if self._installed:  # a package the previous cell installed (%pip, !pip, uv) is importable now
             importlib.invalidate_caches()
         self._installed = "install" in meta["code"]
+        started = time.perf_counter()
+        watched = self._watch(list(meta.get("reads", ())))
+        hashing = time.perf_counter() - started
         filename = meta.get("filename", "<sky-cell>")
         shell = self.shell
         if shell is not None and self._plain_python(shell, meta):
@@ -386,7 +623,12 @@ class CellRunner:
             has_value, value = self.execute_ipython(shell, meta["code"], filename, bool(meta.get("display")))
         else:
             has_value, value = self.execute(meta.get("python") or meta["code"], filename)
-        result = self.collect(meta) if "binds" in meta else {}
+        started = time.perf_counter()
+        changed = self._changed(watched, set(meta.get("binds", ())))
+        hashing += time.perf_counter() - started
+        result = self.collect(meta, changed) if "binds" in meta or changed else {}
+        if watched:
+            result["rehash_s"] = hashing
         result["has_value"] = has_value
         result["value"] = None
         if has_value and value is not None:

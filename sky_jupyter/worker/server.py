@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import collections
 import ctypes
+import getpass
 import inspect
 import json
 import os
@@ -38,7 +39,7 @@ from ..info import InstanceInfo, _set_current
 from .forked import run_forked
 from .handshake import authenticate
 from .outbox import Outbox
-from .output import OutputCapture, TaskStream, log
+from .output import OutputCapture, TaskInput, TaskOutput, TaskStdin, TaskStream, log
 from .share import ShareError, check, store, take
 from .watchdog import POWEROFF, remove_path, touch
 
@@ -150,8 +151,10 @@ class Worker:
         self.decorators: list[Any] = []
         self.app_stack = ExitStack()
         self.setup_done = False
+        self.output = TaskOutput(self)
         self.stdout = TaskStream(self, "stdout")
         self.stderr = TaskStream(self, "stderr")
+        self.input = TaskInput(self)
         self.capture: OutputCapture | None = None
         self._cells: CellRunner | None = None
         self._shutdown_lock = threading.Lock()
@@ -314,6 +317,8 @@ class Worker:
                 self.outbox.ack(meta)
             case P.INTERRUPT:
                 self.interrupt(task_id)
+            case P.INPUT_REPLY:
+                self.input.answer(meta)
             case P.SHUTDOWN:
                 self.shutdown("the client asked")
             case P.TASK | P.CELL | P.SETUP | P.PULL:
@@ -388,11 +393,11 @@ class Worker:
                 self._run_forked(task_id, frames)
                 return
             value = self.run_task(frames, task_id, bool(meta and meta.get("stream")))
-            self._flush_slot(task_id)
+            self.flush_task_output(task_id)
             payload = P.dumps_reply(value)
             self.outbox.send(P.RESULT, task_id, None, payload)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            self._flush_slot(task_id)
+            self.flush_task_output(task_id)
             meta_err, payload = error_frames(exc)
             self.outbox.send(P.ERROR, task_id, meta_err, payload)
         finally:
@@ -410,8 +415,14 @@ class Worker:
         def output(name: str, text: str) -> None:
             (self.stderr if name == "stderr" else self.stdout).append(text, task_id)
 
-        error, payload = run_forked(frames, self.decorators, output, started, error_frames)
-        self._flush_slot(task_id)
+        def ask(prompt: str, password: bool) -> str:
+            return self.input.ask(prompt, password, task_id)
+
+        try:
+            error, payload = run_forked(frames, self.decorators, output, started, error_frames, ask)
+        finally:
+            self.input.cancel(task_id)  # a prompt the child no longer waits for
+        self.flush_task_output(task_id)
         if error is None:
             self.outbox.send(P.RESULT, task_id, None, payload)
         else:
@@ -423,18 +434,11 @@ class Worker:
             return take(self.share_dir, frames.key, frames.copy, self.share_wait, "a sibling worker")
         return frames
 
-    def _flush_slot(self, task_id: int) -> None:
-        if self.capture is not None:
-            self.capture.sync()
-        self.stdout.flush_task(task_id)
-        self.stderr.flush_task(task_id)
-
     def tick_loop(self) -> None:
-        """Flush partial output, enforce the interrupt deadline and the dead-man switch."""
+        """Hand the connection to its thread while a task runs, enforce the interrupt deadline and the dead-man
+        switch (output has a thread of its own: :class:`~.output.TaskOutput`)."""
         while True:
             time.sleep(0.1)
-            self.stdout.flush()
-            self.stderr.flush()
             with self._reading:  # a task running since before this tick: its connection thread reads meanwhile
                 if self.current_task and not self._help_wanted:
                     self._help_wanted = True
@@ -515,6 +519,10 @@ class Worker:
         sys.stderr.flush()
         self.capture = OutputCapture(self)
         sys.stdout, sys.stderr = self.stdout, self.stderr
+        # What tasks read is asked of the client (a notebook's input box), not of this process's stdin.
+        sys.stdin = TaskStdin(self.input)
+        builtins.input = self.input.input
+        getpass.getpass = self.input.getpass
         signal.signal(signal.SIGINT, self._on_sigint)
         while True:
             try:
@@ -546,8 +554,8 @@ class Worker:
                     value = self.cells.run(meta, frames)
                 case P.SETUP:
                     value = self.setup(meta, frames)
-                case P.PULL:
-                    value = {name: self.namespace[name] for name in meta["names"]}
+                case P.PULL:  # by value what the cells defined, with a reason for each name that stays here
+                    value = self.cells.pull(list(meta["names"]))
                 case _:
                     raise ValueError(f"unknown job {kind!r}")
             self.flush_output()
@@ -566,11 +574,24 @@ class Worker:
                 self._help_wanted = False
 
     def flush_output(self) -> None:
-        """Send everything the running task has written so far (descriptor-level output included)."""
+        """Send everything the running tasks have written so far (descriptor-level output included)."""
         if self.capture is not None:
             self.capture.sync()
-        self.stdout.flush()
-        self.stderr.flush()
+        self.output.send()
+
+    def flush_task_output(self, task_id: int) -> None:
+        """Send everything ``task_id`` has written so far (descriptor-level output included)."""
+        if self.capture is not None:
+            self.capture.sync()
+        self.output.send(task_id)
+
+    def read_while_waiting(self) -> None:
+        """The running task waits for a frame (an input reply): its connection's thread reads from now on, without
+        waiting for the tick to ask it."""
+        with self._reading:
+            if self.current_task and not self._help_wanted:
+                self._help_wanted = True
+                self._reading.notify_all()
 
     def send_display(self, meta: dict[str, Any]) -> None:
         """A display frame (a Jupyter MIME bundle) for the running task, after the output written before it."""
