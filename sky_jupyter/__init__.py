@@ -88,13 +88,20 @@ def __dir__() -> list[str]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext sky_jupyter``: register the ``%%sky`` and ``%sky`` magics."""
+    """``%load_ext sky_jupyter``: register the ``%%sky`` and ``%sky`` magics, and show this package's errors
+    without its own frames (:func:`sky_jupyter.tracebacks.show_sky_error`), unless the shell already has a custom
+    exception handler of someone else's."""
     from .notebook import load_ipython_extension as load
+    from .tracebacks import show_sky_error
 
     load(ipython)
+    if not getattr(ipython, "custom_exceptions", ()) or ipython.custom_exceptions == (SkyError,):
+        ipython.set_custom_exc((SkyError,), show_sky_error)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     from .notebook import unload_ipython_extension as unload
 
+    if getattr(ipython, "custom_exceptions", ()) == (SkyError,):
+        ipython.set_custom_exc((), None)
     unload(ipython)

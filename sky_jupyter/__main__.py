@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,9 +56,18 @@ def quickstart(path: Path) -> int:
     except ImportError:
         print("(install sky-jupyter[notebook] to run the quickstart notebook)")
         return 0
+    from jupyter_client.manager import KernelManager
+
     print(f"\n=== running {path.name} through a Jupyter kernel ===")
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    # IPC sockets in a folder of our own, not TCP: nothing listens on the network, and ipykernel has no reason to
+    # warn that its TCP channels are unencrypted.
+    sockets = tempfile.mkdtemp(prefix="sky-kernel-")
+    try:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "kernel"))
+        NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -87,7 +99,7 @@ def _demo_cell(nodes: int) -> None:
     shell.run_cell("%load_ext sky_jupyter")
     shell.run_cell("data = list(range(10))")
     cell = (f"%%sky --nodes {nodes} --pool demo-cell\nimport sky_jupyter as sky\n"
-            "total = sum(sky.shard(data))\nprint('my part sums to', total)\ntotal")
+            "total = sum(sky.shard(data))\nprint('my part sums to', total)")
     print(">>> " + cell.replace("\n", "\n... "))
     shell.run_cell(cell)
     shell.run_cell("print('back in the notebook: total =', total)")
@@ -101,25 +113,45 @@ def status() -> int:
     if not pools:
         print("no pools on record")
     for p in pools:
-        print(f"{p['name']}: {p.get('provider_repr')} nodes={p.get('nodes')} hosts="
-              f"{[h.get('addr') for h in p.get('hosts', [])]} client pid {p.get('client_pid')}")
+        print(f"{p.name}: {p.provider_repr} nodes={p.nodes} hosts={[h.get('addr') for h in p.hosts]} client pid "
+              f"{p.client_pid}")
     return 0
 
 
+def _nodes(text: str) -> int:
+    """``--nodes``: a whole number from 1 (argparse reports anything else as a one-line usage error)."""
+    try:
+        nodes = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if nodes < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {nodes}")
+    return nodes
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sky_jupyter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sky_jupyter", description="A console demo on the Local "
+                                     "provider, a notebook run through a Jupyter kernel, and the pools on record.")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run functions and a %%sky cell on local worker processes")
-    d.add_argument("--nodes", type=int, default=2)
+    # argparse %-formats help strings: "%%%%sky" is shown as "%%sky".
+    d = sub.add_parser("demo", help="run functions and a %%%%sky cell on local worker processes")
+    d.add_argument("--nodes", type=_nodes, default=2, help="local nodes to start (default: 2)")
     q = sub.add_parser("quickstart", help="run a notebook through a Jupyter kernel and print its outputs")
     q.add_argument("path", nargs="?", default="notebooks/01-quickstart.ipynb")
     sub.add_parser("status", help="list pools recorded in ~/.sky_jupyter/pools")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo(args.nodes)
-    if args.command == "quickstart":
-        return quickstart(Path(args.path))
-    return status()
+    try:
+        if args.command == "demo":
+            return demo(args.nodes)
+        if args.command == "quickstart":
+            path = Path(args.path)
+            if not path.is_file():
+                q.error(f"no notebook at {path} (from {Path.cwd()}); give the path of an .ipynb file")
+            return quickstart(path)
+        return status()
+    except sky.SkyError as exc:  # said in one line, as the notebook does
+        print(f"{parser.prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

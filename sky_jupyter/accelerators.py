@@ -115,6 +115,18 @@ def lookup(name: str | None) -> Accelerator:
     return row
 
 
+def check(name: str | None, what: str = "accelerator") -> Accelerator:
+    """:func:`lookup` where the table alone decides (the notebook's ``--accelerator``, the Local provider): an unknown
+    name is a one-line ConfigError listing the known kinds, without lookup's hint about ``sky.AWS(instance_types=)``."""
+    try:
+        return lookup(name)
+    except ConfigError:
+        key = canonical(str(name)).partition(":")[0]
+        if canonical(ALIASES.get(key, key)) in RETIRED:
+            raise
+        raise ConfigError(f"{what} {name!r} is not a kind this tool knows; use one of {', '.join(known())}") from None
+
+
 class Named(str):
     """An accelerator as Skyward's ``sky.accelerators.H100(count=8)`` builds it: the table's name (a ``str``, so it
     goes wherever a name goes), with the count and memory asked for."""
@@ -187,4 +199,4 @@ def instance_for(name: str | None) -> tuple[str, float | None]:
 
 
 __all__ = ["A10G", "A100", "ALIASES", "H100", "H200", "L4", "L40S", "PRICES_DATE", "PRICES_REGION", "RETIRED", "T4",
-           "TABLE", "Accelerator", "Named", "canonical", "instance_for", "known", "lookup"]
+           "TABLE", "Accelerator", "Named", "canonical", "check", "instance_for", "known", "lookup"]

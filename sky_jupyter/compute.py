@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -15,23 +17,53 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class Target:
+    """What ``>>`` and ``@`` hand a computation to. :class:`sky_jupyter.ComputePool` is the one kind there is; it
+    derives from this class so that this module can recognise it without importing the pool's module (which
+    imports this one)."""
+
+    @property
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def run(self, pending: PendingCompute[Any]) -> Any:
+        raise NotImplementedError
+
+    def broadcast(self, pending: PendingCompute[Any]) -> list[Any]:
+        raise NotImplementedError
+
+
+_entered: contextvars.ContextVar[Target | None] = contextvars.ContextVar("sky_active_pool", default=None)
+
+
+def enter(target: Target) -> contextvars.Token[Target | None]:
+    """Make ``target`` what ``fn() >> sky`` runs on in this context, until :func:`leave` with the token."""
+    return _entered.set(target)
+
+
+def leave(token: contextvars.Token[Target | None]) -> None:
+    _entered.reset(token)
+
+
+def active_pool() -> Target | None:
+    """The innermost pool entered with ``with`` in this context (what ``fn() >> sky`` runs on), if it runs."""
+    pool = _entered.get()
+    return pool if pool is not None and pool.running else None
+
+
 def _pool(other: object, op: str) -> ComputePool:
     """The pool on the right of ``>>``/``@``: a ComputePool, or the ``sky_jupyter`` module itself (Skyward's
     ``fn() >> sky``), which stands for the innermost pool entered with ``with`` in this context."""
-    import types
-
-    from .pool import ComputePool, active_pool
-
+    found: object = other
     if isinstance(other, types.ModuleType) and other.__name__ == "sky_jupyter":
         found = active_pool()
         if found is None:
             raise TypeError(f"fn(...) {op} sky needs a pool entered with `with sky.ComputePool(...):` (or "
                             f"sky.pool(...)) around it; none is.")
-        return found
-    if not isinstance(other, ComputePool):
+    if not isinstance(found, Target):
         raise TypeError(f"the right side of {op} must be a sky.ComputePool, not {type(other).__name__}; "
                         f"write fn(...) {op} pool inside `with sky.ComputePool(...) as pool:`.")
-    return other
+    return found  # type: ignore[return-value]  # the one Target there is
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,14 +18,19 @@ class ProvisionError(SkyError):
 class BootstrapError(SkyError):
     """A bootstrap phase failed on a node."""
 
-    def __init__(self, node: str, phase: str, exit_code: int, tail: str) -> None:
+    def __init__(self, node: str, phase: str, exit_code: int, tail: str, log: str = "") -> None:
         self.node, self.phase, self.exit_code, self.tail = node, phase, exit_code, tail
-        # The core phases say what to do in their own last line; a plugin's phase or an image's package may not.
-        advice = ("" if phase in ("env", "uv", "venv")
+        #: Where the node's full bootstrap log is, in words: the provider knows (a Local node keeps it in its folder).
+        self.log = log or "~/.sky_jupyter/bootstrap.log on the node"
+        # The core phases say what to do in their own last line, and so does any phase whose last line is an
+        # "error: ..." (a rejected HF token says to set a valid one); other failures of a plugin's phase or an
+        # image's package are for whoever wrote them.
+        said = tail.strip().splitlines()[-1].startswith("error:") if tail.strip() else False
+        advice = ("" if phase in ("env", "uv", "venv") or said
                   else "Fix the image or plugin that adds this phase, then run the pool again ")
         super().__init__(
             f"bootstrap phase {phase!r} failed on {node} (exit code {exit_code}); last lines:\n{tail}\n"
-            f"{advice}(the full log is ~/.sky_jupyter/bootstrap.log on the node)."
+            f"{advice}(the full log is {self.log})."
         )
 
 

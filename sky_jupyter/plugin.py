@@ -4,9 +4,12 @@ Hooks, in the order a pool uses them:
 
 * ``transform(image, cluster) -> image`` on the client, before the bootstrap script is generated;
 * ``bootstrap(cluster) -> [shell ops]`` appended after the image phases, run once per node;
-* ``around_app(info)`` a context manager entered once in every worker at pool start;
+* ``around_app(info)`` a context manager entered in every worker at pool start, and left and entered again, with
+  the new ``info``, on every worker when a running pool grows or changes its plugins (``pool.grow``,
+  ``pool.use_plugins``): the torch plugin's process group re-forms there with the new world size;
 * ``decorate(fn) -> fn`` wraps every task the worker runs;
-* ``around_client(pool)`` a context manager on the client for the pool's life.
+* ``around_client(pool)`` a context manager on the client for the pool's life (or until a running pool stops
+  using the plugin).
 
 Hooks compose in plugin order; exits run in reverse.
 """

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from . import protocol as P
 from . import state
 from .bootstrap import BootstrapPlan
-from .compute import PendingCompute
+from .compute import PendingCompute, Target, enter, leave
 from .errors import ConfigError, ConnectionLostError, ProvisionError, SerializationError, SkyError, SpotReclaimError
 from .image import Image
 from .node import Call, RemoteWorker, Sink
@@ -41,13 +41,6 @@ SHARE_AT = 256 * 1024
 DEFAULT_GRACE = 10 * 60.0
 
 _open_pools: set[ComputePool] = set()  # started and not closed: shut down at interpreter exit
-_active: contextvars.ContextVar[ComputePool | None] = contextvars.ContextVar("sky_active_pool", default=None)
-
-
-def active_pool() -> ComputePool | None:
-    """The innermost pool entered with ``with`` in this context (what ``fn() >> sky`` runs on), if it runs."""
-    pool = _active.get()
-    return pool if pool is not None and pool.running else None
 _open_lock = threading.Lock()
 
 
@@ -77,42 +70,42 @@ def _plain(value: object) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
 
 
-def _detached_state(name: str) -> dict[str, Any]:
+def _detached_state(name: str) -> state.PoolRecord:
     recorded = state.load(name)
     if recorded is None:
         raise ConfigError(f"no pool named {name!r} is recorded in {state.pools_dir()}; `%sky status` lists the "
                           f"pools that are.")
-    if not state.detached(recorded):
+    if not recorded.detached:
         raise ConfigError(f"pool {name!r} belongs to a client that is still running (pid "
-                          f"{recorded.get('client_pid')}); use it there, or stop that client first.")
+                          f"{recorded.client_pid}); use it there, or stop that client first.")
     return recorded
 
 
-def _recorded_nodes(recorded: dict[str, Any]) -> tuple[list[Host], dict[int, list[tuple[int, int, int]]]]:
+def _recorded_nodes(recorded: state.PoolRecord) -> tuple[list[Host], dict[int, list[tuple[int, int, int]]]]:
     """A state file's hosts, and each node's workers as (local rank, port, pid), in local rank order."""
-    hosts = [Host(**h) for h in recorded.get("hosts") or ()]
+    hosts = [Host(**h) for h in recorded.hosts]
     workers: dict[int, list[tuple[int, int, int]]] = {}
-    for w in recorded.get("workers") or ():
+    for w in recorded.workers:
         if w.get("pid"):
             workers.setdefault(w.get("node", w["rank"]), []).append((w.get("local_rank", 0), w["port"], w["pid"]))
     return hosts, {node: sorted(found) for node, found in workers.items()}
 
 
-def provider_from_state(recorded: dict[str, Any]) -> Provider:
+def provider_from_state(recorded: state.PoolRecord) -> Provider:
     """A provider able to reach a recorded pool's machines again (see ``ComputePool.attach``)."""
-    kind = recorded.get("provider")
+    kind = recorded.provider
     if kind == "local":
         return Local()
     if kind == "ssh":
         from .providers.ssh import SSH
 
-        hosts = recorded.get("hosts") or [{"addr": "unknown"}]
+        hosts = recorded.hosts or [{"addr": "unknown"}]
         return SSH([f"[{h['addr']}]" if ":" in h["addr"] else h["addr"] for h in hosts])
     if kind == "aws":
         from .providers.aws import AWS
 
-        return AWS(region=(recorded.get("cloud") or {}).get("region"))
-    raise ConfigError(f"pool {recorded.get('name')!r} was started by a provider this client does not know "
+        return AWS(region=recorded.cloud.get("region"))
+    raise ConfigError(f"pool {recorded.name!r} was started by a provider this client does not know "
                       f"({kind!r}); pass provider=... to attach to it.")
 
 
@@ -196,7 +189,7 @@ class StreamPrinter:
         stream.flush()
 
 
-class ComputePool:
+class ComputePool(Target):
     """A pool of nodes, used as a context manager that always tears down what it started.
 
     ``provider`` defaults to ``sky.Local()``. ``plugins`` shape the image, the bootstrap and every worker.
@@ -291,11 +284,12 @@ class ComputePool:
         self.started_at: float | None = None
         self.last_used = time.monotonic()
         self._stack: ExitStack | None = None
+        self._client_hooks: list[tuple[Plugin, ExitStack]] = []  # each plugin's around_client, entered
         self._keeper: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
-        self._entered: list[contextvars.Token[ComputePool | None]] = []
+        self._entered: list[contextvars.Token[Target | None]] = []
 
     def __repr__(self) -> str:
         state_ = "running" if self.started_at and not self._closed else ("closed" if self._closed else "new")
@@ -332,13 +326,13 @@ class ComputePool:
     # -- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> ComputePool:
         self.start()
-        self._entered.append(_active.set(self))
+        self._entered.append(enter(self))
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._entered:
             try:
-                _active.reset(self._entered.pop())
+                leave(self._entered.pop())
             except ValueError:  # exited in another context than it was entered in: leave that context alone
                 pass
         self.close()
@@ -377,6 +371,7 @@ class ComputePool:
                       file=sys.stderr)
                 self._closed, self._stop = False, threading.Event()  # that attempt is torn down; the pool goes on
                 self.workers, self.hosts, self.gpus, self._synced = [], [], {}, {}
+                self._client_hooks = []
         raise AssertionError("unreachable")
 
     def _candidates(self) -> list[Spec]:
@@ -436,16 +431,23 @@ class ComputePool:
             self.head_port = head.hello["free_port"]  # told when it connected
             self.store_port = head.hello.get("store_port", 0)
             self._setup_all()
-            self.started_at = time.time()
-            self.sync()
-            self._save_state()
-            self._keeper = threading.Thread(target=self._keep, daemon=True, name=f"sky-keeper-{self.name}")
-            self._keeper.start()
-            _track(self)
+            self._go_live(sync=True)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _go_live(self, sync: bool) -> None:
+        """Where start and attach end alike, their workers connected and set up: the pool runs from now on
+        (``sync``: the image's includes are sent first), its record says this client owns it, its keeper watches
+        idle time and links, and interpreter exit shuts it down."""
+        self.started_at = time.time()
+        if sync:
+            self.sync()
+        self._save_state()
+        self._keeper = threading.Thread(target=self._keep, daemon=True, name=f"sky-keeper-{self.name}")
+        self._keeper.start()
+        _track(self)
 
     def _prepare_client(self) -> None:
         """The final image (its secret values known to the redactor) and the plugins' client hooks entered."""
@@ -454,33 +456,108 @@ class ComputePool:
         for plugin in self.plugins:
             for key in plugin.secrets:
                 register(self.image.environ.get(key))
-        for plugin in self.plugins:
-            if plugin.around_client is not None:
-                self._stack.enter_context(plugin.around_client(self))
+        self._enter_client_hooks(self.plugins)
 
-    def grow(self, nodes: int) -> None:
-        """Add nodes to a running pool; every node then learns the new world size (setup runs again)."""
+    def _enter_client_hooks(self, plugins: Sequence[Plugin]) -> None:
+        """Enter the ``around_client`` hook of each of ``plugins``, each on a stack of its own (so that a plugin
+        a running pool stops using can leave alone), closed with the pool in reverse order."""
+        assert self._stack is not None
+        for plugin in plugins:
+            if plugin.around_client is not None:
+                hook = ExitStack()
+                hook.enter_context(plugin.around_client(self))
+                self._client_hooks.append((plugin, hook))
+                self._stack.callback(hook.close)
+
+    def _exit_client_hooks(self, plugins: Sequence[Plugin]) -> None:
+        """Leave the ``around_client`` hooks of ``plugins`` (ones the pool no longer uses), newest first."""
+        for plugin, hook in reversed(list(self._client_hooks)):
+            if any(plugin is p for p in plugins):
+                self._client_hooks.remove((plugin, hook))
+                hook.close()
+
+    def grow(self, nodes: int, plugins: Sequence[Plugin] | None = None) -> None:
+        """Add nodes to a running pool and, given ``plugins``, use that plugin chain from now on (the torch plugin
+        turned on or off without a restart: see :meth:`use_plugins`). The running workers keep their namespaces;
+        what the new chain adds to the image or the bootstrap is installed on their nodes first. Every worker is
+        then set up again: torch.distributed is torn down and formed anew over all workers with the new world size
+        (RANK, WORLD_SIZE... and ``sky.instance_info()`` follow). If anything fails, the pool is left as it was."""
         check_nodes(nodes)
         self._require_running()
-        if nodes <= self.size:
+        chain = self.plugins if plugins is None else check_plugins(plugins)
+        changed = chain != self.plugins
+        if nodes <= self.size and not changed:
             return
+        if changed:
+            self._check_layout(chain)
         old_size, old_hosts, old_workers = self.size, list(self.hosts), list(self.workers)
-        self.size = nodes
+        old_plugins, old_image, old_gpus = self.plugins, self.image, dict(self.gpus)
+        old_plan = self._plan()
+        added = [p for p in chain if not any(p is q for q in old_plugins)]
+        removed = [p for p in old_plugins if not any(p is q for q in chain)]
         new_workers: list[RemoteWorker] = []
+        set_up = False
         try:
-            hosts = self.provider.provision(PoolSpec(self.name, nodes, self.accelerator))
-            new_hosts = hosts[old_size:]
+            self.size = max(nodes, old_size)
+            if changed:
+                self.plugins = chain
+                self.image = transform_image(self.base_image, chain, self.cluster)
+                for plugin in added:
+                    for key in plugin.secrets:
+                        register(self.image.environ.get(key))
+                self._enter_client_hooks(added)
             plan = self._plan()
-            self.hosts = old_hosts + new_hosts
-            new_workers = self._bring_up(new_hosts, plan, first_rank=len(old_workers))
-            self.workers = old_workers + new_workers
-            self._setup_all()
+            if plan.key != old_plan.key:  # the running nodes get what the new chain adds (torch, its phases)
+                self._parallel([functools.partial(self.provider.bootstrap, host, plan, self.progress)
+                                for host in old_hosts])
+            if nodes > old_size:
+                hosts = self.provider.provision(PoolSpec(self.name, nodes, self.accelerator))
+                new_hosts = hosts[old_size:]
+                self.hosts = old_hosts + new_hosts
+                new_workers = self._bring_up(new_hosts, plan, first_rank=len(old_workers))
+                self.workers = old_workers + new_workers
+            env = {k: v for k, v in self.image.environ.items() if old_image.environ.get(k) != v}
+            set_up = True
+            self._set_up_again(env)
+            self._exit_client_hooks(removed)
             self.sync()
             self._save_state()
-        except BaseException:
+        except BaseException as exc:
             self._parallel([worker.close for worker in new_workers], raise_first=False)
-            self.size, self.hosts, self.workers = old_size, old_hosts, old_workers
+            self.size, self.hosts, self.workers, self.gpus = old_size, old_hosts, old_workers, old_gpus
+            self.plugins, self.image = old_plugins, old_image
+            self._exit_client_hooks(added)
+            if set_up:  # the running workers were being set up for the new pool: back to the old one
+                try:
+                    self._set_up_again()
+                except Exception as again:  # noqa: BLE001 - the first failure is what to raise; this one is noted
+                    exc.add_note(f"setting the workers up again as they were failed too ({type(again).__name__}: "
+                                 f"{redact(str(again))}); restart the pool")
             raise
+
+    def use_plugins(self, plugins: Sequence[Plugin]) -> None:
+        """Use this plugin chain on a running pool from now on, its workers and their namespaces kept: the torch
+        plugin added brings torch.distributed up over every worker, removed tears it down. What the chain adds to
+        the image or bootstrap is installed on the nodes first (a plugin that would change how many workers a node
+        runs cannot be switched while running: see :meth:`_check_layout`)."""
+        self.grow(self.size, plugins)
+
+    def _check_layout(self, chain: Sequence[Plugin]) -> None:
+        """Refuse a plugin chain under which the running nodes would run another number of workers
+        (``workers_per_node="auto"``: one per GPU with the torch plugin, else one)."""
+        if self.workers_per_node != "auto":
+            return
+        per_gpu = any(p.name == "torch" for p in chain)
+        had = any(p.name == "torch" for p in self.plugins)
+        for node in sorted({w.node for w in self.workers}):
+            have = sum(1 for w in self.workers if w.node == node)
+            want = max(self.gpus.get(node, 0), 1) if per_gpu else 1
+            if have != want and per_gpu != had:
+                raise ConfigError(
+                    f"pool {self.name!r} cannot turn torch {'on' if per_gpu else 'off'} while it runs: node {node} "
+                    f"runs {have} worker(s) and would need {want} (workers_per_node='auto' is one per GPU with "
+                    f"torch, else one); shut it down (`%sky down {self.name}`, or pool.close()) and start it "
+                    f"again with torch {'on' if per_gpu else 'off'} (its remote namespace is lost).")
 
     def sync(self) -> dict[int, int]:
         """Bring every node's copy of ``Image(includes=...)`` up to date (:mod:`sky_jupyter.sync`): only files whose
@@ -517,23 +594,38 @@ class ComputePool:
         """Bootstrap each host, start its workers and connect to them, every node at its own pace (one waiting for
         the slowest bootstrap before starting its workers would add the stragglers' times up). Workers are numbered
         from ``first_rank``, node by node. On a failure, the workers that did start are stopped and the first
-        failure in node order is raised."""
+        failure in node order is raised. Interrupted (Ctrl-C, Stop), it stops what has started, and a node still
+        bootstrapping stops its own workers as soon as they exist: nothing is left running."""
         started: list[list[RemoteWorker]] = [[] for _ in hosts]
+        lock = threading.Lock()
+        cancelled = False
 
         def one(i: int, host: Host) -> None:
             node = self.provider.bring_up(host, plan, self._worker_config(host, 0), self.progress)
             self.gpus[host.rank] = node.gpus
-            started[i] = [RemoteWorker(host, self.secret, self._start_worker, self._setup_one, self.name,
-                                       local_rank=local, per_node=len(node.workers))
-                          for local in range(len(node.workers))]
-            for worker, handle in zip(started[i], node.workers):
+            mine = [RemoteWorker(host, self.secret, self._start_worker, self._setup_one, self.name, local_rank=local,
+                                 per_node=len(node.workers)) for local in range(len(node.workers))]
+            for worker, handle in zip(mine, node.workers):
                 worker.handle = handle  # stopped with the others should a connection below fail
+            with lock:
+                if not cancelled:
+                    started[i] = mine
+            if cancelled:  # the start-up was interrupted while this node bootstrapped
+                self._parallel([worker.close for worker in mine], raise_first=False)
+                return
             failed = [r for r in in_parallel([functools.partial(w.start_worker, h)
-                                               for w, h in zip(started[i], node.workers)]) if isinstance(r, Exception)]
+                                               for w, h in zip(mine, node.workers)]) if isinstance(r, Exception)]
             if failed:
                 raise failed[0]
 
-        results = in_parallel([functools.partial(one, i, host) for i, host in enumerate(hosts)])
+        try:
+            results = in_parallel([functools.partial(one, i, host) for i, host in enumerate(hosts)])
+        except BaseException:
+            with lock:
+                cancelled = True
+                begun = [worker for node in started for worker in node]
+            self._parallel([worker.close for worker in begun], raise_first=False)
+            raise
         workers = [worker for node in started for worker in node]
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
@@ -579,7 +671,7 @@ class ComputePool:
             workers=[{"rank": w.rank, "node": w.node, "local_rank": w.local_rank,
                       "port": getattr(w.handle, "port", None), "pid": getattr(w.handle, "pid", None)}
                      for w in self.workers],
-            workers_per_node=self.workers_per_node, output=self.output, gpus=self.gpus,
+            workers_per_node=self.workers_per_node, output=self.output, gpus={str(n): c for n, c in self.gpus.items()},
             cloud=self.provider.pool_state(self.name),
         )
 
@@ -604,21 +696,20 @@ class ComputePool:
             raise ConfigError(f"pool {name!r} had not finished starting when its client stopped, so there are no "
                               f"workers to attach to; `%sky down {name}` (or ComputePool.release_detached("
                               f"{name!r})) releases what it started.")
-        pool = cls(provider, nodes=len(hosts), accelerator=recorded.get("accelerator"), image=image,
-                   plugins=plugins, idle_timeout=recorded.get("idle_timeout", DEFAULT_IDLE_TIMEOUT), name=name,
-                   grace=recorded.get("grace", DEFAULT_GRACE), interrupt_grace=recorded.get("interrupt_grace", 10.0),
-                   progress=progress, workers_per_node=recorded.get("workers_per_node", "auto"),
-                   output=recorded.get("output"))
-        pool.gpus = {int(node): count for node, count in (recorded.get("gpus") or {}).items()}
-        pool.secret = recorded["secret"]
+        pool = cls(provider, nodes=len(hosts), accelerator=recorded.accelerator, image=image, plugins=plugins,
+                   idle_timeout=recorded.idle_timeout or DEFAULT_IDLE_TIMEOUT, name=name,
+                   grace=recorded.grace or DEFAULT_GRACE, interrupt_grace=recorded.interrupt_grace or 10.0,
+                   progress=progress, workers_per_node=recorded.workers_per_node, output=recorded.output)
+        pool.gpus = {int(node): count for node, count in recorded.gpus.items()}
+        pool.secret = recorded.secret
         register(pool.secret)
-        pool.head_port = int(recorded.get("head_port") or 0)
-        pool.store_port = int(recorded.get("store_port") or 0)
+        pool.head_port = int(recorded.head_port or 0)
+        pool.store_port = int(recorded.store_port or 0)
         pool._stack = ExitStack()
         attached: list[RemoteWorker] = []
         try:
             pool._prepare_client()
-            pool.hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
+            pool.hosts = provider.reattach(name, hosts, recorded.cloud)
             for host in pool.hosts:
                 found_here = workers[host.rank]
                 attached += [RemoteWorker(host, pool.secret, pool._start_worker, pool._setup_one, name,
@@ -645,11 +736,7 @@ class ComputePool:
                 if worker.state != "ready":  # a worker that restarted itself lost its setup: set it up again
                     pool._setup_one(worker)
                     worker.state = "ready"
-            pool.started_at = time.time()
-            pool._save_state()  # this client owns the pool now
-            pool._keeper = threading.Thread(target=pool._keep, daemon=True, name=f"sky-keeper-{name}")
-            pool._keeper.start()
-            _track(pool)
+            pool._go_live(sync=False)  # this client owns the pool now; its nodes keep the files they have
         except BaseException:
             for worker in attached:
                 worker.detach()
@@ -668,12 +755,12 @@ class ComputePool:
         hosts, workers = _recorded_nodes(recorded)
         try:
             try:
-                hosts = provider.reattach(name, hosts, recorded.get("cloud") or {})
+                hosts = provider.reattach(name, hosts, recorded.cloud)
             except (SkyError, OSError):
                 pass  # unreachable or gone: the workers' dead-man switch ends them; the machines go below
             else:
                 def stop(host: Host, local: int, port: int, pid: int) -> None:
-                    worker = RemoteWorker(host, recorded["secret"], _no_new_worker, lambda w: None, name,
+                    worker = RemoteWorker(host, recorded.secret, _no_new_worker, lambda w: None, name,
                                           local_rank=local)
                     handle = provider.worker(host, port, pid, local)
                     try:
@@ -730,10 +817,13 @@ class ComputePool:
                        for p in self.plugins if p.around_app is not None or p.decorate is not None]
         return P.dumps(worker_side)
 
-    def _setup_all(self) -> None:
+    def _setup_all(self, env: dict[str, str] | None = None) -> None:
+        """Set every worker up (its plugins' ``around_app`` hooks: torch.distributed joins there), all at once;
+        ``env``: variables to set in workers that started without them (a plugin added to a running pool)."""
         payload = self._setup_payload()
         # What plugins print while setting up (a warning from torch.distributed, say) is shown like a task's output.
-        calls = [w.submit(P.SETUP, self._setup_meta(w), payload, sink=self._sink(w, alone=False))
+        calls = [w.submit(P.SETUP, {**self._setup_meta(w), **({"env": env} if env else {})}, payload,
+                          sink=self._sink(w, alone=False))
                  for w in self.workers]
         self._wait_all(calls, timeout=600)
         for worker, call in zip(self.workers, calls):
@@ -742,6 +832,15 @@ class ComputePool:
         # The hosts' record learns their hostnames from the workers (what attach shows before reconnecting).
         names = {worker.node: worker.hostname for worker in self.workers}
         self.hosts = [dataclasses.replace(h, hostname=names.get(h.rank) or h.hostname) for h in self.hosts]
+
+    def _set_up_again(self, env: dict[str, str] | None = None) -> None:
+        """Set up every worker of a running pool again (grown, its plugins changed, a node replaced). The workers
+        leave their old torch.distributed group at their own pace, so the new one meets on a port of node 0 found
+        free now: at the old port, a worker quick to join again could reach the old group's store, still there."""
+        from .worker.server import _free_port
+
+        self.head_port = int(self.submit(PendingCompute(_free_port), node=self.workers[0]).wait(60))
+        self._setup_all(env)
 
     def _setup_one(self, worker: RemoteWorker) -> None:
         worker.hostname = worker.submit(P.SETUP, self._setup_meta(worker), self._setup_payload(),
@@ -849,11 +948,11 @@ class ComputePool:
         self.workers[at:at + len(old)] = fresh
         for rank, worker in enumerate(self.workers):
             worker.rank = rank
-        if node == 0:  # the head moved: its ports for torch.distributed and the shared collections too
+        if node == 0:  # the head moved: its port for the shared collections too
             head = self.workers[0].link
             assert head is not None
-            self.head_port, self.store_port = head.hello["free_port"], head.hello.get("store_port", 0)
-        self._setup_all()
+            self.store_port = head.hello.get("store_port", 0)
+        self._set_up_again()
         self.sync()
         self._save_state()
         print(f"[{self.name}] node {node} was replaced ({host.display}); its workers start fresh", file=sys.stderr)

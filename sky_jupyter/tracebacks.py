@@ -1,14 +1,19 @@
-"""Remote tracebacks that point at the user's own lines.
+"""Tracebacks that point at the user's own lines.
 
 cloudpickle replaces the file name of code it ships by value with ``<dynamic-code>``, so a node cannot say
 which file a frame came from, nor show its source. The client still has the code objects and the source (script
 files, notebook cells in ``linecache``): it maps each ``<dynamic-code>`` frame back by function name and line.
+
+In a notebook, this package's own frames are noise around an error it raised on purpose: the shell shows a
+:class:`~sky_jupyter.SkyError` with the user's frames only (:func:`show_sky_error`).
 """
 
 from __future__ import annotations
 
 import linecache
+import os
 import re
+import sys
 import types
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -60,3 +65,55 @@ def localize(tb: str, objects: Iterable[Any]) -> str:
         else:
             out.append(line)
     return "\n".join(out) + ("\n" if tb.endswith("\n") else "")
+
+
+# -- this package's own frames, left out of what a notebook shows -------------------------------------------------
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _ours(frame: types.FrameType) -> bool:
+    return os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE)
+
+
+def without_our_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` less the frames of this package's own files: what is left is the user's code (and the shell's)."""
+    kept = []
+    while tb is not None:
+        if not _ours(tb.tb_frame):
+            kept.append(tb)
+        tb = tb.tb_next
+    chain = None
+    for entry in reversed(kept):
+        chain = types.TracebackType(chain, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return chain
+
+
+def show_sky_error(shell: Any, etype: type[BaseException], value: BaseException, tb: types.TracebackType | None,
+                   tb_offset: int | None = None) -> list[str]:
+    """IPython's handler for :class:`~sky_jupyter.SkyError` (``shell.set_custom_exc``): the error with the user's
+    own frames only, or as the error renders itself (a remote error: the node's traceback). ``%tb`` still shows
+    every frame."""
+    render = getattr(value, "_render_traceback_", None)
+    if render is not None:
+        stb = render()
+    else:
+        chained: list[tuple[BaseException, types.TracebackType | None]] = []
+        cursor: BaseException | None = value
+        while cursor is not None and all(cursor is not e for e, _ in chained):  # each one shown, trimmed alike
+            chained.append((cursor, tb if cursor is value else cursor.__traceback__))
+            cursor = cursor.__cause__ or (None if cursor.__suppress_context__ else cursor.__context__)
+        try:
+            for exc, own in chained:
+                exc.__traceback__ = without_our_frames(own)
+            stb = shell.InteractiveTB.structured_traceback(etype, value, value.__traceback__, tb_offset=tb_offset)
+        finally:
+            for exc, own in chained:
+                exc.__traceback__ = own
+    shell._showtraceback(etype, value, stb)
+    # As IPython's own display of an error leaves it: %tb (every frame) and %debug find it; %pdb on debugs it.
+    sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
+    if sys.version_info >= (3, 12):
+        setattr(sys, "last_exc", value)  # noqa: B010 - not in 3.11's typing
+    if shell.call_pdb:
+        shell.debugger(force=True)
+    return stb

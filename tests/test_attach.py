@@ -60,7 +60,7 @@ def api_client(cluster, name: str, nodes: int = 2) -> str:
 
 
 def worker_pids(name: str) -> list[int]:
-    return [w["pid"] for w in state.load(name)["workers"]]
+    return [w["pid"] for w in state.load(name).workers]
 
 
 @pytest.mark.ssh
@@ -90,7 +90,7 @@ def test_a_pool_outlives_its_killed_client_and_another_client_takes_it_over(sshd
         assert [n.submit(P.CELL, {"code": "x + 1"}).wait(30)["value"] for n in pool.workers] == [41, 42]
         assert [n.handle.pid for n in pool.workers] == pids
         assert [row["hostname"] for row in pool.status()] == [h.hostname for h in pool.hosts] != ["", ""]
-        assert state.load(name)["client_pid"] == os.getpid()
+        assert state.load(name).client_pid == os.getpid()
         with pytest.raises(sky.ConfigError, match="belongs to a client that is still running"):
             sky.ComputePool.attach(name)
     finally:
@@ -108,7 +108,7 @@ def test_a_pool_with_a_dead_worker_is_left_as_it_was_and_can_be_released(sshd_cl
     with pytest.raises(sky.ConnectionLostError, match=r"node 1's worker .*is gone.*%sky down attach-broken"):
         sky.ComputePool.attach(name)
     assert workers_on(sshd_cluster, sshd_cluster.nodes[0]), "a failed attach stopped a worker it should leave"
-    assert state.load(name)["client_pid"] != os.getpid()
+    assert state.load(name).client_pid != os.getpid()
     sky.ComputePool.release_detached(name)
     assert not any(workers_on(sshd_cluster, n) for n in sshd_cluster.nodes[:2])
     assert state.load(name) is None

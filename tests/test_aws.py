@@ -289,7 +289,7 @@ def test_keyboard_interrupt_during_provisioning_leaves_nothing_running(moto_ec2,
 
     def interrupt_once(**_: Any) -> None:
         if not recorded:
-            recorded.append(list((state.load("aws-ctrlc") or {}).get("cloud", {}).get("instances", [])))
+            recorded.append(list((r.cloud if (r := state.load("aws-ctrlc")) else {}).get("instances", [])))
             raise KeyboardInterrupt
 
     session.events.register("before-call.ec2.DescribeInstances", interrupt_once)
@@ -339,11 +339,11 @@ def test_gc_terminates_orphans_and_leaves_live_pools_alone(moto_ec2):
 
     orphan = start("gc-gone")  # no state file
     dead = start("gc-dead")  # its client process is gone
-    state.save("gc-dead", {"cloud": {"instances": [dead]}})
+    state.save(state.PoolRecord("gc-dead", cloud={"instances": [dead]}))
     path = state.pools_dir() / "gc-dead.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "client_pid": 2 ** 22 + 12345}))
     live = start("gc-live")  # this process, which lists it
-    state.save("gc-live", {"cloud": {"instances": [live]}})
+    state.save(state.PoolRecord("gc-live", cloud={"instances": [live]}))
     foreign = start("gc-gone", owner="someone-else@elsewhere")
     try:
         found = aws.gc(interactive=False, dry_run=True, owner=OWNER, session=session)
@@ -423,8 +423,8 @@ def test_two_node_a100_pool_runs_on_the_nodes_and_terminates_on_exit(moto_ec2, b
         assert [p["GroupId"] for p in rules[("-1", None)]["UserIdGroupPairs"]] == [group["GroupId"]]
         assert not any(x["CidrIp"] == "0.0.0.0/0" for r in group["IpPermissions"] for x in r["IpRanges"])
         recorded = state.load("aws-a100")
-        assert sorted(recorded["cloud"]["instances"]) == sorted(i["InstanceId"] for i in running)
-        assert sorted(h["instance_id"] for h in recorded["hosts"]) == sorted(i["InstanceId"] for i in running)
+        assert recorded is not None and sorted(recorded.cloud["instances"]) == sorted(i["InstanceId"] for i in running)
+        assert sorted(h["instance_id"] for h in recorded.hosts) == sorted(i["InstanceId"] for i in running)
 
         assert rank_and_hostname() @ pool == [(0, sshd_cluster.nodes[0].hostname),
                                               (1, sshd_cluster.nodes[1].hostname)]
@@ -477,7 +477,7 @@ def test_growing_adds_instances_in_the_pools_zone(moto_ec2, sshd_cluster, only_t
         assert len({tags(i)[aws.TAG_LAUNCH] for i in running}) == 2  # two launches, one security group
         assert len(moto_ec2.groups("aws-grow")) == 1
         assert [r for r, _ in rank_and_hostname() @ pool] == [0, 1]
-        first, second = state.load("aws-grow")["cloud"]["launches"]
+        first, second = state.load("aws-grow").cloud["launches"]
         launch_of = {i["InstanceId"]: tags(i)[aws.TAG_LAUNCH] for i in running}
         assert [launch_of[h.instance_id] for h in pool.hosts] == [first, second]  # the new node is rank 1
     assert {i["State"]["Name"] for i in moto_ec2.instances("aws-grow")} == {"terminated"}

@@ -422,13 +422,13 @@ def test_down_of_an_old_pool_whose_instances_are_gone_finishes(moto_ec2, faults)
                                                                          {"Key": aws.TAG_OWNER, "Value": OWNER}]}]
     )["GroupId"]
     gone = ["i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2"]
-    state.save(name, {
+    state.save(state.PoolRecord(name, **{
         "provider": "aws", "secret": "0" * 32, "nodes": 2,
         "hosts": [{"rank": r, "addr": f"198.51.100.{r + 1}", "private_addr": f"10.0.0.{r + 1}", "user": "ubuntu",
                    "instance_id": i, "extra": {"pool": name}} for r, i in enumerate(gone)],
         "workers": [{"rank": r, "node": r, "local_rank": 0, "port": 40000, "pid": 4242} for r in range(2)],
         "cloud": {"provider": "aws", "region": moto_ec2.region, "owner": OWNER, "instances": gone,
-                  "launches": ["00000000deadbeef"], "security_groups": [group]}})
+                  "launches": ["00000000deadbeef"], "security_groups": [group]}}))
     path = state.pools_dir() / f"{name}.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "client_pid": 2 ** 22 + 54321}))  # its kernel died
     sky.ComputePool.release_detached(name)  # what `%sky down faults-old` runs: a provider rebuilt from the file

@@ -213,11 +213,11 @@ def test_with_connect_via_a_private_subnet_is_left_private(moto_ec2, key_file):
 
 # -- placement is state -----------------------------------------------------------------------------------------------
 def test_the_pools_placement_is_in_its_state_file(moto_ec2, key_file):
-    state.save("net-state", {})
+    state.save(state.PoolRecord("net-state"))
     aws_ = provider(moto_ec2, key_file, availability_zones=["us-east-1c"])
     aws_.launch(PoolSpec("net-state", 1, "T4"))
     try:
-        cloud = state.load("net-state")["cloud"]
+        cloud = state.load("net-state").cloud
         (instance,) = moto_ec2.alive("net-state")
         (group,) = moto_ec2.groups("net-state")
         assert cloud["zone"] == "us-east-1c" == instance["Placement"]["AvailabilityZone"]
@@ -251,7 +251,7 @@ def test_attach_then_grow_keeps_the_zone_and_group_and_moves_the_ssh_rule(moto_e
         connect_via=lambda description, rank: targets[rank]))  # default zones: us-east-1a comes first
     try:
         assert [r["CidrIp"] for r in ssh_rule(moto_ec2, "net-attach")["IpRanges"]] == [moved]
-        assert state.load("net-attach")["cloud"]["ssh_cidr"] == moved
+        assert state.load("net-attach").cloud["ssh_cidr"] == moved
         again.grow(2)
         running = moto_ec2.alive("net-attach")
         assert len(running) == 2
@@ -259,7 +259,7 @@ def test_attach_then_grow_keeps_the_zone_and_group_and_moves_the_ssh_rule(moto_e
         assert {i["SubnetId"] for i in running} == {first["SubnetId"]}
         assert [g["GroupId"] for g in moto_ec2.groups("net-attach")] == [group["GroupId"]]
         assert {g["GroupId"] for i in running for g in i["SecurityGroups"]} == {group["GroupId"]}
-        cloud = state.load("net-attach")["cloud"]
+        cloud = state.load("net-attach").cloud
         assert (cloud["zone"], cloud["subnet"], cloud["security_groups"]) == (
             "us-east-1c", first["SubnetId"], [group["GroupId"]])
         assert len(again.workers) == 2
@@ -273,13 +273,13 @@ def test_attach_then_grow_keeps_the_zone_and_group_and_moves_the_ssh_rule(moto_e
 def test_several_efa_nodes_get_a_placement_group_efa_interfaces_and_the_group_rules(moto_ec2, key_file):
     session = moto_ec2.session()
     seen = run_requests(session)
-    state.save("net-efa", {})
+    state.save(state.PoolRecord("net-efa"))
     aws_ = provider(moto_ec2, key_file, session)
     aws_.launch(PoolSpec("net-efa", 2, "A100"))  # p4d.24xlarge
     try:
         body = seen[-1]
         (group,) = moto_ec2.groups("net-efa")
-        name = state.load("net-efa")["cloud"]["placement_group"]
+        name = state.load("net-efa").cloud["placement_group"]
         assert moto_ec2.placement_groups[name]["Strategy"] == "cluster"
         assert {t["Key"]: t["Value"] for t in moto_ec2.placement_groups[name]["Tags"]}[aws.TAG_POOL] == "net-efa"
         assert body["Placement.GroupName"] == name and body["InstanceType"] == "p4d.24xlarge"

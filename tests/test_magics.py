@@ -442,6 +442,21 @@ def test_interrupting_wait_stops_the_background_cell_on_the_nodes(live):
     assert live.user_ns["after"] == "usable"
 
 
+def test_a_keyboard_interrupt_raised_by_a_background_cells_code_fails_it_on_its_node(live):
+    """Not taken for a Stop: ``%sky wait`` raises it with the node and that node's traceback, and the other node's
+    result does not hide it."""
+    cell(live, f"%%sky --bg --nodes 2 --pool {BG_POOL}\nimport sky_jupyter as sky\n"
+               f"if sky.instance_info().node == 1:\n    raise KeyboardInterrupt('raised by the cell')\n")
+    result, out, err = run(live, f"%sky wait {BG_POOL}")
+    error = result.error_in_exec
+    assert isinstance(error, KeyboardInterrupt), (error, out, err)
+    shown = out + err + "\n".join(getattr(error, "__notes__", ()))
+    assert "raised by the cell" in str(error) + shown and "1 of 2" in shown, shown
+    assert "KeyError" not in shown
+    cell(live, f"%%sky --pool {BG_POOL}\nafter_bg_interrupt = 'usable'\n")
+    assert live.user_ns["after_bg_interrupt"] == "usable"
+
+
 def test_non_interactive_runs_run_it_in_the_foreground(shell, monkeypatch):
     monkeypatch.setenv("SKY_JUPYTER_PLAIN", "1")
     cell(shell, f"%%sky --bg --pool {BG_POOL}\nfg = 'done before the magic returned'\n")
@@ -462,3 +477,27 @@ def test_show_all_displays_every_nodes_value_labelled(shell):
     """)
     assert repr(result.result) == "0"  # without it, rank 0's only
     ok(shell, "%sky down show-all")
+
+
+def test_line_commands_take_options_either_way_and_print_their_help(shell):
+    """``%sky`` subcommands are argparse subparsers: ``--pool NAME`` as well as ``--pool=NAME``; ``-h`` for each."""
+    ok(shell, "%%sky --pool either\nseen = 41")
+    result, out, _ = run(shell, "v = %sky pull seen --pool either")
+    assert result.success and shell.user_ns["v"] == 41
+    result, out, _ = run(shell, "w = %sky pull seen --pool=either")
+    assert result.success and shell.user_ns["w"] == 41
+    result, out, err = run(shell, "%sky logs 0 --pool either")
+    assert result.success and "worker" in out
+    for command, words in [("down", "[NAME | --all]"), ("pull", "NAME [--all] [--pool NAME]"), ("logs", "[NODE]"),
+                           ("config", "[KEY=VALUE ...]")]:
+        result, out, err = run(shell, f"%sky {command} -h")
+        assert result.success, (command, result.error_in_exec)
+        assert f"usage: %sky {command} {words}" in out, (command, out)
+        assert "Traceback" not in out + err and "To exit" not in out + err
+    result, out, _ = run(shell, "%sky -h")
+    assert result.success and all(c in out for c in ("status", "down", "config", "pull", "logs", "wait", "attach",
+                                                     "panel", "gc"))
+    result, out, err = run(shell, "%sky down either --bogus")
+    assert "%sky down: unrecognized arguments: --bogus; usage: %sky down [NAME | --all]" in str(result.error_in_exec)
+    assert "either" in repr(shell.run_line_magic("sky", "status"))  # the bad line changed nothing
+    ok(shell, "%sky down either")

@@ -489,7 +489,7 @@ def test_the_clients_sky_jupyter_folders_are_private(tmp_path, monkeypatch):
 
     home = tmp_path / "fresh" / ".sky_jupyter"
     monkeypatch.setenv("SKY_JUPYTER_HOME", str(home))
-    state.save("p", {"secret": "x"})
+    state.save(state.PoolRecord("p", secret="x"))
     SSH(["10.0.0.5"]).known_hosts("p")
     assert oct(home.stat().st_mode & 0o777) == oct(0o700)
     assert oct((home / "pools").stat().st_mode & 0o777) == oct(0o700)

@@ -293,7 +293,7 @@ def test_dead_workers_and_a_dead_client_power_the_node_off_after_the_grace(fresh
     cut = time.monotonic()
     try:
         (dog,) = node_watchdogs(node, "wd-deadman")
-        (worker,) = [w["pid"] for w in state.load("wd-deadman")["workers"]]
+        (worker,) = [w["pid"] for w in state.load("wd-deadman").workers]
         assert b"sky_jupyter.worker" in Path(f"/proc/{worker}/cmdline").read_bytes()
         os.kill(worker, signal.SIGKILL)
         _wait_for(lambda: not _alive(worker), 5)

@@ -437,7 +437,7 @@ def test_attach_to_an_ssh_pool_with_two_workers_per_node(sshd_cluster, tmp_path)
                                workers_per_node=2, name={name!r}, grace=120).start()
         pool.workers[3].submit(P.CELL, {{"code": "kept = 'set on rank 3'"}}).wait(60)
     """, tmp_path)
-    recorded = state.load(name)["workers"]
+    recorded = state.load(name).workers
     assert [(w["rank"], w["node"], w["local_rank"]) for w in recorded] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
     assert all(w["port"] and w["pid"] for w in recorded)
     pool = sky.ComputePool.attach(name)

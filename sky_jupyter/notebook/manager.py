@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .. import state
-from ..errors import ConfigError
+from ..errors import ConfigError, SkyError
 from ..image import Image
 from ..pool import ComputePool, check_nodes, check_workers_per_node
-from ..providers.base import Provider
+from ..providers import Provider
 from ..redaction import register
 from .session import DEFAULT_BUDGET, NotebookPool
 
@@ -113,7 +113,10 @@ class PoolRequest:
     nodes: int
     accelerator: str | None
     hf: bool
-    torch: bool
+    # None: as the default has it (on when nodes > 1, see torch_by_default), for a running pool too: one started so
+    # gets torch when it grows to several nodes. True or False: what the cell asked for (a running pool turns
+    # torch.distributed on or off, its workers and namespace kept).
+    torch: bool | None
     workers_per_node: int | str = "auto"
 
 
@@ -165,8 +168,10 @@ class PoolManager:
         # Bootstrap progress of every pool this manager starts or grows, e.g. for the panel's node table.
         self.progress_listeners: list[Any] = []  # callables(pool_name: str, rank: int, phase: str, line: str)
         self.starting: dict[str, ComputePool] = {}  # pools being provisioned and bootstrapped right now
+        self.default_torch: set[str] = set()  # pools whose torch follows the default (none was asked for)
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the idle watcher looks again now (a setting changed, or shutting down)
         self._watcher: threading.Thread | None = None
         atexit.register(self.shutdown_all)
 
@@ -179,6 +184,12 @@ class PoolManager:
         if "provider" in changes and changes["provider"] not in PROVIDERS:
             raise ConfigError(f"provider must be one of {', '.join(PROVIDERS)}, got {changes['provider']!r}")
         self.settings = replace(self.settings, **changes)
+        if "idle_timeout" in changes:  # running pools follow it too, not only the ones started from now on
+            with self._lock:
+                for name, npool in self.pools.items():
+                    npool.pool.idle_timeout = self.settings.idle_timeout
+                    state.update(name, idle_timeout=self.settings.idle_timeout)  # what an attach would take up
+            self._wake.set()
         self._emit("settings", "")
         return self.settings
 
@@ -202,25 +213,24 @@ class PoolManager:
             if current is not None:
                 have = self.requests[request.name]
                 conflicts = [f"{key} {getattr(have, key)!r} (asked {getattr(request, key)!r})"
-                             for key in ("provider", "accelerator", "hf", "torch", "workers_per_node")
+                             for key in ("provider", "accelerator", "hf", "workers_per_node")
                              if getattr(have, key) != getattr(request, key)]
                 if conflicts:
                     raise ConfigError(
                         f"pool {request.name!r} is running with {', '.join(conflicts)}; run `%sky down "
                         f"{request.name}` to restart it (its remote namespace is lost), or use --pool NEWNAME.")
-                if request.nodes > current.pool.size:
-                    current.pool.grow(request.nodes)
-                    self.requests[request.name] = replace(have, nodes=request.nodes)
-                    self._emit("grown", request.name)
-                return current
+                return self._reshape(current, have, request)
             left = state.load(request.name)
-            if left is not None and state.detached(left):
-                if left.get("provider") != "local":
+            if left is not None and left.detached:
+                if left.provider != "local":
                     raise ConfigError(
                         f"pool {request.name!r} was left running by a kernel that stopped (pid "
-                        f"{left.get('client_pid')}); `%sky attach {request.name}` takes it over with its remote "
+                        f"{left.client_pid}); `%sky attach {request.name}` takes it over with its remote "
                         f"namespace, `%sky down {request.name}` shuts it down, or use --pool NEWNAME.")
                 state.remove(request.name)  # Local workers ended with their kernel: nothing is left of it
+            by_default = request.torch is None
+            if by_default:
+                request = replace(request, torch=torch_by_default(request.provider, request.nodes))
             provider = make_provider(self.settings, request.provider)
             pool = ComputePool(provider=provider, nodes=request.nodes, accelerator=request.accelerator,
                                image=NOTEBOOK_IMAGE, workers_per_node=request.workers_per_node,
@@ -237,7 +247,39 @@ class PoolManager:
                 self.starting.pop(request.name, None)
             # What the cell asked for, so that a later kernel can attach to this pool as it was (no secrets here).
             state.update(request.name, request=asdict(request))
+            if by_default:
+                self.default_torch.add(request.name)
             return self._adopt(pool, request, "started")
+
+    def _reshape(self, current: NotebookPool, have: PoolRequest, request: PoolRequest) -> NotebookPool:
+        """A running pool as ``request`` wants it: grown to more nodes, torch.distributed turned on or off (its
+        workers and their namespaces kept; a grown pool's group re-formed over all of them)."""
+        pool, name = current.pool, request.name
+        size = max(request.nodes, pool.size)
+        if request.torch is None:  # a bare cell: the pool keeps what it has, or follows the default if it did
+            torch = bool(have.torch) or (name in self.default_torch and torch_by_default(have.provider, size))
+        else:  # asked for: from now on the pool's torch is the user's choice, not the default
+            torch = request.torch
+            if torch != have.torch:
+                self.default_torch.discard(name)
+        before = pool.size
+        if size == before and torch == have.torch:
+            return current
+        plugins = None
+        if torch != have.torch:
+            from .. import plugins as known
+
+            others = [p for p in pool.plugins if p.name != "torch"]
+            plugins = [known.torch(), *others] if torch else others  # make_plugins' order
+        pool.grow(size, plugins)
+        changed = replace(have, nodes=pool.size, torch=torch)
+        self.requests[name] = changed
+        state.update(name, request=asdict(changed))
+        if pool.size != before:
+            self._emit("grown", name)
+        if torch != have.torch:
+            self._emit("torch-on" if torch else "torch-off", name)
+        return current
 
     def _adopt(self, pool: ComputePool, request: PoolRequest, event: str) -> NotebookPool:
         npool = NotebookPool(pool, self.settings.public())
@@ -252,12 +294,12 @@ class PoolManager:
         with self._lock:
             if name in self.pools and self.pools[name].pool.running:
                 raise ConfigError(f"pool {name!r} is already running in this kernel; %%sky --pool {name} uses it.")
-            recorded = state.load(name) or {}
+            recorded = state.load(name) or state.PoolRecord(name, provider="local")
             known = {f.name for f in fields(PoolRequest)}
-            asked = {k: v for k, v in (recorded.get("request") or {}).items() if k in known}
-            request = PoolRequest(**{"provider": recorded.get("provider", "local"), "hf": False, "torch": False,
-                                     "nodes": len(recorded.get("hosts") or ()) or 1,
-                                     "accelerator": recorded.get("accelerator"), **asked, "name": name})
+            asked = {k: v for k, v in recorded.request.items() if k in known}
+            request = PoolRequest(**{"provider": recorded.provider or "local", "hf": False, "torch": False,
+                                     "nodes": len(recorded.hosts) or 1, "accelerator": recorded.accelerator,
+                                     **asked, "name": name})
             try:
                 plugins = make_plugins(request, self.settings)
             except ConfigError:  # no Hub token here: the nodes logged in when the pool started, and keep it
@@ -267,9 +309,19 @@ class PoolManager:
             pool.idle_timeout = self.settings.idle_timeout
             return self._adopt(pool, request, "attached")
 
-    def detached(self) -> list[dict[str, Any]]:
-        """Pools recorded on disk whose kernel is gone: what ``%sky attach`` can take over."""
-        return [p for p in state.all_pools() if p.get("name") not in self.pools and state.detached(p)]
+    def detached(self) -> list[state.PoolRecord]:
+        """Pools recorded on disk whose kernel is gone: what ``%sky attach`` can take over. Not Local pools: their
+        workers ended with their kernel (they exit when their input closes), so nothing is left to attach to."""
+        return [p for p in self._left_behind() if p.provider != "local"]
+
+    def _left_behind(self) -> list[state.PoolRecord]:
+        return [p for p in state.all_pools() if p.name not in self.pools and p.detached]
+
+    def _forget_dead_local_pools(self) -> None:
+        """Remove the records of Local pools whose kernel died: there is nothing left of them to show or stop."""
+        for recorded in self._left_behind():
+            if recorded.provider == "local":
+                state.remove(recorded.name)
 
     def get(self, name: str) -> NotebookPool:
         npool = self.pools.get(name)
@@ -279,6 +331,8 @@ class PoolManager:
         return npool
 
     def down(self, name: str | None = None, everything: bool = False) -> list[str]:
+        """Shut pools down; returns their names, each with what was lost beyond its nodes (a background cell that
+        was still running there), as ``%sky down`` shows them."""
         with self._lock:
             names = list(self.pools) if everything else [name or self.settings.pool]
             stopped = []
@@ -288,36 +342,44 @@ class PoolManager:
                     if everything:
                         continue
                     recorded = state.load(n)
-                    if recorded is None or not state.detached(recorded):
+                    if recorded is None or not recorded.detached:
                         raise ConfigError(f"no pool named {n!r}; running: {', '.join(self.pools) or 'none'}")
                     ComputePool.release_detached(n)  # left by a kernel that died
                     stopped.append(n)
                     self._emit("stopped", n)
                     continue
+                job = npool.background
+                what = n
+                if job is not None and job.running:
+                    what = (f"{n} (its background cell, running for {time.monotonic() - job.started:.0f} s, was "
+                            f"stopped)")
                 try:
                     npool.pool.close()
                 finally:
                     self._forget(n)
-                    stopped.append(n)
+                    stopped.append(what)
                     self._emit("stopped", n)
             return stopped
 
     def _forget(self, name: str) -> None:
         self.pools.pop(name, None)
         self.requests.pop(name, None)
+        self.default_torch.discard(name)
 
     def shutdown_all(self) -> None:
         self._stop.set()
+        self._wake.set()
         try:
             self.down(everything=True)
         except Exception:  # noqa: BLE001 - at exit, tear down as much as possible
             pass
 
     def status_rows(self) -> list[dict[str, Any]]:
-        rows = [{"pool": p["name"], "provider": p.get("provider", ""), "rank": "-",
-                 "addr": ", ".join(h.get("addr", "") for h in p.get("hosts") or ()),
-                 "state": f"left by a kernel that stopped (pid {p.get('client_pid')}): %sky attach {p['name']} "
-                          f"or %sky down {p['name']}"} for p in self.detached()]
+        self._forget_dead_local_pools()
+        rows: list[dict[str, Any]] = [{"pool": p.name, "provider": p.provider, "rank": "-",
+                 "addr": ", ".join(h.get("addr", "") for h in p.hosts),
+                 "state": f"left by a kernel that stopped (pid {p.client_pid}): %sky attach {p.name} "
+                          f"or %sky down {p.name}"} for p in self.detached()]
         for name, npool in self.pools.items():
             pool = npool.pool
             idle = time.monotonic() - pool.last_used
@@ -332,11 +394,33 @@ class PoolManager:
     def take_notices(self) -> list[str]:
         with self._lock:
             notices, self.notices = self.notices, []
-        for npool in self.pools.values():
-            for worker in npool.pool.workers:
-                notices.extend(worker.notices)
-                worker.notices.clear()
+        for npool in list(self.pools.values()):
+            notices += _worker_notices(npool.pool)
         return notices
+
+    def after_interrupt(self, npool: NotebookPool, limit: float = 15.0) -> list[str]:
+        """What became of the pool's workers when a cell was stopped, to say in that cell rather than the next one:
+        a worker whose code ignored the interrupt is restarted, its namespace lost. Each worker is asked once (a
+        restart under way ends its old connection), then waited for while it is reconnected and set up again, for
+        ``limit`` seconds at most: what is not known by then is said by the next cell."""
+        def settle(worker: Any) -> None:
+            try:
+                worker.ping(timeout=2)
+            except (SkyError, OSError, EOFError):
+                pass  # its connection ended: ensure_link below waits for (or makes) the new one
+            try:
+                worker.ensure_link()
+            except (SkyError, OSError, EOFError):
+                pass  # unreachable or gone: the next cell says so, as for any cell
+
+        threads = [threading.Thread(target=settle, args=(w,), daemon=True, name=f"sky-settle-{w.rank}")
+                   for w in npool.pool.workers]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + limit
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return _worker_notices(npool.pool)
 
     # -- idle shutdown -------------------------------------------------------------------------------------
     def _ensure_watcher(self) -> None:
@@ -345,7 +429,11 @@ class PoolManager:
             self._watcher.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._interval()):
+        while True:
+            self._wake.wait(self._interval())
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             for name, npool in list(self.pools.items()):
                 pool = npool.pool
                 timeout = pool.idle_timeout
@@ -383,6 +471,16 @@ class PoolManager:
                 listener(event, name)
             except Exception:  # noqa: BLE001 - a broken listener (panel) must not break pools
                 pass
+
+
+def _worker_notices(pool: ComputePool) -> list[str]:
+    """What the pool's workers have to say (a restart, a spot reclaim), each said once."""
+    notices: list[str] = []
+    for worker in pool.workers:
+        taken = list(worker.notices)
+        del worker.notices[:len(taken)]  # one appended meanwhile stays for the next time
+        notices += taken
+    return notices
 
 
 def _node_cost(pool: ComputePool, node: int) -> str:

@@ -28,6 +28,7 @@ from .manager import PROVIDERS, PoolManager, PoolRequest, Settings, manager, par
 
 if TYPE_CHECKING:
     from ..node import RemoteWorker
+    from ..state import PoolRecord
 
 TORCH_CHOICES = {"auto": None, "on": True, "off": False}
 WORKER_CHOICES = ("auto", "1", "2", "4", "8")
@@ -410,14 +411,10 @@ class Panel:
         settings = self.manager.settings
         existing = self.manager.pools.get(settings.pool)
         running_pool = existing.pool if existing is not None and existing.pool.running else None
-        running = running_pool is not None
         size = max(settings.nodes, running_pool.size if running_pool is not None else 0)
-        torch = settings.torch
-        if torch is None:
-            torch = self.manager.requests[settings.pool].torch if running else torch_by_default(settings.provider,
-                                                                                                  size)
+        # None (the default): the manager decides, as for a bare cell (a pool it started so gets torch as it grows).
         return PoolRequest(name=settings.pool, provider=settings.provider, nodes=size,
-                           accelerator=settings.accelerator, hf=settings.hf, torch=bool(torch),
+                           accelerator=settings.accelerator, hf=settings.hf, torch=settings.torch,
                            workers_per_node=settings.workers_per_node)
 
     def launch(self) -> Any:
@@ -439,7 +436,9 @@ class Panel:
         self.say(f"launching pool {request.name!r}: {_plural(request.nodes, 'node')} on {request.provider}"
                  + (f", {per_node} workers per node" if per_node != "auto" and per_node != 1 else "")
                  + (f", {request.accelerator}" if request.accelerator else "")
-                 + (", HuggingFace" if request.hf else "") + (", torch.distributed" if request.torch else ""))
+                 + (", HuggingFace" if request.hf else "")
+                 + (", torch.distributed" if request.torch or (request.torch is None and torch_by_default(
+                     request.provider, request.nodes)) else ""))
         self._wake()
         return self._work.submit(self._launch, request)
 
@@ -487,8 +486,8 @@ class Panel:
 
     def _attach(self, name: str) -> None:
         # Its output is labelled as the pool labels it: by node with one worker per node, else by worker rank.
-        record = self._detached() or {}
-        several = len(record.get("workers") or ()) > len(record.get("hosts") or ())
+        record = self._detached()
+        several = record is not None and len(record.workers) > len(record.hosts)
 
         def sink(rank: int) -> Any:
             label = f"rank {rank}" if several else f"node {rank}"
@@ -516,10 +515,10 @@ class Panel:
         self.refresh()
         self._wake()
 
-    def _detached(self) -> dict[str, Any] | None:
+    def _detached(self) -> PoolRecord | None:
         """The record of the configured pool when a kernel that stopped left it running."""
         name = self.manager.settings.pool
-        return next((p for p in self.manager.detached() if p.get("name") == name), None)
+        return next((p for p in self.manager.detached() if p.name == name), None)
 
     def _shut_down(self, name: str) -> None:
         if name not in self.manager.pools and self._detached() is None:
@@ -667,8 +666,8 @@ class Panel:
             left = self._detached()
             self.attach_button.layout.display = "" if left else "none"
             self.detached_note.value = "" if not left else (
-                f"<span style='color: var(--jp-warn-color1, #b36b00)'>Pool {html.escape(str(left['name']))} "
-                f"({html.escape(str(left.get('provider', '')))}, {len(left.get('hosts') or ())} nodes) was left "
+                f"<span style='color: var(--jp-warn-color1, #b36b00)'>Pool {html.escape(left.name)} "
+                f"({html.escape(left.provider)}, {len(left.hosts)} nodes) was left "
                 f"running by a kernel that stopped. Attach takes it over with its remote namespace; Shut down "
                 f"stops it.</span>")
 

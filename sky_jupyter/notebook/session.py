@@ -1,21 +1,21 @@
-"""What a ``%%sky`` cell does, client side: find its inputs, ship only what changed, run it on its nodes,
-write its output into the cell, and bring back the names it bound.
+"""What a ``%%sky`` cell does, client side (:func:`run_cell`): find its inputs, ship to each node only what it
+lacks (:class:`~sky_jupyter.notebook.syncbook.SyncBook` knows what each holds), run it on its nodes, write its output
+into the cell, and bring back the names it bound.
 
-Each node keeps its own namespace for the pool's life. The client remembers, per node, the content hash of each
-value it shipped there, or that the node computed the value itself; a notebook value is shipped to a node only
-when that node lacks it or the notebook's copy changed since it was last synced. So re-reading a 1 GB dataset
-in every cell hashes it (fast) instead of sending it, and a value each rank computed for itself (``rank = ...``)
-is not overwritten by rank 0's copy that came back to the notebook.
+The nodes watch the values the notebook holds copies of: one a cell changed in place (``cfg.lr *= 2``) comes back
+from the first rank like a name the cell bound, with a notice, and the other ranks keep their own copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import sys
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,8 @@ from ..remote import Remote
 from ..shipping import register_user_modules
 from .capture import CellNames, analyze, transform_cell
 from .output import CellOutput
+from .syncbook import SyncBook
 
-OWN = "<computed on the node>"
 FAILURE_GRACE = 2.0  # seconds the other nodes may keep running after one node's cell failed
 DEFAULT_BUDGET = 64 << 20
 _SKIP = {"In", "Out", "get_ipython", "exit", "quit", "open", "_", "__", "___", "_i", "_ii", "_iii", "_oh", "_ih",
@@ -85,11 +85,11 @@ class NotebookPool:
 
     pool: ComputePool
     settings: dict[str, Any]
-    synced: dict[int, dict[str, str]] = field(default_factory=dict)  # rank -> name -> hash or OWN
-    incarnations: dict[int, int] = field(default_factory=dict)  # rank -> its worker's incarnation when synced
-    client_hash: dict[str, str] = field(default_factory=dict)  # name -> hash of the notebook copy at last sync
+    book: SyncBook = field(default_factory=SyncBook)  # what each worker's namespace holds of the notebook's values
     busy: int = 0
     last_sent: dict[int, list[str]] = field(default_factory=dict)  # rank -> input names the last cell shipped
+    last_rehash: dict[int, float] = field(default_factory=dict)  # rank -> seconds it spent hashing the last cell's
+    # inputs to see whether the cell changed them (ranks that watched none are absent)
     lock: threading.Lock = field(default_factory=threading.Lock)
     background: BackgroundCell | None = None  # the last ``%%sky --bg`` cell, until ``%sky wait`` collects it
 
@@ -208,72 +208,93 @@ def run_cell(npool: NotebookPool, source: str, user_ns: dict[str, Any], hidden: 
     names, python, filename = _analyzed(source)
     pool = npool.pool
     pool.sync()  # Image(includes=...) edited since the last cell: the nodes get the changed files first
-    values = select_inputs(names, user_ns, hidden)
-    frames, hashes, refs = pickle_inputs(values, pool.name)
-    binds = sorted(names.binds | names.deletes | set(options.pull_names))
-    workers = pool.workers
-    labels = {r: pool.tag(workers[r]) for r in options.ranks}
-    alone = len(options.ranks) == 1
-    quiet = {r for r in options.ranks if not pool.shows_stdout(workers[r], options.output, alone)}
-    output = CellOutput(options.ranks, plain, labels, quiet)
-    calls: list[tuple[int, Call, list[str]]] = []
-    with npool.lock:
-        npool.busy += 1
-    try:
-        first = options.ranks[0]
-        # Everything prepared before the first frame leaves, so the frames go out back to back: a node that
-        # starts working takes CPU time that a client on the same cores would otherwise lose mid-loop.
-        requests = []
-        payloads: dict[tuple[str, ...], list] = {}  # one list per distinct set of inputs: shared on a node
-        for rank in options.ranks:
-            workers[rank].ensure_link()  # a worker that died is replaced now, so its inputs are all sent again
-            if npool.incarnations.get(rank) != workers[rank].incarnation:
-                npool.synced[rank] = {}
-                npool.incarnations[rank] = workers[rank].incarnation
-            have = npool.synced.setdefault(rank, {})
-            send = [n for n in sorted(frames)
-                    if not (have.get(n) == hashes[n] or (have.get(n) == OWN and npool.client_hash.get(n) == hashes[n]))]
-            payload = payloads.setdefault(tuple(send), [f for n in send for f in frames[n]])
-            meta: P.CellMeta = {"code": source, "python": python, "filename": filename,
-                                "inputs": [(n, len(frames[n])) for n in send], "refs": refs, "binds": binds,
-                                "budget": options.budget, "pull": options.pull and rank == first,
-                                "display": rank == first or options.show_all}
-            requests.append((rank, meta, payload, send, output.sink(rank)))
-        # A node that cannot take the cell raises here, its siblings already stopped where they started.
-        submitted = pool.submit_many([Request(workers[rank], P.CELL, meta, payload, sink, on_done=output.wake)
-                                      for rank, meta, payload, _, sink in requests])
-        calls = [(rank, call, send) for (rank, _, _, send, _), call in zip(requests, submitted)]
-        pool.last_used = time.monotonic()
-        if on_sent is not None:
-            on_sent()
-        results, failures = _wait(calls, output, options.timeout)
-    finally:
-        output.finish()
-        with npool.lock:
-            npool.busy -= 1
-        pool.last_used = time.monotonic()
-
-    npool.last_sent = {rank: sent for rank, _, sent in calls}
-    for rank, _, sent in calls:
-        have = npool.synced.setdefault(rank, {})
-        if rank in results:
-            for n in sent:
-                have[n] = hashes[n]
-            for n in results[rank].get("bound", ()):
-                have[n] = OWN
-            for n in results[rank].get("missing", ()):
-                have.pop(n, None)
-        else:  # unknown what the node holds now: send again next time
-            for n in sent:
-                have.pop(n, None)
-    for n in {n for _, _, sent in calls for n in sent}:
-        npool.client_hash[n] = hashes[n]
+    frames, hashes, refs = pickle_inputs(select_inputs(names, user_ns, hidden), pool.name)
+    code: P.CellMeta = {"code": source, "python": python, "filename": filename, "reads": sorted(frames),
+                        "refs": refs, "binds": sorted(names.binds | names.deletes | set(options.pull_names)),
+                        "budget": options.budget}
+    output = _output_for(pool, options, plain)
+    with _in_use(npool):
+        try:
+            calls = _submit(npool, code, frames, hashes, options, output)
+            if on_sent is not None:
+                on_sent()
+            results, failures = _wait(calls, output, options.timeout)
+        finally:
+            output.finish()
+    _record(npool, calls, hashes, results)
     if failures:
         raise failures[0][1]
+    first = options.ranks[0]
     shown = _bring_back(npool, results[first], names, user_ns, first, options)
+    _tell(results[first], names, pool.tag(pool.workers[first]), options)
     if options.show_all and len(options.ranks) > 1:
         return DisplayedValues({rank: results[rank].get("display") for rank in options.ranks})
     return shown
+
+
+def _output_for(pool: ComputePool, options: CellOptions, plain: bool) -> CellOutput:
+    """Where the cell's ranks write: labelled as the pool labels them, stdout shown from the ranks that show it."""
+    workers = pool.workers
+    alone = len(options.ranks) == 1
+    quiet = {r for r in options.ranks if not pool.shows_stdout(workers[r], options.output, alone)}
+    return CellOutput(options.ranks, plain, {r: pool.tag(workers[r]) for r in options.ranks}, quiet)
+
+
+@contextlib.contextmanager
+def _in_use(npool: NotebookPool) -> Iterator[None]:
+    """The pool runs a cell meanwhile: not idle (its idle shutdown waits), and busy in ``%sky status``."""
+    with npool.lock:
+        npool.busy += 1
+    try:
+        yield
+    finally:
+        with npool.lock:
+            npool.busy -= 1
+        npool.pool.last_used = time.monotonic()
+
+
+def _submit(npool: NotebookPool, code: P.CellMeta, frames: dict[str, list], hashes: dict[str, str],
+            options: CellOptions, output: CellOutput) -> list[tuple[int, Call, list[str]]]:
+    """Send the cell to each of its ranks with the inputs that rank lacks; (rank, call, names sent) each."""
+    pool = npool.pool
+    workers = pool.workers
+    first = options.ranks[0]
+    # Everything prepared before the first frame leaves, so the frames go out back to back: a node that starts
+    # working takes CPU time that a client on the same cores would otherwise lose mid-loop.
+    requests = []
+    payloads: dict[tuple[str, ...], list] = {}  # one list per distinct set of inputs: shared on a node
+    for rank in options.ranks:
+        worker = workers[rank]
+        worker.ensure_link()  # a worker that died is replaced now, so its inputs are all sent again
+        send = npool.book.to_send(rank, worker.incarnation, hashes)
+        payload = payloads.setdefault(tuple(send), [f for n in send for f in frames[n]])
+        meta: P.CellMeta = {**code, "inputs": [(n, len(frames[n])) for n in send],
+                            "pull": options.pull and rank == first, "display": rank == first or options.show_all}
+        requests.append((rank, send, Request(worker, P.CELL, meta, payload, output.sink(rank),
+                                             on_done=output.wake)))
+    # A node that cannot take the cell raises here, its siblings already stopped where they started.
+    submitted = pool.submit_many([request for _, _, request in requests])
+    pool.last_used = time.monotonic()
+    return [(rank, call, send) for (rank, send, _), call in zip(requests, submitted)]
+
+
+def _record(npool: NotebookPool, calls: list[tuple[int, Call, list[str]]], hashes: dict[str, str],
+            results: dict[int, dict[str, Any]]) -> None:
+    """What each rank holds after the cell (see :class:`SyncBook`), and what it sent, for ``%sky status``/tests."""
+    npool.last_sent = {rank: sent for rank, _, sent in calls}
+    npool.last_rehash = {rank: results[rank]["rehash_s"] for rank in results if "rehash_s" in results[rank]}
+    for rank, _, sent in calls:
+        npool.book.cell_done(rank, sent, hashes, results.get(rank))
+    npool.book.shipped(hashes, {n for _, _, sent in calls for n in sent})
+
+
+def _client_hash(value: Any) -> str | None:
+    """The hash of the notebook's copy of a value, as a cell that reads it will compute it; None when it cannot be
+    pickled (it is then sent each time it is read, and refused then)."""
+    try:
+        return content_hash(P.dumps(value))
+    except Exception:  # noqa: BLE001 - pickling user objects can raise anything
+        return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -325,7 +346,7 @@ def _wait(calls: list[tuple[int, Call, list[str]]], output: CellOutput, timeout:
                 stopped.append(rank)
             else:  # raised by the cell's own code on the node: a failure like any other
                 failures.append((rank, exc))
-        except Exception as exc:  # noqa: BLE001 - gathered, the first re-raised with a summary
+        except BaseException as exc:  # noqa: BLE001 - gathered (SystemExit on a node too), the first re-raised
             failures.append((rank, exc))
     if failures and len(calls) > 1:
         ranks = ", ".join(str(r) for r, _ in failures)
@@ -371,13 +392,10 @@ def _bring_back(npool: NotebookPool, result: dict[str, Any], names: CellNames, u
                                    f"cannot be unpickled here ({type(exc).__name__}: {exc})")
             continue
         user_ns[name] = value
-        try:
-            npool.client_hash[name] = content_hash(P.dumps(value))
-        except Exception:  # noqa: BLE001 - an unhashable copy is simply resent when read
-            npool.client_hash.pop(name, None)
+        npool.book.notebook_copy(name, _client_hash(value))
     for name, info in result.get("remote", {}).items():
         user_ns[name] = Remote(name, info["type"], info["size"], rank, pool.name, info.get("reason", ""))
-        npool.client_hash.pop(name, None)
+        npool.book.notebook_copy(name, None)
     for name, module in result.get("modules", {}).items():
         try:
             user_ns[name] = importlib.import_module(module)
@@ -386,7 +404,75 @@ def _bring_back(npool: NotebookPool, result: dict[str, Any], names: CellNames, u
     for name in result.get("missing", ()):
         if name in names.deletes and name in user_ns:
             del user_ns[name]
-            npool.client_hash.pop(name, None)
+            npool.book.notebook_copy(name, None)
     if "display" in result:
         return DisplayedValue(result["display"])
     return None
+
+
+def _tell(result: dict[str, Any], names: CellNames, where: str, options: CellOptions) -> None:
+    """One notice line each: the notebook values the cell changed in place (the notebook has the node's copies
+    now, unless --no-pull), and the ``--pull`` names the node does not have."""
+    changed = list(result.get("changed", ()))
+    if changed:
+        line = f"sky: the cell changed {', '.join(changed)} on {where}; "
+        if not options.pull:
+            line += (f"the notebook keeps its own cop{'ies' if len(changed) > 1 else 'y'} (--no-pull): "
+                     f"`%sky pull {changed[0]}` fetches the node's")
+        else:
+            line += f"the notebook has the node's cop{'ies' if len(changed) > 1 else 'y'} now"
+            stays = [f"{n}: {result['remote'][n].get('reason', '')}" for n in changed if n in result.get("remote", {})]
+            if stays:
+                line += f" (a sky.Remote handle for {'; '.join(stays)})"
+        print(line, file=sys.stderr)
+    missing = set(result.get("missing", ()))
+    lacking = [n for n in options.pull_names if n in missing and n not in names.deletes]
+    if lacking:
+        several = len(lacking) > 1
+        print(f"sky: --pull: {where} has no variable{'s' if several else ''} {', '.join(repr(n) for n in lacking)} "
+              f"(the cell did not bind {'them' if several else 'it'}); nothing came back for "
+              f"{'them' if several else 'it'}", file=sys.stderr)
+
+
+def pull(npool: NotebookPool, name: str, user_ns: dict[str, Any], everything: bool = False) -> Any:
+    """``%sky pull NAME [--all]``: fetch the value the nodes hold under NAME (or the one a ``sky.Remote`` handle
+    bound to NAME stands for) from its node, or from every worker as a list ordered by rank; bind it to NAME and
+    return it. Raises a one-line error, and binds nothing, when a node lacks the name or the value cannot travel."""
+    handle = user_ns.get(name)
+    remote = handle if isinstance(handle, Remote) else None
+    if remote is not None and remote.pool != npool.name:
+        raise ConfigError(f"{name!r} is a handle to a value on pool {remote.pool!r}, not {npool.name!r}; "
+                          f"`%sky pull {name} --pool={remote.pool}` fetches it")
+    source = remote.name if remote is not None else name
+    workers = npool.pool.workers
+    rank = remote.rank if remote is not None else 0
+    if not everything and rank >= len(workers):
+        raise ConfigError(f"{name!r} was on rank {rank}, which pool {npool.name!r} no longer has")
+    chosen = list(workers) if everything else [workers[rank]]
+    calls = [worker.submit(P.PULL, {"names": [source]}) for worker in chosen]
+    replies = [call.wait() for call in calls]
+    lacking = [worker.label for worker, reply in zip(chosen, replies) if source in reply["missing"]]
+    if lacking:
+        handle_note = f" (the handle {name!r} stands for it)" if source != name else ""
+        raise ConfigError(f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no variable {source!r}"
+                          f"{handle_note}; nothing was pulled (check the name; a restarted worker lost its variables)")
+    values = []
+    for worker, reply in zip(chosen, replies):
+        if source in reply["remote"]:
+            raise SerializationError(f"{source!r} stays on {worker.label}: {reply['remote'][source]['reason']}; "
+                                     f"use it in a %%sky cell")
+        try:
+            values.append(P.loads(reply["values"][source]))
+        except Exception as exc:  # noqa: BLE001 - unpickling user objects can raise anything
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise SerializationError(f"{source!r} from {worker.label} cannot be rebuilt here ({type(exc).__name__}"
+                                     f"{': ' + detail if detail else ''}); it stays on the node: use it in a %%sky "
+                                     f"cell, or install here the package that defines its type") from None
+    value = values if everything else values[0]
+    user_ns[name] = value
+    npool.book.notebook_copy(name, _client_hash(value))
+    if source == name:  # the node holds the notebook's copy (--all: each rank its own): not sent back when read
+        for worker in chosen:
+            npool.book.node_keeps(worker.rank, worker.incarnation, name)
+    print(f"pulled {name} from {'every worker' if everything else chosen[0].label}")
+    return value

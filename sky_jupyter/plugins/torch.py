@@ -5,7 +5,9 @@ private address), MASTER_PORT (a port found free on node 0), WORLD_SIZE and RANK
 LOCAL_RANK and LOCAL_WORLD_SIZE (within its node), and ACCELERATE_USE_CPU=1 on nodes without CUDA (transformers'
 Trainer decides on DDP from these variables, and on CPU it trains unsynchronised replicas without
 ACCELERATE_USE_CPU), then selects ``cuda:LOCAL_RANK`` (every GPU stays visible: HF Trainer and Accelerate pick that
-device themselves) and joins the process group (nccl with CUDA, else gloo).
+device themselves) and joins the process group (nccl with CUDA, else gloo). A pool that grows, or gets this plugin
+while running, sets every worker up again: the group is destroyed and formed anew with the new world size, and the
+variables are put back as they were whenever the group goes (so none claims a group that no longer exists).
 
 Gloo binds to the interface its host name resolves to unless ``GLOO_SOCKET_IFNAME`` says otherwise; on machines
 whose host name does not resolve to the address peers use (network namespaces, several interfaces), that breaks
@@ -126,27 +128,34 @@ def torch(backend: str | None = None, timeout: float = 60.0) -> Plugin:
             ifname = interface_of(info.addr)
             if ifname:
                 env["GLOO_SOCKET_IFNAME"] = ifname
+        before = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
-        if cuda:
-            torch_module.cuda.set_device(int(env["LOCAL_RANK"]) % torch_module.cuda.device_count())
         try:
-            dist.init_process_group(chosen, rank=info.rank, world_size=info.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout))
-        except Exception as exc:  # noqa: BLE001 - torch raises several types here; all mean "could not meet"
-            ifname_var = "NCCL_SOCKET_IFNAME" if chosen == "nccl" else "GLOO_SOCKET_IFNAME"
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            what = ("the head: not every worker joined its" if info.rank == 0 else "it could not join the")
-            raise RendezvousError(
-                f"torch.distributed rendezvous failed on {node}, {what} {chosen} process group at "
-                f"MASTER_ADDR={info.head_addr} MASTER_PORT={info.head_port} ({info.world_size} workers) within "
-                f"{timeout:g} s ({type(exc).__name__}: {first_line}). Check that every node reaches node 0 at that "
-                f"address and port (security group, firewall), and the network interface {chosen} uses "
-                f"({ifname_var}={os.environ.get(ifname_var, 'unset')})."
-            ) from None
-        try:
+            if cuda:
+                torch_module.cuda.set_device(int(env["LOCAL_RANK"]) % torch_module.cuda.device_count())
+            try:
+                dist.init_process_group(chosen, rank=info.rank, world_size=info.world_size,
+                                        timeout=datetime.timedelta(seconds=timeout))
+            except Exception as exc:  # noqa: BLE001 - torch raises several types here; all mean "could not meet"
+                ifname_var = "NCCL_SOCKET_IFNAME" if chosen == "nccl" else "GLOO_SOCKET_IFNAME"
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                what = ("the head: not every worker joined its" if info.rank == 0 else "it could not join the")
+                raise RendezvousError(
+                    f"torch.distributed rendezvous failed on {node}, {what} {chosen} process group at "
+                    f"MASTER_ADDR={info.head_addr} MASTER_PORT={info.head_port} ({info.world_size} workers) within "
+                    f"{timeout:g} s ({type(exc).__name__}: {first_line}). Check that every node reaches node 0 at "
+                    f"that address and port (security group, firewall), and the network interface {chosen} uses "
+                    f"({ifname_var}={os.environ.get(ifname_var, 'unset')})."
+                ) from None
             yield
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+            # Set up again (the pool grew) or turned off: no variable claims a process group that is gone.
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     return Plugin.create("torch").with_transform(transform).with_around_app(around_app)

@@ -1,8 +1,13 @@
-"""``sky.Local()``: N worker processes on this machine, each with its own working folder and rank.
+"""``sky.Local()``: N worker processes on this machine, each with its own node folder and rank.
 
 The embedded default: no cloud, no SSH. Workers use this Python environment, so an image's pip packages must
 already be installed here (a missing one is a clear error); its environment variables go to the workers;
 plugin bootstrap phases run once per node folder, with the same script and marker as on remote nodes.
+
+Workers start in the client's current folder (a notebook's own folder in Jupyter), so a relative path means in a
+``%%sky`` cell what it means in the notebook. A node works in its own folder instead where it needs one: with
+``Local(root=...)`` (node folders under ``root``, kept apart as remote nodes are) and when the image has
+``includes`` (they arrive in the node's folder, as in a remote node's home; never among the client's own files).
 """
 
 from __future__ import annotations
@@ -19,27 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import protocol as P
+from ..accelerators import check as check_accelerator
 from ..bootstrap import BootstrapPlan, follow
-from ..errors import ConfigError, ProvisionError
+from ..errors import BootstrapError, ConfigError, ProvisionError
 from ..protocol import READY
+from ..state import sky_home
 from .base import Host, PoolSpec, Progress, Provider, WorkerHandle
-
-
-def sky_home() -> Path:
-    return Path(os.environ.get("SKY_JUPYTER_HOME", Path.home() / ".sky_jupyter"))
-
-
-def private_dir(*parts: str) -> Path:
-    """``sky_home()/parts``, created if missing, it and ``sky_home()`` itself mode 0700: pool secrets, pinned host
-    keys, key pairs and caches live there. Folders made 0755 by an earlier version are tightened."""
-    folders = [sky_home()]
-    for part in parts:
-        folders.append(folders[-1] / part)
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if folder.stat().st_mode & 0o077:
-            folder.chmod(0o700)
-    return folders[-1]
 
 
 def _package_root() -> str:
@@ -132,7 +122,11 @@ class LocalWorker(WorkerHandle):
 
 
 class Local(Provider):
-    """Worker processes on this machine: ``sky.ComputePool(provider=sky.Local(), nodes=2)``."""
+    """Worker processes on this machine: ``sky.ComputePool(provider=sky.Local(), nodes=2)``.
+
+    ``root``: where the node folders go (logs, bootstrap marker, includes); given, each node also works there, in
+    ``root/POOL/node-N``. Without it the folders are kept under ``~/.sky_jupyter/local`` and workers start in the
+    client's current folder (see the module's docstring)."""
 
     name = "local"
 
@@ -146,11 +140,10 @@ class Local(Provider):
         return (self.root or sky_home() / "local") / pool
 
     def check(self, spec: PoolSpec) -> None:
-        if spec.accelerator not in (None, "", "cpu", "CPU"):
-            import warnings
-
-            warnings.warn(f"the Local provider runs on this machine; accelerator {spec.accelerator!r} is only "
-                          f"recorded, not provided", stacklevel=4)
+        row = check_accelerator(spec.accelerator)  # an unknown kind is refused here as on AWS
+        if row.gpus:  # one line, not a warning pointing at this file
+            print(f"sky: the Local provider runs on this machine: accelerator {spec.accelerator!r} is recorded, not "
+                  f"provided (the nodes use this machine's GPUs, if it has any)", file=sys.stderr)
 
     def reattach(self, pool: str, hosts: list[Host], cloud: dict[str, Any]) -> list[Host]:
         raise ConfigError(f"pool {pool!r} ran on the Local provider, whose workers end with the client that "
@@ -164,8 +157,19 @@ class Local(Provider):
             workdir.mkdir(parents=True, exist_ok=True)
             workdir.chmod(0o700)
             hosts.append(Host(rank=rank, addr="127.0.0.1", private_addr="127.0.0.1", port=0,
-                              hostname=socket.gethostname(), extra={"workdir": str(workdir)}))
+                              hostname=socket.gethostname(),
+                              extra={"workdir": str(workdir), "cwd": self._start_folder(workdir)}))
         return hosts
+
+    def _start_folder(self, workdir: Path) -> str:
+        """Where a node's workers start: the client's current folder, or the node's own with ``root`` given (or
+        when the client's folder is gone)."""
+        if self.root is not None:
+            return str(workdir)
+        try:
+            return os.getcwd()
+        except OSError:
+            return str(workdir)
 
     def bootstrap(self, host: Host, plan: BootstrapPlan, progress: Progress) -> None:
         missing = missing_requirements(plan.image.pip)
@@ -175,9 +179,11 @@ class Local(Provider):
                 f"{', '.join(missing)}; install them here first: {sys.executable} -m pip install "
                 + " ".join(repr(m) if any(c in m for c in "<>=[ ") else m for m in missing)
             )
+        workdir = Path(host.extra["workdir"])
+        if plan.image.includes:  # synced into the folder the workers start in: never the client's own
+            host.extra["cwd"] = str(workdir)
         if not plan.phases:
             return
-        workdir = Path(host.extra["workdir"])
         script = workdir / "bootstrap.sh"
         script.write_text(plan.script())
         # SKY_PYTHON: the interpreter the workers run, for phases that need one (a plugin's login).
@@ -187,6 +193,9 @@ class Local(Provider):
         try:
             assert proc.stdout is not None
             follow(iter(proc.stdout), f"node {host.rank} (local)", lambda ph, ln: progress(host.rank, ph, ln))
+        except BootstrapError as exc:  # the log is in the node's folder here, not in a home on a remote node
+            raise BootstrapError(exc.node, exc.phase, exc.exit_code, exc.tail,
+                                 log=str(workdir / ".sky_jupyter" / "bootstrap.log")) from None
         finally:
             proc.kill() if proc.poll() is None else None
             proc.wait()
@@ -204,6 +213,11 @@ class Local(Provider):
 
     def start_worker(self, host: Host, config: dict[str, Any]) -> WorkerHandle:
         workdir = host.extra["workdir"]
+        start_in = host.extra.get("cwd") or workdir
+        # Started in the client's folder: -P keeps that folder off sys.path, so the notebook's own modules reach a
+        # Local node the way they reach a remote one (shipped by value), and a missing one fails here as it would
+        # there. A node folder is on sys.path, as a remote node's home is (includes arrive there).
+        safe_path = ["-P"] if start_in != workdir else []
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH", "")) if p)
         env.update(config.get("env", {}))
@@ -213,14 +227,14 @@ class Local(Provider):
         log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sky_jupyter.worker"], cwd=workdir, env=env,
+                [sys.executable, *safe_path, "-m", "sky_jupyter.worker"], cwd=start_in, env=env,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
             )
         finally:
             log.close()
         assert proc.stdin is not None and proc.stdout is not None
         share = str(Path(workdir) / "share")
-        config = {**config, "workdir": workdir, "exit_with_stdin": True, "share_dir": share,
+        config = {**config, "workdir": start_in, "exit_with_stdin": True, "share_dir": share,
                   "cleanup": [*config.get("cleanup", ()), share]}
         proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()

@@ -46,6 +46,7 @@ from ..bootstrap import (
 from ..errors import ConfigError, ProvisionError
 from ..image import Image
 from ..redaction import redact
+from ..state import private_dir
 from ..transport import (
     DEFAULT_POLICY,
     HOST_KEY_POLICIES,
@@ -61,7 +62,6 @@ from ..transport import (
 )
 from ..worker import watchdog
 from .base import Host, NodeStart, PoolSpec, Progress, Provider, WorkerHandle, check_workers, in_parallel
-from .local import private_dir
 
 _HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                    r"(?P<addr>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*)"

@@ -29,10 +29,10 @@ def _live_pool_owns(instance: dict[str, Any]) -> bool:
     """Does a live pool of this client (state file + running client process) own the instance?"""
     tags = tag_map(instance.get("Tags"))
     recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
-    if not recorded or not state.pid_alive(recorded.get("client_pid")):
+    if not recorded or not state.pid_alive(recorded.client_pid):
         return False
-    cloud = recorded.get("cloud") or {}
-    ids = set(cloud.get("instances") or ()) | {h.get("instance_id") for h in recorded.get("hosts") or ()}
+    cloud = recorded.cloud
+    ids = set(cloud.get("instances") or ()) | {h.get("instance_id") for h in recorded.hosts}
     return instance["InstanceId"] in ids or tags.get(TAG_LAUNCH) in set(cloud.get("launches") or ())
 
 
@@ -121,8 +121,8 @@ def _gc_groups(ec2: Any, owner: str, region: str) -> None:
     for group in groups["SecurityGroups"]:
         tags = tag_map(group.get("Tags"))
         recorded = state.load(tags.get(TAG_POOL, "")) if tags.get(TAG_POOL) else None
-        if recorded and state.pid_alive(recorded.get("client_pid")) and \
-                group["GroupId"] in ((recorded.get("cloud") or {}).get("security_groups") or ()):
+        if recorded and state.pid_alive(recorded.client_pid) and \
+                group["GroupId"] in (recorded.cloud.get("security_groups") or ()):
             continue
         try:
             users = ec2.describe_instances(Filters=[{"Name": "instance.group-id", "Values": [group["GroupId"]]},

@@ -37,8 +37,8 @@ from typing import Any
 import paramiko
 
 from ...errors import ConfigError
+from ...state import private_dir
 from ...transport import DEFAULT_POLICY, HostKeyError, KnownHosts, fingerprint, host_id, note, read_known_hosts
-from ..local import private_dir
 from ..ssh import SSH
 
 BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"

@@ -26,9 +26,9 @@ from ... import accelerators, state
 from ...bootstrap import BootstrapPlan
 from ...errors import ConfigError, ProvisionError
 from ...image import Image
+from ...state import sky_home
 from ...transport import Connection, KnownHosts, load_key
 from ..base import Cost, Host, NodeStart, PoolSpec, Progress, Provider, WorkerHandle, in_parallel
-from ..local import sky_home
 from ..ssh import parse_host
 from . import hostkeys, network, teardown
 from .common import (
@@ -51,6 +51,7 @@ from .common import (
     session_for,
     tag_map,
 )
+from .gc import gc as _gc
 from .prices import (
     SPOT_ROLE_ERROR,
     cpu_instance,
@@ -106,6 +107,10 @@ class AWS(Provider):
     """
 
     name = "aws"
+
+    #: ``sky.AWS.gc(region=None, interactive=False, dry_run=False)``: find and terminate instances this tool started
+    #: whose pool is gone (``%sky gc``); see :func:`sky_jupyter.providers.aws.gc.gc`.
+    gc = staticmethod(_gc)
 
     def __init__(self, region: str | None = None, spot: bool = False, on_demand_fallback: bool = True,
                  ami: str | None = None, ssh_cidr: str | None = None, key_name: str | None = None,
@@ -1025,8 +1030,7 @@ class AWS(Provider):
     def _persist(self, pool: str) -> None:
         """Write the pool's cloud ids and placement into its state file now (the pool rewrites it later with the
         same key)."""
-        current = state.load(pool) or {}
-        state.save(pool, {**current, "cloud": self.pool_state(pool)})
+        state.update(pool, cloud=self.pool_state(pool))
 
     def cost(self, hosts: list[Host]) -> Cost | None:
         now = time.time()
@@ -1230,7 +1234,8 @@ class AWS(Provider):
 
     def _recorded_cloud(self, pool: str) -> dict[str, Any]:
         """The cloud record of ``pool``'s state file when it is one of this region's AWS pools, else {}."""
-        cloud = (state.load(pool) or {}).get("cloud") or {}
+        recorded = state.load(pool)
+        cloud = recorded.cloud if recorded is not None else {}
         if cloud.get("provider") not in (None, "aws") or cloud.get("region", self.region) != self.region:
             return {}
         return dict(cloud)
