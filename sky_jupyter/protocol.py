@@ -224,6 +224,22 @@ def versions() -> Versions:
     return {"python": ".".join(platform.python_version_tuple()[:2]), "cloudpickle": cloudpickle.__version__}
 
 
+def content_hash(frames: Sequence[Any]) -> str:
+    """A digest of a pickled value's frames: xxh3 where this Python has xxhash (about 9 GB/s on a 2-core VM), else
+    sha256 (about 1 GB/s). Client and node compare only hashes they made themselves, so either may lack xxhash."""
+    try:
+        import xxhash
+
+        digest: Any = xxhash.xxh3_128()
+    except ImportError:
+        digest = hashlib.sha256()
+    for frame in frames:
+        view = memoryview(frame)
+        digest.update(view.nbytes.to_bytes(8, "little"))
+        digest.update(view)
+    return digest.hexdigest()
+
+
 def dumps(obj: Any) -> list[bytes | memoryview]:
     """Cloudpickle ``obj`` with protocol-5 out-of-band buffers: ``[main, *buffers]``."""
     buffers: list[pickle.PickleBuffer] = []

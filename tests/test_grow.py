@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -21,13 +20,12 @@ import pytest
 
 pytest.importorskip("IPython")
 pytest.importorskip("torch")
-from IPython.core.interactiveshell import InteractiveShell
-from IPython.utils.capture import capture_output
 
 import sky_jupyter as sky
 from sky_jupyter import plugins, state
 from sky_jupyter.errors import ConfigError
 from sky_jupyter.notebook.manager import manager
+from tests.shell import ok, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,18 +45,6 @@ print("probe", {"on": dist.is_initialized(), "sum": total, "env": env, "info": (
 """
 
 
-def run(ip: InteractiveShell, source: str):
-    """Run a cell; return (result, stdout, stderr)."""
-    with capture_output(display=True) as cap:
-        result = ip.run_cell(textwrap.dedent(source).strip("\n") + "\n", store_history=False)
-    return result, cap.stdout, cap.stderr
-
-
-def ok(ip: InteractiveShell, source: str):
-    result, out, err = run(ip, source)
-    if not result.success:
-        raise AssertionError(f"cell failed: {result.error_in_exec or result.error_before_exec!r}\n{out}\n{err}")
-    return result, out, err
 
 
 def probes(out: str) -> dict[int, dict]:

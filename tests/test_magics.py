@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -13,25 +12,10 @@ import pytest
 
 pytest.importorskip("IPython")
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from IPython.utils.capture import capture_output
 
 import sky_jupyter as sky
 from sky_jupyter.notebook.manager import manager
-
-
-def run(ip: InteractiveShell, source: str):
-    """Run a cell; return (result, stdout, stderr)."""
-    with capture_output(display=True) as cap:
-        result = ip.run_cell(textwrap.dedent(source).strip("\n") + "\n", store_history=True)
-    return result, cap.stdout, cap.stderr
-
-
-def ok(ip: InteractiveShell, source: str):
-    result, out, err = run(ip, source)
-    if not result.success:
-        raise AssertionError(f"cell failed: {result.error_in_exec or result.error_before_exec!r}\n{out}\n{err}")
-    return result, out, err
+from tests.shell import ok, run
 
 
 def sent(rank: int = 0, pool: str = "default") -> list[str]:

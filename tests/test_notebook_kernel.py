@@ -20,6 +20,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+from tests.shell import kernelspec  # noqa: E402 - after the skips
+
 PACKAGE = "sky_tiny_pkg"
 
 
@@ -41,16 +43,6 @@ def tiny_wheel(folder: Path) -> Path:
         for name, text in files.items():
             zf.writestr(name, text)
     return wheel
-
-
-def kernelspec(folder: Path) -> Path:
-    """A ``python3`` kernelspec that runs this interpreter (the venv's), found first through JUPYTER_PATH."""
-    spec = folder / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (sky tests)", "language": "python"}))
-    return folder
 
 
 def cells(wheel: Path, node_site: Path) -> list[tuple[str, str]]:

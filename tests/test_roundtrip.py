@@ -5,32 +5,16 @@ real Local worker processes."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 pytest.importorskip("IPython")
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.utils.capture import capture_output
 
 import sky_jupyter as sky
 from sky_jupyter.notebook.manager import manager
 from sky_jupyter.worker.cells import _NO_SHELL, CellRunner
-
-
-def run(ip: InteractiveShell, source: str):
-    """Run a cell; return (result, stdout, stderr)."""
-    with capture_output(display=True) as cap:
-        result = ip.run_cell(textwrap.dedent(source).strip("\n") + "\n", store_history=True)
-    return result, cap.stdout, cap.stderr
-
-
-def ok(ip: InteractiveShell, source: str):
-    result, out, err = run(ip, source)
-    if not result.success:
-        raise AssertionError(f"cell failed: {result.error_in_exec or result.error_before_exec!r}\n{out}\n{err}")
-    return result, out, err
+from tests.shell import ok, run
 
 
 def fails(ip: InteractiveShell, source: str, kind: type[BaseException] = UsageError) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from sky_jupyter import protocol as P
-from sky_jupyter.notebook.session import content_hash, notebook_globals
+from sky_jupyter.notebook.session import notebook_globals
+from sky_jupyter.protocol import content_hash
 
 UNIT_TIER = True  # tests/conftest.py: the fast tier, `pytest -m unit`
 

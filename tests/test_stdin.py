@@ -23,17 +23,9 @@ import pytest
 pytest.importorskip("ipykernel")
 pytest.importorskip("jupyter_client")
 
+from tests.shell import kernelspec
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def kernelspec(folder: Path) -> Path:
-    """A ``python3`` kernelspec that runs this interpreter (the venv's), found first through JUPYTER_PATH."""
-    spec = folder / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (sky tests)", "language": "python"}))
-    return folder
 
 
 @dataclass

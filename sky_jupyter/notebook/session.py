@@ -35,25 +35,6 @@ _SKIP = {"In", "Out", "get_ipython", "exit", "quit", "open", "_", "__", "___", "
          "_dh", "__builtins__", "__builtin__", "__name__", "__doc__", "__spec__", "__loader__", "__package__"}
 
 
-def _hasher() -> Any:
-    try:
-        import xxhash
-
-        return xxhash.xxh3_128()
-    except ImportError:
-        return hashlib.sha256()
-
-
-def content_hash(frames: list) -> str:
-    """A digest of a pickled value: xxh3 (about 15 GB/s here) when installed, else sha256 (about 1.7 GB/s)."""
-    digest = _hasher()
-    for frame in frames:
-        view = memoryview(frame)
-        digest.update(view.nbytes.to_bytes(8, "little"))
-        digest.update(view)
-    return digest.hexdigest()
-
-
 @dataclass
 class CellOptions:
     ranks: list[int]
@@ -156,7 +137,7 @@ def pickle_inputs(values: dict[str, Any], pool_name: str) -> tuple[dict[str, lis
         except Exception as exc:  # noqa: BLE001 - reported below with the variable's name
             problems.append(f"{name!r} ({type(value).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r})")
             continue
-        hashes[name] = content_hash(frames[name])
+        hashes[name] = P.content_hash(frames[name])
     if problems:
         raise SerializationError(
             f"cannot send notebook variable{'s' if len(problems) > 1 else ''} {', '.join(problems)} to the "
@@ -292,7 +273,7 @@ def _client_hash(value: Any) -> str | None:
     """The hash of the notebook's copy of a value, as a cell that reads it will compute it; None when it cannot be
     pickled (it is then sent each time it is read, and refused then)."""
     try:
-        return content_hash(P.dumps(value))
+        return P.content_hash(P.dumps(value))
     except Exception:  # noqa: BLE001 - pickling user objects can raise anything
         return None
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import importlib
 import inspect
 import io
@@ -124,26 +123,6 @@ def _pickled(make: Callable[[io.BytesIO, Callable[[pickle.PickleBuffer], None]],
     return [file.getbuffer(), *(b.raw() for b in buffers)]
 
 
-def _hasher() -> Any:
-    """xxh3 where the node has it (about 9 GB/s here), else sha256 (about 1 GB/s): the node compares its own
-    hashes only, so the client may have either."""
-    try:
-        import xxhash
-
-        return xxhash.xxh3_128()
-    except ImportError:
-        return hashlib.sha256()
-
-
-def _digest(frames: Iterable[Any]) -> str:
-    digest = _hasher()
-    for frame in frames:
-        view = memoryview(frame)
-        digest.update(view.nbytes.to_bytes(8, "little"))
-        digest.update(view)
-    return digest.hexdigest()
-
-
 def state_hash(value: Any) -> str | None:
     """A hash of the value's state, or None for a value that cannot be pickled (its changes go unseen)."""
     frames = _c_pickle(value)
@@ -152,7 +131,7 @@ def state_hash(value: Any) -> str | None:
             frames = _pickled(_StatePickler, value)
         except Exception:  # noqa: BLE001 - (un)pickling user objects can raise anything
             return None
-    return _digest(frames)
+    return P.content_hash(frames)
 
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, range, types.ModuleType, type, types.FunctionType,
