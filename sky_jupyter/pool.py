@@ -453,10 +453,14 @@ class ComputePool(Target):
         """The final image (its secret values known to the redactor) and the plugins' client hooks entered."""
         assert self._stack is not None
         self.image = transform_image(self.base_image, self.plugins, self.cluster)
-        for plugin in self.plugins:
+        self._register_secrets(self.plugins)
+        self._enter_client_hooks(self.plugins)
+
+    def _register_secrets(self, plugins: Sequence[Plugin]) -> None:
+        """The redactor learns the image's values of the secrets ``plugins`` declare (an HF token...)."""
+        for plugin in plugins:
             for key in plugin.secrets:
                 register(self.image.environ.get(key))
-        self._enter_client_hooks(self.plugins)
 
     def _enter_client_hooks(self, plugins: Sequence[Plugin]) -> None:
         """Enter the ``around_client`` hook of each of ``plugins``, each on a stack of its own (so that a plugin
@@ -502,9 +506,7 @@ class ComputePool(Target):
             if changed:
                 self.plugins = chain
                 self.image = transform_image(self.base_image, chain, self.cluster)
-                for plugin in added:
-                    for key in plugin.secrets:
-                        register(self.image.environ.get(key))
+                self._register_secrets(added)
                 self._enter_client_hooks(added)
             plan = self._plan()
             if plan.key != old_plan.key:  # the running nodes get what the new chain adds (torch, its phases)
@@ -545,14 +547,13 @@ class ComputePool(Target):
     def _check_layout(self, chain: Sequence[Plugin]) -> None:
         """Refuse a plugin chain under which the running nodes would run another number of workers
         (``workers_per_node="auto"``: one per GPU with the torch plugin, else one)."""
-        if self.workers_per_node != "auto":
-            return
         per_gpu = any(p.name == "torch" for p in chain)
-        had = any(p.name == "torch" for p in self.plugins)
+        if self.workers_per_node != "auto" or per_gpu == any(p.name == "torch" for p in self.plugins):
+            return
         for node in sorted({w.node for w in self.workers}):
             have = sum(1 for w in self.workers if w.node == node)
             want = max(self.gpus.get(node, 0), 1) if per_gpu else 1
-            if have != want and per_gpu != had:
+            if have != want:
                 raise ConfigError(
                     f"pool {self.name!r} cannot turn torch {'on' if per_gpu else 'off'} while it runs: node {node} "
                     f"runs {have} worker(s) and would need {want} (workers_per_node='auto' is one per GPU with "
@@ -703,8 +704,7 @@ class ComputePool(Target):
         pool.gpus = {int(node): count for node, count in recorded.gpus.items()}
         pool.secret = recorded.secret
         register(pool.secret)
-        pool.head_port = int(recorded.head_port or 0)
-        pool.store_port = int(recorded.store_port or 0)
+        pool.head_port, pool.store_port = recorded.head_port, recorded.store_port
         pool._stack = ExitStack()
         attached: list[RemoteWorker] = []
         try:

@@ -109,6 +109,15 @@ def slot_work(seconds: float, label: str) -> tuple[str, int, float, float]:
     return label, os.getpid(), started, time.time()
 
 
+@sky.compute
+def spin(started: str) -> None:
+    """Say it started (a marker file), then run pure Python until interrupted: the interrupt lands at its next
+    instruction."""
+    open(started, "w").close()
+    while True:
+        pass
+
+
 def test_worker_concurrency_runs_tasks_side_by_side_in_one_process(tmp_path, capsys):
     with sky.ComputePool(sky.Local(root=tmp_path), worker=sky.Worker(concurrency=3), name="slots") as pool:
         results = sky.gather(*(slot_work(1.0, f"t{i}") for i in range(3))) >> pool
@@ -122,12 +131,6 @@ def test_worker_concurrency_runs_tasks_side_by_side_in_one_process(tmp_path, cap
         import re
 
         assert all(re.fullmatch(r"t\d (starts|ends)", line) for line in out.splitlines() if line), out
-
-        @sky.compute
-        def spin(started: str) -> None:
-            open(started, "w").close()
-            while True:  # pure Python: the interrupt lands at its next instruction
-                pass
 
         spinning = tmp_path / "spinning"
         call = pool.submit(spin(str(spinning)))
@@ -170,12 +173,6 @@ def test_process_slots_run_pure_python_in_processes_of_their_own(tmp_path, capsy
         with pytest.raises(KeyError, match="from a child") as info:
             fails() >> pool
         assert "raise KeyError" in str(info.value.__cause__)  # the child's traceback came back
-
-        @sky.compute
-        def spin(started: str) -> None:
-            open(started, "w").close()
-            while True:
-                pass
 
         spinning = tmp_path / "spinning"
         call = pool.submit(spin(str(spinning)))

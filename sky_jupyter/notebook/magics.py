@@ -411,8 +411,7 @@ class SkyMagics(Magics):
                         mgr.configure_text(args.assignments)
                     return ConfigTable(mgr.settings.public())
                 case "pull":
-                    return self._pull([args.name, *(["--all"] if args.all else []),
-                                       *([f"--pool={args.pool}"] if args.pool else [])])
+                    return self._pull(args.name, args.all, args.pool)
                 case "logs":
                     return self._logs(args.node, args.pool)
                 case "wait":
@@ -435,17 +434,12 @@ class SkyMagics(Magics):
             raise UsageError(str(exc)) from None
         raise AssertionError(f"unhandled %sky command {args.command!r}")
 
-    def _pull(self, rest: list[str]) -> Any:
-        everything = "--all" in rest
-        names = [w for w in rest if not w.startswith("--")]
-        pool_name = next((w.split("=", 1)[1] for w in rest if w.startswith("--pool=")), None)
-        if len(names) != 1:
-            raise UsageError("usage: %sky pull NAME [--all] [--pool=NAME]")
+    def _pull(self, name: str, everything: bool, pool: str | None) -> Any:
         mgr = manager()
-        handle = self.ipython.user_ns.get(names[0])
-        npool = mgr.get(pool_name or (handle.pool if isinstance(handle, Remote) else mgr.settings.pool))
+        handle = self.ipython.user_ns.get(name)
+        npool = mgr.get(pool or (handle.pool if isinstance(handle, Remote) else mgr.settings.pool))
         # the value, so that `vals = %sky pull x --all` binds it too
-        return pull(npool, names[0], self.ipython.user_ns, everything)
+        return pull(npool, name, self.ipython.user_ns, everything)
 
     def _logs(self, node: int, pool: str | None) -> None:
         mgr = manager()
